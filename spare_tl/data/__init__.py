@@ -1,0 +1,1 @@
+"""Knowledge-conflict data: the schema, built-in and hub datasets, prompts and scoring."""
