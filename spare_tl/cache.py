@@ -33,7 +33,9 @@ def default_cache_root() -> Path:
 
 def model_slug(model_name: str) -> str:
     """A file-system-safe folder name for a model name or path."""
-    name = Path(model_name).name if ("/" in model_name and Path(model_name).exists()) else model_name
+    name = (
+        Path(model_name).name if ("/" in model_name and Path(model_name).exists()) else model_name
+    )
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name.split("/")[-1]).strip("_") or "model"
 
 

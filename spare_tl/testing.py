@@ -95,8 +95,14 @@ def tiny_sae(
     model_name: str = TINY_MODEL_NAME,
 ):
     """A random SAELens SAE (``topk``, ``jumprelu`` or ``standard``) for ``hook_name``."""
-    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig
-    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens import (
+        JumpReLUSAE,
+        JumpReLUSAEConfig,
+        StandardSAE,
+        StandardSAEConfig,
+        TopKSAE,
+        TopKSAEConfig,
+    )
     from sae_lens.saes.sae import SAEMetadata
 
     torch.manual_seed(seed)

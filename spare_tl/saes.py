@@ -1,0 +1,202 @@
+"""The one place that knows about SAEs: load them, check them against a model, encode.
+
+Sources: a SAELens pretrained release + id (hub), a local SAELens folder (``cfg.json`` +
+``sae_weights.safetensors``), or an EleutherAI ``sparsify`` folder (``cfg.json`` +
+``sae.safetensors``, e.g. the paper's Llama-3-8B SAEs) through SAELens's converter.
+
+SAE codes: spare-tl uses the SAE's own ``encode`` everywhere, i.e. the **post-top-k** code
+for TopK SAEs and the post-JumpReLU code for JumpReLU SAEs (Gemma Scope). The same
+definition feeds the statistics (mutual information, expectation) and the edit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SPARSIFY_WEIGHTS = "sae.safetensors"
+CFG = "cfg.json"
+
+
+class SAEError(ValueError):
+    """An SAE does not fit the model or hook it is used with; the message says why."""
+
+
+def load_sae(
+    release_or_path: str | os.PathLike,
+    sae_id: str | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | None = None,
+):
+    """Load an SAE from a local folder (SAELens or sparsify format) or a SAELens release.
+
+    >>> load_sae("gemma-scope-9b-pt-res-canonical", "layer_23/width_131k/canonical")  # hub
+    >>> load_sae("cache_data/smollm2-135m-instruct/saes/blocks.12.hook_resid_post")  # local
+    """
+    from sae_lens import SAE
+
+    path = Path(release_or_path).expanduser()
+    if path.is_dir():
+        if not (path / CFG).exists():
+            raise SAEError(f"{path} holds no {CFG}: not a SAELens or sparsify SAE folder")
+        if (path / SAELENS_WEIGHTS).exists():
+            sae = SAE.load_from_disk(path, device=str(device), dtype=dtype)
+        elif (path / SPARSIFY_WEIGHTS).exists():
+            from sae_lens.loading.pretrained_sae_loaders import sparsify_disk_loader
+
+            sae = SAE.load_from_disk(
+                path, device=str(device), dtype=dtype, converter=sparsify_disk_loader
+            )
+        else:
+            raise SAEError(
+                f"{path} has {CFG} but neither {SAELENS_WEIGHTS} (SAELens) nor "
+                f"{SPARSIFY_WEIGHTS} (sparsify)"
+            )
+        sae.cfg.metadata.sae_id = sae.cfg.metadata.sae_id or str(path)
+    else:
+        if sae_id is None:
+            raise SAEError(
+                f"{release_or_path!r} is not a folder; for a SAELens release also pass sae_id, "
+                "e.g. load_sae('gemma-scope-9b-pt-res-canonical', 'layer_23/width_131k/canonical')"
+            )
+        sae = SAE.from_pretrained(str(release_or_path), sae_id, device=str(device))
+        if dtype is not None:
+            sae = sae.to(dtype=getattr(torch, dtype))
+        sae.cfg.metadata.release = sae.cfg.metadata.release or str(release_or_path)
+        sae.cfg.metadata.sae_id = sae.cfg.metadata.sae_id or sae_id
+    return sae.eval()
+
+
+def hook_name(sae) -> str:
+    """The hook point the SAE was trained on."""
+    name = getattr(sae.cfg.metadata, "hook_name", None)
+    if not name:
+        raise SAEError("the SAE's metadata has no hook_name; set sae.cfg.metadata.hook_name")
+    return str(name)
+
+
+def sae_layer(sae) -> int:
+    """The block index of the SAE's hook (``blocks.{l}.…``)."""
+    name = hook_name(sae)
+    m = re.match(r"blocks\.(\d+)\.", name)
+    if not m:
+        raise SAEError(f"SAE hook {name!r} is not inside a block (expected blocks.<l>.<hook>)")
+    return int(m.group(1))
+
+
+def sae_identity(sae) -> str:
+    """A human-readable identity: ``release/sae_id``, the folder, or the hook name."""
+    meta = sae.cfg.metadata
+    release = getattr(meta, "release", None)
+    sid = getattr(meta, "sae_id", None)
+    if release and sid:
+        return f"{release}/{sid}"
+    return str(sid or f"{getattr(meta, 'model_name', '?')}:{hook_name(sae)}")
+
+
+def _norm_model_name(name: str | None) -> str:
+    return (name or "").split("/")[-1].lower()
+
+
+def validate_sae(model, sae, layer: int | None = None, *, check_model_name: bool = True) -> None:
+    """Fail with a clear message when ``sae`` does not fit ``model`` (and ``layer``).
+
+    Checks: the hook exists in the model; ``d_in == d_model``; the layer is in range and
+    matches the SAE's hook; the SAE's recorded model name (when both are known) matches.
+    """
+    name = hook_name(sae)
+    ident = sae_identity(sae)
+    n_layers = model.cfg.n_layers
+    if layer is not None and not 0 <= layer < n_layers:
+        raise SAEError(
+            f"layer {layer} is out of range for {model.cfg.model_name} ({n_layers} layers: 0-{n_layers - 1})"
+        )
+    if name not in model.hook_dict:
+        raise SAEError(
+            f"SAE {ident}: hook {name!r} does not exist in {model.cfg.model_name} "
+            f"(blocks 0-{n_layers - 1}; e.g. 'blocks.{n_layers // 2}.hook_resid_post')"
+        )
+    if layer is not None and sae_layer(sae) != layer:
+        raise SAEError(
+            f"SAE {ident} is trained on {name!r} but is used for layer {layer}; "
+            f"use an SAE for blocks.{layer}.hook_resid_post"
+        )
+    if sae.cfg.d_in != model.cfg.d_model:
+        raise SAEError(
+            f"SAE {ident} at {name!r}: d_in {sae.cfg.d_in} != the model's d_model "
+            f"{model.cfg.d_model}; this SAE belongs to another model"
+        )
+    sae_model = getattr(sae.cfg.metadata, "model_name", None)
+    if (
+        check_model_name
+        and sae_model
+        and _norm_model_name(sae_model) != _norm_model_name(model.cfg.model_name)
+    ):
+        raise SAEError(
+            f"SAE {ident} was trained on {sae_model!r}, not {model.cfg.model_name!r}; "
+            "pass check_model_name=False if you know they share the residual stream"
+        )
+
+
+def attach_sae(model, sae, *, use_error_term: bool = True, check_model_name: bool = True):
+    """Validate, move to the model's device/dtype, and splice ``sae`` into ``model``.
+
+    Unlike ``HookedSAETransformer.add_sae`` (which only warns), a missing hook fails.
+    """
+    validate_sae(model, sae, check_model_name=check_model_name)
+    sae = sae.to(device=model.cfg.device, dtype=model.cfg.dtype)
+    model.add_sae(sae, use_error_term=use_error_term)
+    return sae
+
+
+def load_saes_for_layers(
+    model, source: Mapping[int, Any] | str | os.PathLike, layers: list[int] | None = None
+) -> dict[int, Any]:
+    """SAEs keyed by layer: from a mapping of layer → SAE/path, or from a folder that holds
+    one sub-folder per hook (``blocks.<l>.hook_resid_post``), validated against ``model``."""
+    out: dict[int, Any] = {}
+    if isinstance(source, Mapping):
+        items = source.items()
+    else:
+        root = Path(source)
+        if not root.is_dir():
+            raise SAEError(f"no SAE folder at {root}")
+        found = {sae_layer_from_folder(p): p for p in sorted(root.iterdir()) if (p / CFG).exists()}
+        if layers is not None:
+            missing = [layer for layer in layers if layer not in found]
+            if missing:
+                raise SAEError(
+                    f"no SAE for layer(s) {missing} in {root}; available: {sorted(found)}"
+                )
+        items = found.items()
+    for layer, sae in items:
+        if layers is not None and layer not in layers:
+            continue
+        if not hasattr(sae, "encode"):
+            sae = load_sae(sae)
+        validate_sae(model, sae, layer)
+        out[int(layer)] = sae
+    return out
+
+
+def sae_layer_from_folder(path: Path) -> int:
+    m = re.search(r"blocks\.(\d+)\.|layers?[._-]?(\d+)", Path(path).name)
+    if not m:
+        raise SAEError(f"cannot tell the layer of SAE folder {path}")
+    return int(m.group(1) or m.group(2))
+
+
+def encode_latents(sae, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_sae"]:
+    """SAE codes of residual activations (the SAE's own ``encode``; post-top-k for TopK)."""
+    dtype = sae.W_enc.dtype
+    with torch.no_grad():
+        return sae.encode(resid.to(device=sae.W_enc.device, dtype=dtype))
