@@ -1,0 +1,469 @@
+"""SpARE's edit and the TransformerLens hooks that apply it (``docs/SPARE_METHOD.md`` §3).
+
+The edit is a pure function of (residual activations, SAE, functional features, α):
+
+- steer to **context**: remove memory features, r = min(α z̄_M, z) (at most what is active),
+  and add context features, a = max(α z̄_C − z, 0) (only what is missing);
+- steer to **memory**: the same with the roles of C and M swapped;
+- h' = h + decode(z − r + a) − decode(z), so decoder biases cancel and the SAE's run-time
+  input/output normalisation is respected.
+
+z is the SAE's own ``encode`` output (post-top-k for TopK SAEs, post-JumpReLU for JumpReLU
+SAEs), the same definition used for the feature statistics.
+
+:func:`steer` applies the edit at ``blocks.{l}.hook_resid_post`` of each edited layer, at the
+last prompt position only, once before decoding: with the KV cache the edit is carried to
+every generated token; without it, each re-run of the growing sequence re-applies the edit at
+the original prompt position, so both give the same tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from spare_tl.features import FunctionalFeatures, LayerFeatures
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+    from transformer_lens import HookedTransformer
+    from transformer_lens.hook_points import HookPoint
+
+logger = logging.getLogger(__name__)
+
+Direction = Literal["context", "memory"]
+DIRECTIONS: tuple[str, ...] = ("context", "memory")
+
+__all__ = [
+    "DIRECTIONS",
+    "Direction",
+    "EditStats",
+    "LastPromptPositionEdit",
+    "Steering",
+    "resid_post_hook_name",
+    "spare_edit",
+    "spare_edit_latents",
+    "steer",
+]
+
+
+def resid_post_hook_name(layer: int) -> str:
+    """The TransformerLens hook SpARE edits at ``layer``."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def _check_direction(direction: object) -> Direction:
+    if direction not in DIRECTIONS:
+        raise ValueError(
+            f"direction must be 'context' or 'memory' (steer towards the context or towards "
+            f"parametric memory), got {direction!r}"
+        )
+    return direction  # type: ignore[return-value]
+
+
+def _check_strength(edit_strength: float) -> float:
+    alpha = float(edit_strength)
+    if not alpha >= 0 or alpha == float("inf"):  # also rejects NaN
+        raise ValueError(
+            f"edit strength α must be a finite number >= 0, got {edit_strength}; "
+            "the paper uses 1.0-3.0, and 0 turns steering off"
+        )
+    return alpha
+
+
+def _roles(features: LayerFeatures, direction: Direction) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(ids to remove, z̄ to remove, ids to add, z̄ to add) for ``direction``."""
+    if direction == "context":
+        return (
+            features.memory_features,
+            features.memory_activations,
+            features.context_features,
+            features.context_activations,
+        )
+    return (
+        features.context_features,
+        features.context_activations,
+        features.memory_features,
+        features.memory_activations,
+    )
+
+
+def _is_noop(features: LayerFeatures, edit_strength: float) -> bool:
+    return edit_strength == 0 or (
+        features.context_features.numel() == 0 and features.memory_features.numel() == 0
+    )
+
+
+def spare_edit_latents(
+    z: Float[Tensor, "*batch d_sae"],
+    features: LayerFeatures,
+    direction: Direction,
+    edit_strength: float,
+) -> tuple[Float[Tensor, "*batch d_sae"], Float[Tensor, "*batch d_sae"]]:
+    """The latent-space edit: ``(removed, added)``, both >= 0 and zero off the chosen features.
+
+    ``removed`` = min(α z̄, z) on the features steered away from (clamped at 0, so a latent is
+    never driven below 0), ``added`` = max(α z̄ − z, 0) on the features steered towards. The
+    edited code is ``z - removed + added``.
+    """
+    direction = _check_direction(direction)
+    alpha = _check_strength(edit_strength)
+    if z.shape[-1] != features.d_sae:
+        raise ValueError(
+            f"layer {features.layer}: SAE codes have {z.shape[-1]} latents but the functional "
+            f"features were found with a {features.d_sae}-latent SAE; use the SAE they came from"
+        )
+    remove_ids, remove_mean, add_ids, add_mean = _roles(features, direction)
+    remove_ids = remove_ids.to(z.device)
+    add_ids = add_ids.to(z.device)
+    removed = torch.zeros_like(z)
+    added = torch.zeros_like(z)
+    if remove_ids.numel():
+        target = alpha * remove_mean.to(device=z.device, dtype=z.dtype)[remove_ids]
+        current = z[..., remove_ids]
+        removed[..., remove_ids] = torch.minimum(target, current).clamp_min(0)
+    if add_ids.numel():
+        target = alpha * add_mean.to(device=z.device, dtype=z.dtype)[add_ids]
+        current = z[..., add_ids]
+        added[..., add_ids] = (target - current).clamp_min(0)
+    return removed, added
+
+
+@dataclass
+class EditStats:
+    """Running totals of what the edit did (for logging and inspection)."""
+
+    calls: int = 0
+    rows_edited: int = 0
+    removed: float = 0.0  # summed latent activation taken away
+    added: float = 0.0  # summed latent activation put in
+
+    def update(self, removed: Tensor, added: Tensor, changed: Tensor) -> None:
+        self.calls += 1
+        self.rows_edited += int(changed.sum().item())
+        self.removed += float(removed.sum().item())
+        self.added += float(added.sum().item())
+
+
+def _check_widths(resid: Tensor, sae: SAE, features: LayerFeatures) -> None:
+    d_in, d_sae = int(sae.cfg.d_in), int(sae.cfg.d_sae)
+    if resid.shape[-1] != d_in:
+        raise ValueError(
+            f"residual stream width {resid.shape[-1]} != SAE d_in {d_in} "
+            f"({_sae_label(sae)}); use an SAE trained on this model's residual stream"
+        )
+    if features.d_sae != d_sae:
+        raise ValueError(
+            f"layer {features.layer}: functional features have d_sae {features.d_sae} but "
+            f"{_sae_label(sae)} has d_sae {d_sae}; use the SAE the features were found with"
+        )
+
+
+def spare_edit(
+    resid: Float[Tensor, "*batch d_model"],
+    sae: SAE,
+    features: LayerFeatures,
+    direction: Direction,
+    edit_strength: float,
+    stats: EditStats | None = None,
+) -> Float[Tensor, "*batch d_model"]:
+    """SpARE-edit residual activations: h + decode(z − r + a) − decode(z), z = sae.encode(h).
+
+    Computed in the SAE's dtype and cast back to ``resid``'s. With α = 0 or no features, or
+    in rows where the edit removes and adds nothing, ``resid`` comes back bitwise unchanged.
+    ``stats``, when given, accumulates how much was removed and added.
+    """
+    direction = _check_direction(direction)
+    alpha = _check_strength(edit_strength)
+    _check_widths(resid, sae, features)
+    if _is_noop(features, alpha) or resid.numel() == 0:
+        return resid
+    z = sae.encode(resid)
+    removed, added = spare_edit_latents(z, features, direction, alpha)
+    # One decode call for both codes: SAELens keeps the input-normalisation state of the last
+    # `encode` for exactly one `decode`, and it broadcasts over the new leading dimension.
+    decoded = sae.decode(torch.stack([z - removed + added, z]))
+    delta = (decoded[0] - decoded[1]).to(resid.dtype)
+    changed = (removed != 0).any(-1) | (added != 0).any(-1)
+    if stats is not None:
+        stats.update(removed, added, changed)
+    return torch.where(changed[..., None], resid + delta, resid)
+
+
+def _sae_label(sae: SAE) -> str:
+    hook = getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)
+    return (
+        f"SAE {type(sae).__name__}(hook_name={hook!r}, d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae})"
+    )
+
+
+@dataclass
+class _PromptState:
+    batch: int
+    prompt_len: int
+    seq_len: int
+    anchor: Tensor  # unedited residual at the last prompt position, [batch, d_model]
+    cached: bool = False  # a 1-token (KV-cache) step followed the prompt pass
+    uncached: bool = False  # a full re-run (no KV cache) followed the prompt pass
+
+
+def _same_rows(x: Tensor, anchor: Tensor) -> bool:
+    """Whether x re-computes anchor (same prompt re-run), allowing float noise."""
+    tol = 1e-3 if x.dtype in (torch.float32, torch.float64) else 3e-2
+    diff = (x.float() - anchor.float()).norm(dim=-1)
+    scale = anchor.float().norm(dim=-1) + 1e-6
+    return bool((diff <= tol * scale).all())
+
+
+@dataclass
+class LastPromptPositionEdit:
+    """Forward hook for ``blocks.{layer}.hook_resid_post`` that SpARE-edits the last prompt
+    position of every row, once, before decoding.
+
+    - Prompt pass (a new prompt, seq len > 1 or the first call): edit position prompt_len − 1
+      (in a left-padded batch the last position of every row).
+    - KV-cache steps (seq len 1 after a prompt pass, same batch): untouched; the cache carries
+      the edit.
+    - Without the KV cache each step re-runs the growing sequence: a forward whose seq len is
+      the previous + 1, with the same batch size and the same (unedited) residual at the
+      original last prompt position, is a continuation and is edited at that original
+      position again. Anything else is a new prompt.
+    - ``positions`` (one index per row) overrides this for right-padded ``model(...)`` calls:
+      every forward with more than one position edits those positions.
+
+    Call :meth:`reset` to forget the current prompt.
+    """
+
+    sae: SAE
+    features: LayerFeatures
+    direction: Direction
+    edit_strength: float
+    positions: Int[Tensor, " batch"] | None = None
+    stats: EditStats = field(default_factory=EditStats)
+    _state: _PromptState | None = field(default=None, init=False, repr=False)
+    _prepared: dict[Any, LayerFeatures] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.direction = _check_direction(self.direction)
+        self.edit_strength = _check_strength(self.edit_strength)
+        if self.features.d_sae != int(self.sae.cfg.d_sae):
+            raise ValueError(
+                f"layer {self.features.layer}: functional features have d_sae "
+                f"{self.features.d_sae} but {_sae_label(self.sae)} has d_sae {self.sae.cfg.d_sae}"
+            )
+        if self.positions is not None:
+            self.positions = torch.as_tensor(self.positions, dtype=torch.long).reshape(-1)
+
+    def reset(self) -> None:
+        """Forget the remembered prompt; the next forward is treated as a new prompt."""
+        self._state = None
+
+    @property
+    def is_noop(self) -> bool:
+        return _is_noop(self.features, self.edit_strength)
+
+    def _features_on(self, device: torch.device) -> LayerFeatures:
+        if device not in self._prepared:
+            f = self.features
+            self._prepared[device] = LayerFeatures(
+                layer=f.layer,
+                hook_name=f.hook_name,
+                context_features=f.context_features.to(device),
+                memory_features=f.memory_features.to(device),
+                context_activations=f.context_activations.to(device),
+                memory_activations=f.memory_activations.to(device),
+                sae_id=f.sae_id,
+            )
+        return self._prepared[device]
+
+    def _positions_to_edit(self, resid: Tensor) -> Tensor | None:
+        """Per-row position to edit in this forward, or None to leave it untouched."""
+        batch, seq = resid.shape[0], resid.shape[1]
+        if self.positions is not None:
+            if seq == 1 and int(self.positions.max()) > 0:
+                return None  # a KV-cache step after the prompt pass
+            if self.positions.numel() != batch:
+                raise ValueError(
+                    f"positions has {self.positions.numel()} entries but the batch has {batch} rows"
+                )
+            if int(self.positions.min()) < 0 or int(self.positions.max()) >= seq:
+                raise ValueError(f"positions must lie in [0, {seq}) for this {seq}-token input")
+            return self.positions.to(resid.device)
+
+        rows = torch.arange(batch, device=resid.device)
+        st = self._state
+        if st is not None and st.batch == batch:
+            if seq == 1 and not st.uncached:
+                st.cached = True
+                st.seq_len += 1
+                return None
+            if (
+                not st.cached
+                and seq == st.seq_len + 1
+                and _same_rows(resid[rows, st.prompt_len - 1], st.anchor)
+            ):
+                st.uncached = True
+                st.seq_len = seq
+                return torch.full((batch,), st.prompt_len - 1, device=resid.device)
+        self._state = _PromptState(
+            batch=batch, prompt_len=seq, seq_len=seq, anchor=resid[:, -1].detach().clone()
+        )
+        return torch.full((batch,), seq - 1, device=resid.device)
+
+    def __call__(
+        self, resid: Float[Tensor, "batch pos d_model"], hook: HookPoint | None = None
+    ) -> Float[Tensor, "batch pos d_model"] | None:
+        if self.is_noop:
+            return None
+        positions = self._positions_to_edit(resid)
+        if positions is None:
+            return None
+        if self.sae.device != resid.device:
+            self.sae.to(resid.device)
+        rows = torch.arange(resid.shape[0], device=resid.device)
+        edited = spare_edit(
+            resid[rows, positions],
+            self.sae,
+            self._features_on(resid.device),
+            self.direction,
+            self.edit_strength,
+            stats=self.stats,
+        )
+        out = resid.clone()
+        out[rows, positions] = edited
+        return out
+
+
+@dataclass
+class Steering:
+    """What :func:`steer` yields: the active hooks by layer (empty when steering is off)."""
+
+    direction: Direction | None
+    edit_strength: float
+    hooks: dict[int, LastPromptPositionEdit] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        """Forget remembered prompts in every hook (e.g. before an unrelated forward)."""
+        for h in self.hooks.values():
+            h.reset()
+
+    @property
+    def stats(self) -> dict[int, EditStats]:
+        return {layer: h.stats for layer, h in self.hooks.items()}
+
+
+def _sae_for_layer(saes: Mapping[Any, SAE], layer: int) -> SAE:
+    hook_name = resid_post_hook_name(layer)
+    for key in (layer, hook_name, str(layer)):
+        if key in saes:
+            return saes[key]
+    raise ValueError(
+        f"no SAE for layer {layer}: pass saes={{{layer}: sae}} or {{{hook_name!r}: sae}} "
+        f"(got keys {sorted(map(str, saes))})"
+    )
+
+
+def _validate_layer(
+    model: HookedTransformer, layer: int, sae: SAE, layer_features: LayerFeatures
+) -> None:
+    hook_name = resid_post_hook_name(layer)
+    n_layers = int(model.cfg.n_layers)
+    if not 0 <= layer < n_layers:
+        raise ValueError(f"layer {layer} is outside the model's {n_layers} layers [0, {n_layers})")
+    sae_hook = getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)
+    if sae_hook != hook_name:
+        raise ValueError(
+            f"layer {layer}: {_sae_label(sae)} was trained on hook {sae_hook!r}, but SpARE "
+            f"edits {hook_name!r}; pass the SAE for that hook"
+        )
+    if layer_features.hook_name and layer_features.hook_name != hook_name:
+        raise ValueError(
+            f"layer {layer}: the functional features were found at {layer_features.hook_name!r}, "
+            f"not {hook_name!r}"
+        )
+    if int(sae.cfg.d_in) != int(model.cfg.d_model):
+        raise ValueError(
+            f"layer {layer}: {_sae_label(sae)} has d_in {sae.cfg.d_in} but the model's d_model "
+            f"is {model.cfg.d_model}; use an SAE trained on this model"
+        )
+    if layer_features.d_sae != int(sae.cfg.d_sae):
+        raise ValueError(
+            f"layer {layer}: functional features have d_sae {layer_features.d_sae} but "
+            f"{_sae_label(sae)} has d_sae {sae.cfg.d_sae}; use the SAE the features were found with"
+        )
+    if hook_name not in model.hook_dict:
+        raise ValueError(
+            f"the model has no hook point {hook_name!r} (is an SAE spliced in there with "
+            "add_sae? remove it before steering)"
+        )
+
+
+def _remove_handle(hook_point: HookPoint, handle: Any) -> None:
+    handle.hook.remove()
+    hook_point.fwd_hooks = [h for h in hook_point.fwd_hooks if h is not handle]
+
+
+@contextlib.contextmanager
+def steer(
+    model: HookedTransformer,
+    features: FunctionalFeatures,
+    direction: Direction | Literal["none"] | None,
+    saes: Mapping[int, SAE] | Mapping[str, SAE],
+    edit_strength: float | None = None,
+    layers: Sequence[int] | None = None,
+    *,
+    positions: Int[Tensor, " batch"] | None = None,
+) -> Iterator[Steering]:
+    """Steer ``model`` towards ``direction`` with SpARE inside the ``with`` block.
+
+    Adds one forward hook per edited layer at ``blocks.{l}.hook_resid_post`` (layers: all of
+    ``features.layers`` unless ``layers`` is given) and removes exactly those hooks on exit,
+    also after an exception; hooks the user added stay. Works around ``model.generate(...)``
+    (left-padded batches, KV cache on or off) and ``model(...)``; pass ``positions`` for
+    right-padded ``model(...)`` calls. ``edit_strength`` defaults to
+    ``features.strength(direction)``. ``direction`` None or ``"none"`` steers nothing.
+    """
+    if direction is None or direction == "none":
+        yield Steering(direction=None, edit_strength=0.0)
+        return
+    direction = _check_direction(direction)
+    alpha = _check_strength(
+        features.strength(direction) if edit_strength is None else edit_strength
+    )
+    chosen = sorted(features.layers) if layers is None else [int(layer) for layer in layers]
+    steering = Steering(direction=direction, edit_strength=alpha)
+    for layer in chosen:
+        if layer not in features.layers:
+            raise ValueError(
+                f"layer {layer} has no functional features (feature layers: "
+                f"{sorted(features.layers)})"
+            )
+        sae = _sae_for_layer(saes, layer)
+        _validate_layer(model, layer, sae, features.layers[layer])
+        steering.hooks[layer] = LastPromptPositionEdit(
+            sae=sae,
+            features=features.layers[layer],
+            direction=direction,
+            edit_strength=alpha,
+            positions=positions,
+        )
+
+    added: list[tuple[HookPoint, Any]] = []
+    try:
+        for layer, hook_fn in steering.hooks.items():
+            hook_point = model.hook_dict[resid_post_hook_name(layer)]
+            before = {id(h) for h in hook_point.fwd_hooks}
+            hook_point.add_hook(hook_fn, dir="fwd")
+            added.extend((hook_point, h) for h in hook_point.fwd_hooks if id(h) not in before)
+        logger.debug("steering to %s with α=%s at layers %s", direction, alpha, chosen)
+        yield steering
+    finally:
+        for hook_point, handle in added:
+            _remove_handle(hook_point, handle)
