@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spare_tl.generation import PromptTooLongError, answer_nll, greedy_generate, left_pad
+
+
+def test_batched_generation_equals_single_runs(tiny_model):
+    prompts = ["context: a\nquestion: b?\nanswer:", "hi", "question: what is x?\nanswer:"]
+    batched = greedy_generate(tiny_model, prompts, max_new_tokens=6, batch_size=3, progress=False)
+    singles = [
+        greedy_generate(tiny_model, [p], max_new_tokens=6, batch_size=1, progress=False)[0]
+        for p in prompts
+    ]
+    assert batched == singles
+    assert all("\n" not in out for out in batched)
+
+
+def test_left_padded_logits_match_unpadded(tiny_model):
+    ids = [[0, 5, 6, 7, 8], [0, 9, 10]]
+    tokens, mask = left_pad(tiny_model, ids)
+    padded = tiny_model(tokens, attention_mask=mask, padding_side="left")
+    for row, seq in enumerate(ids):
+        alone = tiny_model(torch.tensor([seq]))
+        assert torch.allclose(padded[row, -len(seq) :], alone[0], atol=1e-5)
+
+
+def test_answer_nll_equals_manual_computation(tiny_model):
+    prompt, answer = "question: q\nanswer:", "Paris"
+    nll = answer_nll(tiny_model, [prompt, "x"], [answer, "yy"])
+    full = tiny_model.to_tokens(prompt + " " + answer)
+    n = len(tiny_model.tokenizer(" " + answer, add_special_tokens=False)["input_ids"])
+    lp = tiny_model(full).log_softmax(-1)[0, -n - 1 : -1]
+    manual = -lp.gather(-1, full[0, -n:, None]).mean()
+    assert nll[0].item() == pytest.approx(manual.item(), abs=1e-5)
+    assert nll.shape == (2,)
+
+
+def test_prompt_longer_than_context_window_is_refused(tiny_model):
+    with pytest.raises(PromptTooLongError, match="context window of 256"):
+        greedy_generate(tiny_model, ["x" * 300], progress=False)
