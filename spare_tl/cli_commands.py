@@ -3,7 +3,166 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+from spare_tl.cache import REPO_ROOT
+
+EMBEDDED_DIR = REPO_ROOT / "cache_data" / "smollm2-135m-instruct"
+DEFAULT_FEATURES = EMBEDDED_DIR / "functional_features"
+DEFAULT_SAES = EMBEDDED_DIR / "saes"
+
+_STAGE_HELP = {
+    "memorised": "find the memorised set (closed-book exact match)",
+    "group": "group the pool's conflict prompts by behaviour (context / memory / drop)",
+    "activations": "collect last-position residuals of the grouped prompts",
+    "statistics": "SAE codes, mutual information and expectation per layer",
+    "features": "select functional features at proportion K and save them",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the pipeline subcommands."""
+    """Add ``run``, one subcommand per stage, ``evaluate`` and ``steer``."""
+    p = sub.add_parser("run", help="run every stage from a TOML/YAML config (cached stages skip)")
+    p.add_argument("config", help="pipeline config (.toml or .yaml)")
+    p.add_argument("--output", help="write the evaluation results JSON here")
+    p.set_defaults(func=_run, until="evaluate")
+    for stage, text in _STAGE_HELP.items():
+        p = sub.add_parser(
+            stage, help=text, description=f"{text}; earlier stages come from the cache"
+        )
+        p.add_argument("config", help="pipeline config (.toml or .yaml)")
+        p.set_defaults(func=_run, until=stage, output=None)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a saved feature set: no steering vs steering to context / memory",
+    )
+    p.add_argument("--dataset", default="builtin", help="builtin, nqswap, macnoise or a JSONL path")
+    p.add_argument("--output", required=True, help="results JSON")
+    p.add_argument("--features", default=str(DEFAULT_FEATURES), help="functional-feature folder")
+    p.add_argument("--saes", default=str(DEFAULT_SAES), help="folder of SAEs, one per hook")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--n-items", type=int, default=None, help="evaluate only the first N items")
+    p.add_argument("--demo-type", default="doo", choices=["doo", "dss", "dso"])
+    p.add_argument("--shots", type=int, default=3)
+    p.add_argument("--edit-strength", type=float, default=None, help="override α (both ways)")
+    p.add_argument("--predictions", default=None, help="per-item predictions JSONL")
+    p.add_argument("--pool-size", type=int, default=None)
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("steer", help="answer one conflict input unsteered and steered both ways")
+    p.add_argument("--context", required=True)
+    p.add_argument("--question", required=True)
+    p.add_argument("--features", default=str(DEFAULT_FEATURES))
+    p.add_argument("--saes", default=str(DEFAULT_SAES))
+    p.add_argument("--edit-strength", type=float, default=None)
+    p.add_argument(
+        "--demonstrations", type=int, default=0, help="prepend N doo demonstrations from the pool"
+    )
+    p.set_defaults(func=_steer)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from spare_tl.pipeline import PipelineConfig, run_pipeline
+
+    config = PipelineConfig.from_file(args.config)
+    result = run_pipeline(config, until=args.until)
+    if result.features is not None:
+        print(json.dumps({"counts": {str(k): v for k, v in result.features.counts().items()}}))
+    if result.evaluation is not None:
+        data = result.evaluation.to_json()
+        if args.output:
+            result.evaluation.save(Path(args.output))
+        print(_format_summary(data))
+    elif result.grouped is not None:
+        print(json.dumps(result.grouped.counts()))
+    elif result.memorised is not None:
+        print(json.dumps({r: list(v) for r, v in result.memorised.per_relation().items()}))
+    return 0
+
+
+def _format_summary(data: dict) -> str:
+    lines = [
+        f"{data['model']} on {data['dataset']}: {data['n_items']} items, seeds {data['seeds']}"
+    ]
+    for cond in ("no_steering", "steer_to_context", "steer_to_memory"):
+        if cond in data:
+            d = data[cond]
+            lines.append(
+                f"  {cond:17s} EM_C {d['EM_C']:5.1f} ± {d['EM_C_std']:4.1f}   "
+                f"EM_M {d['EM_M']:5.1f} ± {d['EM_M_std']:4.1f}   neither {d['neither']:5.1f}"
+            )
+    return "\n".join(lines)
+
+
+def load_steering_setup(features_dir: str, saes_dir: str, model=None):
+    """Model, functional features and their SAEs from folders."""
+    from spare_tl.features import FunctionalFeatures
+    from spare_tl.models import load_model
+    from spare_tl.saes import load_saes_for_layers
+
+    features = FunctionalFeatures.load(features_dir)
+    model = model if model is not None else load_model(features.model_name)
+    saes = load_saes_for_layers(model, saes_dir, sorted(features.layers))
+    return model, features, saes
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from spare_tl.data.datasets import load_dataset
+    from spare_tl.data.prompts import DEFAULT_POOL_SEED, DEFAULT_POOL_SIZE, split_pool
+    from spare_tl.evaluation import EvaluationConfig, evaluate
+    from spare_tl.memorised import find_memorised
+
+    model, features, saes = load_steering_setup(args.features, args.saes)
+    if args.edit_strength is not None:
+        features.edit_strength = args.edit_strength
+        features.edit_strength_to_memory = None
+    items = load_dataset(args.dataset)
+    memorised = find_memorised(model, items, dataset_name=Path(args.dataset).stem)
+    known = memorised.filter(items)
+    meta = features.metadata
+    pool_size = args.pool_size or meta.get("pool_size", DEFAULT_POOL_SIZE)
+    split = split_pool(known, pool_size, meta.get("pool_seed", DEFAULT_POOL_SEED))
+    eval_items = split.evaluation[: args.n_items] if args.n_items else split.evaluation
+    result = evaluate(
+        model,
+        eval_items,
+        split.pool,
+        features=features,
+        saes=saes,
+        config=EvaluationConfig(
+            seeds=tuple(args.seeds), n_shots=args.shots, demo_type=args.demo_type
+        ),
+        dataset_name=args.dataset,
+    )
+    result.save(Path(args.output), Path(args.predictions) if args.predictions else None)
+    print(_format_summary(result.to_json()))
+    return 0
+
+
+def _steer(args: argparse.Namespace) -> int:
+    from spare_tl.data.schema import ConflictItem
+    from spare_tl.generation import greedy_generate
+    from spare_tl.steering import steer
+
+    model, features, saes = load_steering_setup(args.features, args.saes)
+    if args.edit_strength is not None:
+        features.edit_strength = args.edit_strength
+        features.edit_strength_to_memory = None
+    head = ""
+    if args.demonstrations:
+        from spare_tl.data.datasets import load_dataset
+        from spare_tl.data.prompts import demonstration
+
+        pool = load_dataset("builtin")[: args.demonstrations]
+        head = "".join(demonstration(d, "doo") for d in pool)
+    item = ConflictItem(args.question, args.context, ("?",), args.context, ("?",))
+    prompt = f"{head}context: {item.sub_context}\nquestion: {item.question}\nanswer:"
+    rows = {"no steering": greedy_generate(model, [prompt], progress=False)[0]}
+    for direction in ("context", "memory"):
+        with steer(model, features, direction, saes):
+            rows[f"steer to {direction}"] = greedy_generate(model, [prompt], progress=False)[0]
+    for name, answer in rows.items():
+        print(f"{name:18s} {answer}")
+    return 0

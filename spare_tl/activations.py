@@ -1,0 +1,309 @@
+"""Stages 2-4: residual activations, feature statistics, functional features.
+
+* **Activations**: the residual stream ``blocks.{l}.hook_resid_post`` at the last prompt
+  position of every kept grouped prompt, for the chosen layers, in one forward pass that
+  stops after the deepest one (``stop_at_layer``).
+* **Feature statistics** per layer: SAE codes (the SAE's own ``encode``: post-top-k for
+  TopK SAEs), mutual information with the behaviour label (k-NN estimator, 3 neighbours, on
+  min-max-normalised codes), the expectation difference E, and the confidence-weighted
+  mean codes z̄_C and z̄_M.
+* **Functional features**: selection at proportion K (see :mod:`spare_tl.features`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from spare_tl import cache
+from spare_tl.behaviours import GroupedPrompts, require_groups
+from spare_tl.features import (
+    FunctionalFeatures,
+    LayerFeatures,
+    confidence_weighted_mean,
+    select_functional_features,
+)
+from spare_tl.generation import _tokenize, left_pad
+from spare_tl.mutual_info import expectation_difference, mutual_information
+from spare_tl.saes import encode_latents, hook_name, sae_identity, validate_sae
+
+logger = logging.getLogger(__name__)
+
+
+def resid_hook(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def check_layers(model, layers: Sequence[int]) -> list[int]:
+    """Sorted unique layers, each inside the model; a clear error otherwise."""
+    if not layers:
+        raise ValueError("no layers given: pass at least one layer, e.g. --layers 10 11 12")
+    bad = [layer for layer in layers if not 0 <= int(layer) < model.cfg.n_layers]
+    if bad:
+        raise ValueError(
+            f"layer(s) {bad} are outside {model.cfg.model_name}, which has "
+            f"{model.cfg.n_layers} layers (0-{model.cfg.n_layers - 1})"
+        )
+    return sorted({int(layer) for layer in layers})
+
+
+@torch.no_grad()
+def last_position_resid(
+    model,
+    prompts: Sequence[str],
+    layers: Sequence[int],
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[int, Float[Tensor, "n d_model"]]:
+    """Residual stream after each layer at the last prompt position, one pass per batch."""
+    layers = check_layers(model, layers)
+    names = {resid_hook(layer) for layer in layers}
+    token_lists = _tokenize(model, prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(token_lists[i]))
+    out = {layer: torch.zeros(len(prompts), model.cfg.d_model) for layer in layers}
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="activations", disable=not progress, leave=False):
+        tokens, mask = left_pad(model, [token_lists[i] for i in batch])
+        _, store = model.run_with_cache(
+            tokens,
+            attention_mask=mask,
+            padding_side="left",
+            names_filter=lambda n: n in names,
+            stop_at_layer=max(layers) + 1,
+        )
+        for layer in layers:
+            out[layer][batch] = store[resid_hook(layer)][:, -1].float().cpu()
+    return out
+
+
+@dataclass
+class Activations:
+    """Last-position residuals of the two behaviour groups."""
+
+    model_name: str
+    resid: dict[int, Float[Tensor, "n d_model"]]
+    labels: Int[Tensor, " n"]  # 1 context, 0 memory
+    weights: Float[Tensor, " n"]  # confidence weights
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, directory: Path) -> None:
+        tensors = {f"layer{k}": v for k, v in self.resid.items()}
+        tensors.update(labels=self.labels, weights=self.weights)
+        cache.write_tensors(Path(directory) / "activations.safetensors", tensors)
+        cache.mark_complete(directory, self.config, layers=sorted(self.resid))
+
+    @classmethod
+    def load(cls, directory: Path) -> Activations:
+        t = cache.read_tensors(Path(directory) / "activations.safetensors")
+        meta = cache.read_json(Path(directory) / "config.json")
+        resid = {int(k[5:]): v for k, v in t.items() if k.startswith("layer")}
+        return cls(meta["config"]["model"], resid, t["labels"], t["weights"], meta["config"])
+
+
+def collect_activations(
+    model,
+    grouped: GroupedPrompts,
+    layers: Sequence[int],
+    *,
+    batch_size: int = 16,
+    min_per_group: int = 2,
+    cache_root: Path | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> Activations:
+    """Stage 2: residuals of the use-context and use-memory prompts (cached)."""
+    layers = check_layers(model, layers)
+    require_groups(grouped, min_per_group)
+    prompts, labels, weights = grouped.labelled()
+    config = {
+        "stage": "activations",
+        "model": model.cfg.model_name,
+        "layers": layers,
+        "grouped_hash": cache.fingerprint({"p": prompts, "l": labels.tolist()}),
+        "position": "last prompt token",
+        "hook": "hook_resid_post",
+    }
+    directory = cache.stage_dir(model.cfg.model_name, "activations", cache_root)
+    if use_cache and cache.is_fresh(directory, config):
+        return Activations.load(directory)
+    resid = last_position_resid(model, prompts, layers, batch_size=batch_size, progress=progress)
+    result = Activations(model.cfg.model_name, resid, labels, weights, config)
+    if use_cache:
+        result.save(directory)
+    return result
+
+
+@dataclass
+class LayerStatistics:
+    """Per-latent statistics of one layer's SAE over the two behaviour groups."""
+
+    layer: int
+    hook_name: str
+    sae_id: str
+    mutual_information: Float[Tensor, " d_sae"]
+    expectation: Float[Tensor, " d_sae"]
+    context_activations: Float[Tensor, " d_sae"]  # z̄_C
+    memory_activations: Float[Tensor, " d_sae"]  # z̄_M
+    n_context: int
+    n_memory: int
+
+    def save(self, directory: Path) -> None:
+        cache.write_tensors(
+            Path(directory) / f"layer{self.layer}.safetensors",
+            {
+                "mutual_information": self.mutual_information,
+                "expectation": self.expectation,
+                "context_activations": self.context_activations,
+                "memory_activations": self.memory_activations,
+            },
+            metadata={
+                "layer": str(self.layer),
+                "hook_name": self.hook_name,
+                "sae_id": self.sae_id,
+                "n_context": str(self.n_context),
+                "n_memory": str(self.n_memory),
+            },
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> LayerStatistics:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            t = {k: f.get_tensor(k) for k in f.keys()}
+        return cls(
+            layer=int(meta["layer"]),
+            hook_name=meta["hook_name"],
+            sae_id=meta["sae_id"],
+            n_context=int(meta["n_context"]),
+            n_memory=int(meta["n_memory"]),
+            **t,
+        )
+
+
+def layer_statistics(
+    codes: Float[Tensor, "n d_sae"],
+    labels: Int[Tensor, " n"],
+    weights: Float[Tensor, " n"],
+    *,
+    layer: int,
+    hook: str,
+    sae_id: str,
+    seed: int = 0,
+    progress: bool = False,
+) -> LayerStatistics:
+    """MI, E and the confidence-weighted group means from one layer's SAE codes."""
+    ctx, mem = labels == 1, labels == 0
+    return LayerStatistics(
+        layer=layer,
+        hook_name=hook,
+        sae_id=sae_id,
+        mutual_information=mutual_information(codes, labels, seed=seed, progress=progress).float(),
+        expectation=expectation_difference(codes, labels).float(),
+        context_activations=confidence_weighted_mean(codes[ctx], weights[ctx]).float(),
+        memory_activations=confidence_weighted_mean(codes[mem], weights[mem]).float(),
+        n_context=int(ctx.sum()),
+        n_memory=int(mem.sum()),
+    )
+
+
+def feature_statistics(
+    model,
+    activations: Activations,
+    saes: Mapping[int, Any],
+    *,
+    seed: int = 0,
+    cache_root: Path | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> dict[int, LayerStatistics]:
+    """Stage 3: per-layer statistics (cached per layer under ``mutual_information/``)."""
+    directory = cache.stage_dir(model.cfg.model_name, "mutual_information", cache_root)
+    out: dict[int, LayerStatistics] = {}
+    for layer in tqdm(sorted(saes), desc="feature statistics", disable=not progress):
+        if layer not in activations.resid:
+            raise ValueError(
+                f"no activations for layer {layer}; collected layers: {sorted(activations.resid)}"
+            )
+        sae = saes[layer]
+        validate_sae(model, sae, layer)
+        config = {
+            "stage": "mutual_information",
+            "layer": layer,
+            "sae": sae_identity(sae),
+            "sae_hash": cache.fingerprint(
+                {"w": float(sae.W_enc.detach().double().sum()), "d": sae.cfg.d_sae}
+            ),
+            "activations": activations.config.get("grouped_hash"),
+            "estimator": "kNN (Ross 2014), 3 neighbours, min-max normalised",
+            "seed": seed,
+        }
+        layer_dir = directory / f"layer{layer}"
+        if use_cache and cache.is_fresh(layer_dir, config):
+            out[layer] = LayerStatistics.load(layer_dir / f"layer{layer}.safetensors")
+            continue
+        codes = encode_latents(sae, activations.resid[layer]).float().cpu()
+        stats = layer_statistics(
+            codes,
+            activations.labels,
+            activations.weights,
+            layer=layer,
+            hook=hook_name(sae),
+            sae_id=sae_identity(sae),
+            seed=seed,
+        )
+        if use_cache:
+            stats.save(layer_dir)
+            cache.mark_complete(layer_dir, config)
+        out[layer] = stats
+    return out
+
+
+def functional_features(
+    statistics: Mapping[int, LayerStatistics],
+    *,
+    model_name: str,
+    proportion: float,
+    edit_strength: float = 1.0,
+    edit_strength_to_memory: float | None = None,
+    layers: Sequence[int] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> FunctionalFeatures:
+    """Stage 4: select context/memory features per layer at proportion K."""
+    if edit_strength < 0:
+        raise ValueError(f"edit strength α must be >= 0, got {edit_strength}")
+    chosen = sorted(layers) if layers is not None else sorted(statistics)
+    missing = [layer for layer in chosen if layer not in statistics]
+    if missing:
+        raise ValueError(f"no statistics for layer(s) {missing}; have {sorted(statistics)}")
+    per_layer = {}
+    for layer in chosen:
+        s = statistics[layer]
+        ctx, mem = select_functional_features(s.mutual_information, s.expectation, proportion)
+        per_layer[layer] = LayerFeatures(
+            layer=layer,
+            hook_name=s.hook_name,
+            sae_id=s.sae_id,
+            context_features=ctx,
+            memory_features=mem,
+            context_activations=s.context_activations,
+            memory_activations=s.memory_activations,
+        )
+    return FunctionalFeatures(
+        model_name=model_name,
+        layers=per_layer,
+        proportion=proportion,
+        edit_strength=edit_strength,
+        edit_strength_to_memory=edit_strength_to_memory,
+        metadata=dict(metadata or {}),
+    )

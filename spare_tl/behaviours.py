@@ -1,0 +1,223 @@
+"""Stage 1: group conflict prompts by the behaviour the model shows on them.
+
+For every pool question and every (shots, seed, demonstration type) the conflict prompt is
+answered greedily and labelled **context** (EM with C = ``sub_answer``), **memory** (EM with
+M = ``org_answer``) or **neither** (dropped later). The teacher-forced NLL of both answers
+(``nll_context`` = the paper's ``ss_loss``, ``nll_memory`` = ``so_loss``) gives the
+confidence weights. Work is done in units of (shots, seed, type); each finished unit is
+appended to ``records.jsonl``, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from spare_tl import cache
+from spare_tl.data.prompts import conflict_prompt, sample_demonstrations
+from spare_tl.data.schema import ConflictItem
+from spare_tl.data.scoring import behaviour_label
+from spare_tl.generation import answer_nll, greedy_generate
+
+logger = logging.getLogger(__name__)
+STAGE = "grouped_prompts"
+LABELS = ("context", "memory", "neither")
+
+
+@dataclass(frozen=True)
+class BehaviourConfig:
+    """Which prompts to build over the pool: shots x seeds x demonstration types."""
+
+    shots: tuple[int, ...] = (3, 4, 5)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    demo_types: tuple[str, ...] = ("dss", "dso", "doo")
+    max_new_tokens: int = 12
+    batch_size: int = 16
+
+    def units(self) -> list[tuple[int, int, str]]:
+        return [(k, s, t) for k in self.shots for s in self.seeds for t in self.demo_types]
+
+
+@dataclass
+class GroupedPrompts:
+    """Prompts with the model's answer, behaviour label and answer NLLs."""
+
+    model_name: str
+    records: list[dict[str, Any]]
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def group(self, label: str) -> list[dict[str, Any]]:
+        return [r for r in self.records if r["label"] == label]
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(r["label"] for r in self.records)
+        return {label: c.get(label, 0) for label in LABELS}
+
+    def table(self) -> list[dict[str, Any]]:
+        """Share of context / memory / neither answers by demonstration type and shots."""
+        keys = sorted({(r["demo_type"], r["shots"]) for r in self.records})
+        rows = []
+        for demo_type, shots in keys:
+            sel = [r for r in self.records if r["demo_type"] == demo_type and r["shots"] == shots]
+            c = Counter(r["label"] for r in sel)
+            rows.append(
+                {
+                    "demo_type": demo_type,
+                    "shots": shots,
+                    "n": len(sel),
+                    **{label: 100.0 * c.get(label, 0) / len(sel) for label in LABELS},
+                }
+            )
+        return rows
+
+    def labelled(self) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Prompts of the two kept groups, labels (1 context, 0 memory) and confidence weights."""
+        kept = [r for r in self.records if r["label"] in ("context", "memory")]
+        labels = torch.tensor([1 if r["label"] == "context" else 0 for r in kept])
+        weights = torch.tensor([confidence_weight(r) for r in kept], dtype=torch.float64)
+        return [r["prompt"] for r in kept], labels, weights
+
+    def save(self, directory: Path) -> None:
+        cache.write_jsonl(Path(directory) / "records.jsonl", self.records)
+        cache.mark_complete(directory, self.config, counts=self.counts())
+
+    @classmethod
+    def load(cls, directory: Path) -> GroupedPrompts:
+        directory = Path(directory)
+        meta = cache.read_json(directory / "config.json")
+        return cls(
+            model_name=meta["config"]["model"],
+            records=cache.read_jsonl(directory / "records.jsonl"),
+            config=meta["config"],
+        )
+
+
+def confidence_weight(record: dict[str, Any]) -> float:
+    """The paper's confidence in the observed behaviour: so/(ss+so) for context, ss/(ss+so)
+    for memory, where ss/so are the NLLs of the context/memory answer."""
+    ss, so = record["nll_context"], record["nll_memory"]
+    total = ss + so
+    if total <= 0:
+        return 0.5
+    return so / total if record["label"] == "context" else ss / total
+
+
+def _unit_key(shots: int, seed: int, demo_type: str) -> str:
+    return f"{shots}shot-seed{seed}-{demo_type}"
+
+
+def group_prompts(
+    model,
+    pool: Sequence[ConflictItem],
+    config: BehaviourConfig | None = None,
+    *,
+    cache_root: Path | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> GroupedPrompts:
+    """Run the pool's conflict prompts and label each by behaviour (cached, resumable)."""
+    config = config or BehaviourConfig()
+    if not pool:
+        raise ValueError("the demonstration pool is empty: find the memorised set first")
+    if max(config.shots) >= len(pool):
+        raise ValueError(f"{max(config.shots)} shots need a pool larger than {len(pool)} items")
+    full_config = {
+        "stage": STAGE,
+        "model": model.cfg.model_name,
+        "pool_hash": cache.fingerprint({"q": [it.question for it in pool]}),
+        "n_pool": len(pool),
+        **asdict(config),
+    }
+    directory = cache.stage_dir(model.cfg.model_name, STAGE, cache_root)
+    if use_cache and cache.is_fresh(directory, full_config):
+        logger.info("grouped prompts: cached in %s", directory)
+        return GroupedPrompts.load(directory)
+
+    records: list[dict[str, Any]] = []
+    done: set[str] = set()
+    partial = directory / "partial.jsonl"
+    progress_cfg = directory / "partial_config.json"
+    if use_cache:
+        if progress_cfg.exists() and cache.read_json(progress_cfg).get(
+            "fingerprint"
+        ) == cache.fingerprint(full_config):
+            if partial.exists():
+                records = cache.read_jsonl(partial)
+                done = {r["unit"] for r in records}
+                logger.info("grouped prompts: resuming, %d units already done", len(done))
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+            cache.write_json(progress_cfg, {"fingerprint": cache.fingerprint(full_config)})
+
+    units = [u for u in config.units() if _unit_key(*u) not in done]
+    for shots, seed, demo_type in tqdm(units, desc="grouping prompts", disable=not progress):
+        unit = _unit_key(shots, seed, demo_type)
+        prompts, metas = [], []
+        for idx, item in enumerate(pool):
+            demos = sample_demonstrations(pool, shots, seed=seed * 100_003 + idx, exclude=item)
+            prompts.append(conflict_prompt(item, demos, demo_type))
+            metas.append((idx, item, demos))
+        answers = greedy_generate(
+            model,
+            prompts,
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.batch_size,
+            progress=False,
+        )
+        nll_c = answer_nll(
+            model, prompts, [m[1].sub_answer[0] for m in metas], batch_size=config.batch_size
+        )
+        nll_m = answer_nll(
+            model, prompts, [m[1].org_answer[0] for m in metas], batch_size=config.batch_size
+        )
+        unit_records = []
+        for j, ((idx, item, demos), answer) in enumerate(zip(metas, answers)):
+            unit_records.append(
+                {
+                    "unit": unit,
+                    "pool_index": idx,
+                    "question": item.question,
+                    "relation": item.relation,
+                    "shots": shots,
+                    "seed": seed,
+                    "demo_type": demo_type,
+                    "demonstrations": [d.question for d in demos],
+                    "prompt": prompts[j],
+                    "prediction": answer,
+                    "sub_answer": list(item.sub_answer),
+                    "org_answer": list(item.org_answer),
+                    "label": behaviour_label(answer, item),
+                    "nll_context": float(nll_c[j]),
+                    "nll_memory": float(nll_m[j]),
+                }
+            )
+        records.extend(unit_records)
+        if use_cache:
+            cache.append_jsonl(partial, unit_records)
+
+    result = GroupedPrompts(model_name=model.cfg.model_name, records=records, config=full_config)
+    if use_cache:
+        result.save(directory)
+        partial.unlink(missing_ok=True)
+        progress_cfg.unlink(missing_ok=True)
+    return result
+
+
+def require_groups(grouped: GroupedPrompts, min_per_group: int = 2) -> None:
+    """Fail early when a behaviour group is too small for mutual information."""
+    counts = grouped.counts()
+    small = [g for g in ("context", "memory") if counts[g] < min_per_group]
+    if small:
+        raise ValueError(
+            f"behaviour group(s) {small} have fewer than {min_per_group} prompts "
+            f"(counts: {counts}); add demonstration types that elicit them (dso for memory, "
+            "dss for context), more seeds or shots, or a larger pool"
+        )

@@ -1,0 +1,206 @@
+"""All SpARE stages from one config (TOML or YAML), each skipped when its inputs are unchanged.
+
+model + SAEs → dataset → memorised set → pool split → grouped prompts → activations
+    → feature statistics → functional features → evaluation
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from spare_tl import cache
+from spare_tl.behaviours import BehaviourConfig
+from spare_tl.evaluation import EvaluationConfig
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("memorised", "group", "activations", "statistics", "features", "evaluate")
+
+
+@dataclass
+class PipelineConfig:
+    """Everything a SpARE run needs; every field has a default for the embedded model."""
+
+    model: str = "smollm2-135m-instruct"
+    dataset: str = "builtin"
+    saes: str = ""  # folder with one SAELens SAE folder per hook (blocks.<l>.hook_resid_post)
+    layers: list[int] = field(default_factory=list)
+    memorised_shots: int = 4
+    memorised_seed: int = 0
+    pool_size: int = 128
+    pool_seed: int = 42
+    behaviours: BehaviourConfig = field(default_factory=BehaviourConfig)
+    proportion: float = 0.05
+    edit_strength: float = 2.0
+    edit_strength_to_memory: float | None = None
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    n_eval_items: int | None = None
+    features_dir: str = ""  # where the functional features go (default: cache stage dir)
+    cache_root: str = ""
+    batch_size: int = 16
+    mi_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.behaviours, dict):
+            self.behaviours = BehaviourConfig(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in self.behaviours.items()}
+            )
+        if isinstance(self.evaluation, dict):
+            self.evaluation = EvaluationConfig(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in self.evaluation.items()}
+            )
+        self.validate()
+
+    def validate(self) -> None:
+        """Catch a wrong configuration before any long work."""
+        if not 0 < self.proportion <= 1:
+            raise ValueError(f"proportion K must be in (0, 1], got {self.proportion}")
+        if self.edit_strength < 0 or (self.edit_strength_to_memory or 0) < 0:
+            raise ValueError("edit strength α must be >= 0")
+        if self.pool_size < 2:
+            raise ValueError("pool_size must be at least 2")
+        for t in self.behaviours.demo_types:
+            if t not in ("dss", "dso", "doo"):
+                raise ValueError(f"behaviours.demo_types: unknown type {t!r} (dss, dso, doo)")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> PipelineConfig:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no config file at {path}")
+        if path.suffix == ".toml":
+            raw = tomllib.loads(path.read_text())
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(path.read_text()) or {}
+        else:
+            raise ValueError(f"config {path} must be .toml or .yaml")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown} in {path}; known: {sorted(known)}")
+        return cls(**raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PipelineResult:
+    memorised: Any = None
+    split: Any = None
+    grouped: Any = None
+    activations: Any = None
+    statistics: Any = None
+    features: Any = None
+    evaluation: Any = None
+
+
+def run_pipeline(
+    config: PipelineConfig,
+    *,
+    until: str = "evaluate",
+    model=None,
+    saes=None,
+    progress: bool = True,
+) -> PipelineResult:
+    """Run the stages up to ``until`` (one of :data:`STAGES`), reusing cached results."""
+    from spare_tl.activations import collect_activations, feature_statistics, functional_features
+    from spare_tl.behaviours import group_prompts
+    from spare_tl.data.datasets import load_dataset
+    from spare_tl.data.prompts import split_pool
+    from spare_tl.evaluation import evaluate
+    from spare_tl.memorised import find_memorised
+    from spare_tl.models import load_model
+    from spare_tl.saes import load_saes_for_layers
+
+    if until not in STAGES:
+        raise ValueError(f"unknown stage {until!r}: one of {STAGES}")
+    stop = STAGES.index(until)
+    root = Path(config.cache_root) if config.cache_root else None
+    out = PipelineResult()
+    model = model if model is not None else load_model(config.model)
+    if stop >= STAGES.index("statistics"):
+        # check layers and SAEs up front, before any long work
+        from spare_tl.activations import check_layers
+
+        check_layers(model, config.layers)
+        if saes is None:
+            if not config.saes:
+                raise ValueError("config.saes is empty: point it to a folder of SAEs per hook")
+            saes = load_saes_for_layers(model, config.saes, config.layers)
+        else:
+            saes = load_saes_for_layers(model, saes, config.layers)
+    items = load_dataset(config.dataset)
+    out.memorised = find_memorised(
+        model,
+        items,
+        dataset_name=config.dataset.replace("/", "_"),
+        n_shots=config.memorised_shots,
+        seed=config.memorised_seed,
+        batch_size=max(config.batch_size, 16),
+        cache_root=root,
+        progress=progress,
+    )
+    known = out.memorised.filter(items)
+    logger.info("memorised: %d of %d items", len(known), len(items))
+    if stop == 0:
+        return out
+    out.split = split_pool(known, config.pool_size, config.pool_seed)
+    out.grouped = group_prompts(
+        model, out.split.pool, config.behaviours, cache_root=root, progress=progress
+    )
+    if stop == 1:
+        return out
+    out.activations = collect_activations(
+        model,
+        out.grouped,
+        config.layers,
+        batch_size=config.batch_size,
+        cache_root=root,
+        progress=progress,
+    )
+    if stop == 2:
+        return out
+    out.statistics = feature_statistics(
+        model, out.activations, saes, seed=config.mi_seed, cache_root=root, progress=progress
+    )
+    if stop == 3:
+        return out
+    out.features = functional_features(
+        out.statistics,
+        model_name=model.cfg.model_name,
+        proportion=config.proportion,
+        edit_strength=config.edit_strength,
+        edit_strength_to_memory=config.edit_strength_to_memory,
+        layers=config.layers,
+        metadata={"dataset": config.dataset, "pool_size": config.pool_size, "saes": config.saes},
+    )
+    features_dir = (
+        Path(config.features_dir)
+        if config.features_dir
+        else cache.stage_dir(model.cfg.model_name, "functional_features", root)
+    )
+    out.features.save(features_dir)
+    if stop == 4:
+        return out
+    evaluation_items = out.split.evaluation
+    if config.n_eval_items:
+        evaluation_items = evaluation_items[: config.n_eval_items]
+    out.evaluation = evaluate(
+        model,
+        evaluation_items,
+        out.split.pool,
+        features=out.features,
+        saes=saes,
+        config=config.evaluation,
+        dataset_name=config.dataset,
+        progress=progress,
+    )
+    return out
