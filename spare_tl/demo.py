@@ -1,0 +1,109 @@
+"""`make demo`: SpARE on the embedded SmolLM2-135M-Instruct, offline, on the CPU.
+
+With the committed SAEs and functional features it shows, for a handful of held-out
+knowledge conflicts, the unsteered answer and the answers steered to context and to memory,
+then exact match on a small held-out slice. Without them (a checkout before the features
+were committed) it shows the conflict itself: the closed-book answer vs the answer with a
+conflicting context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from spare_tl.cli_commands import DEFAULT_FEATURES, DEFAULT_SAES
+
+
+def _conflict_showcase(model, items, n: int) -> None:
+    from spare_tl.data.prompts import closed_book_prompt, conflict_prompt
+    from spare_tl.generation import greedy_generate
+
+    shown = items[:n]
+    closed = greedy_generate(model, [closed_book_prompt(it) for it in shown], progress=False)
+    ctx = greedy_generate(model, [conflict_prompt(it) for it in shown], progress=False)
+    print(f"{'question':45s} | {'closed book':18s} | {'with conflicting context':24s}")
+    for it, a, b in zip(shown, closed, ctx):
+        print(
+            f"{it.question[:45]:45s} | {a[:18]:18s} | {b[:24]:24s} (context says {it.sub_answer[0]})"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--examples", type=int, default=6)
+    parser.add_argument("--eval-items", type=int, default=40)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    start = time.time()
+
+    from spare_tl.data.datasets import load_dataset
+    from spare_tl.models import load_model
+
+    print("Loading the embedded model (smollm2-135m-instruct) ...", flush=True)
+    model = load_model("smollm2-135m-instruct")
+    items = load_dataset("builtin")
+    have_features = (DEFAULT_FEATURES / "features.json").exists() and DEFAULT_SAES.exists()
+    if not have_features:
+        print("No committed functional features yet: showing the knowledge conflict itself.\n")
+        _conflict_showcase(model, items[:: max(1, len(items) // args.examples)], args.examples)
+        print(f"\ndone in {time.time() - start:.0f} s")
+        return 0
+
+    from spare_tl.cli_commands import _format_summary, load_steering_setup
+    from spare_tl.data.prompts import conflict_prompt, sample_demonstrations, split_pool
+    from spare_tl.evaluation import EvaluationConfig, evaluate
+    from spare_tl.generation import greedy_generate
+    from spare_tl.memorised import find_memorised
+    from spare_tl.steering import steer
+
+    model, features, saes = load_steering_setup(str(DEFAULT_FEATURES), str(DEFAULT_SAES), model)
+    print(
+        f"Functional features: layers {sorted(features.layers)}, K = {features.proportion}, "
+        f"α = {features.strength('context')} (to context) / {features.strength('memory')} "
+        f"(to memory); (context, memory) features per layer: {features.counts()}\n"
+    )
+    memorised = find_memorised(model, items, dataset_name="builtin")
+    meta = features.metadata
+    split = split_pool(
+        memorised.filter(items), meta.get("pool_size", 128), meta.get("pool_seed", 42)
+    )
+    held_out = split.evaluation
+    examples = held_out[:: max(1, len(held_out) // args.examples)][: args.examples]
+    prompts = [
+        conflict_prompt(it, sample_demonstrations(split.pool, 3, seed=i, exclude=it), "doo")
+        for i, it in enumerate(examples)
+    ]
+    answers = {"none": greedy_generate(model, prompts, progress=False)}
+    for direction in ("context", "memory"):
+        with steer(model, features, direction, saes):
+            answers[direction] = greedy_generate(model, prompts, progress=False)
+    print(
+        f"{'question':40s} | {'C (context)':14s} | {'M (memory)':14s} | {'no steering':14s} | {'to context':14s} | {'to memory':14s}"
+    )
+    for i, it in enumerate(examples):
+        print(
+            f"{it.question[:40]:40s} | {it.sub_answer[0][:14]:14s} | {it.org_answer[0][:14]:14s} | "
+            f"{answers['none'][i][:14]:14s} | {answers['context'][i][:14]:14s} | {answers['memory'][i][:14]:14s}"
+        )
+    print(f"\nExact match on {args.eval_items} held-out conflicts (3 doo demonstrations):")
+    result = evaluate(
+        model,
+        held_out[: args.eval_items],
+        split.pool,
+        features=features,
+        saes=saes,
+        config=EvaluationConfig(seeds=tuple(args.seeds)),
+        progress=False,
+    )
+    print(_format_summary(result.to_json()))
+    print(f"\ndone in {time.time() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from spare_tl.cli import build_parser, main
+from spare_tl.pipeline import PipelineConfig, run_pipeline
+from spare_tl.testing import save_tiny_hf_llama
+
+COMMANDS = [
+    "run",
+    "memorised",
+    "group",
+    "activations",
+    "statistics",
+    "features",
+    "evaluate",
+    "steer",
+]
+
+
+def test_console_script_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "spare_tl.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for cmd in COMMANDS:
+        assert cmd in out
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_every_command_has_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args([cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "body,match",
+    [
+        ("proportion = 1.5\n", "proportion K must be in"),
+        ("edit_strength = -1.0\n", "α must be >= 0"),
+        ("proportion = 0.1\nfoo = 3\n", "unknown config key"),
+        ("[behaviours]\ndemo_types = ['dxx']\n", "unknown type 'dxx'"),
+    ],
+)
+def test_bad_config_fails_fast_with_a_message(tmp_path, capsys, body, match):
+    path = tmp_path / "run.toml"
+    path.write_text(body)
+    assert main(["run", str(path)]) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_layer_beyond_model_stops_before_any_long_work(tmp_path, monkeypatch):
+    folder = save_tiny_hf_llama(tmp_path / "tiny", n_layers=2)
+    import spare_tl.data.datasets as ds
+
+    monkeypatch.setattr(ds, "load_dataset", lambda *a, **k: pytest.fail("dataset was loaded"))
+    config = PipelineConfig(model=str(folder), layers=[5], saes=str(tmp_path))
+    with pytest.raises(ValueError, match="outside tiny, which has 2 layers"):
+        run_pipeline(config, until="features")
+
+
+def test_sae_of_another_width_or_hook_is_refused(tmp_path, monkeypatch):
+    from spare_tl.saes import SAEError
+    from spare_tl.testing import tiny_sae
+
+    folder = save_tiny_hf_llama(tmp_path / "tiny", n_layers=2)
+    saes = tmp_path / "saes"
+    tiny_sae("blocks.1.hook_resid_post", d_in=16, model_name="tiny").save_model(
+        saes / "blocks.1.hook_resid_post"
+    )
+    config = PipelineConfig(model=str(folder), layers=[1], saes=str(saes))
+    with pytest.raises(SAEError, match="d_in 16"):
+        run_pipeline(config, until="features")
+    with pytest.raises(SAEError, match="no SAE for layer"):
+        run_pipeline(
+            PipelineConfig(model=str(folder), layers=[0], saes=str(saes)), until="features"
+        )
