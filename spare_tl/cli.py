@@ -16,6 +16,7 @@ from collections.abc import Sequence
 # "module:function" registrars; each adds its subcommand(s).
 REGISTRARS: list[str] = [
     "spare_tl.cli_commands:register",
+    "spare_tl.original:register",
     "spare_tl.data.cli:register",
 ]
 

@@ -51,10 +51,8 @@ def load_sae(
         if (path / SAELENS_WEIGHTS).exists():
             sae = SAE.load_from_disk(path, device=str(device), dtype=dtype)
         elif (path / SPARSIFY_WEIGHTS).exists():
-            from sae_lens.loading.pretrained_sae_loaders import sparsify_disk_loader
-
             sae = SAE.load_from_disk(
-                path, device=str(device), dtype=dtype, converter=sparsify_disk_loader
+                path.resolve(), device=str(device), dtype=dtype, converter=sparsify_disk_converter
             )
         else:
             raise SAEError(
@@ -68,12 +66,67 @@ def load_sae(
                 f"{release_or_path!r} is not a folder; for a SAELens release also pass sae_id, "
                 "e.g. load_sae('gemma-scope-9b-pt-res-canonical', 'layer_23/width_131k/canonical')"
             )
-        sae = SAE.from_pretrained(str(release_or_path), sae_id, device=str(device))
+        converter = sparsify_hub_converter if re.match(r"layers[._]\d+$", sae_id) else None
+        sae = SAE.from_pretrained(
+            str(release_or_path), sae_id, device=str(device), converter=converter
+        )
         if dtype is not None:
             sae = sae.to(dtype=getattr(torch, dtype))
         sae.cfg.metadata.release = sae.cfg.metadata.release or str(release_or_path)
         sae.cfg.metadata.sae_id = sae.cfg.metadata.sae_id or sae_id
     return sae.eval()
+
+
+def _fix_sparsify(cfg: dict[str, Any], state: dict[str, Tensor]) -> None:
+    """Keep sparsify's own maths: W_dec is stored [d_sae, d_in] (SAELens 6.54's converter
+    transposes it into the wrong shape) and the encoder always subtracts b_dec."""
+    if state["W_dec"].shape == (cfg["d_in"], cfg["d_sae"]) and cfg["d_in"] != cfg["d_sae"]:
+        state["W_dec"] = state["W_dec"].T.contiguous()
+    cfg["apply_b_dec_to_input"] = True
+
+
+def sparsify_disk_converter(path, device: str = "cpu", cfg_overrides=None):
+    """SAELens disk converter for an EleutherAI sparsify folder (``layers.<L>``)."""
+    from sae_lens.loading.pretrained_sae_loaders import (
+        get_sparsify_config_from_disk,
+        load_safetensors_weights,
+    )
+
+    path = Path(path).resolve()
+    cfg = get_sparsify_config_from_disk(path, device, cfg_overrides)
+    raw = load_safetensors_weights(path / SPARSIFY_WEIGHTS, device=device, dtype=cfg.get("dtype"))
+    d_in, d_sae = cfg["d_in"], cfg["d_sae"]
+    w_enc = raw["W_enc"] if "W_enc" in raw else raw["encoder.weight"].T
+    w_dec = raw["W_dec"] if "W_dec" in raw else raw["decoder.weight"].T
+    zeros = torch.zeros
+    state = {
+        "W_enc": w_enc.contiguous(),
+        "b_enc": raw.get("b_enc", raw.get("encoder.bias", zeros(d_sae, dtype=w_enc.dtype))),
+        "W_dec": w_dec.contiguous(),
+        "b_dec": raw.get("b_dec", raw.get("decoder.bias", zeros(d_in, dtype=w_enc.dtype))),
+    }
+    _fix_sparsify(cfg, state)
+    return cfg, state
+
+
+def sparsify_hub_converter(
+    repo_id, folder_name, device="cpu", force_download=False, cfg_overrides=None
+):
+    """SAELens hub converter for sparsify releases (e.g. ``EleutherAI/sae-llama-3-8b-32x``)."""
+    from sae_lens.loading.pretrained_sae_loaders import sparsify_huggingface_loader
+
+    try:
+        cfg, state, sparsity = sparsify_huggingface_loader(
+            repo_id, folder_name, device, force_download, cfg_overrides
+        )
+    except RuntimeError:  # the installed converter may mis-shape W_dec; load raw instead
+        from huggingface_hub import snapshot_download
+
+        root = snapshot_download(repo_id, allow_patterns=[f"{folder_name}/*"])
+        cfg, state = sparsify_disk_converter(Path(root) / folder_name, device, cfg_overrides)
+        return cfg, state, None
+    _fix_sparsify(cfg, state)
+    return cfg, state, sparsity
 
 
 def hook_name(sae) -> str:

@@ -38,7 +38,7 @@ def test_jumprelu_round_trip(tmp_path):
     assert torch.equal(loaded.threshold, sae.threshold)
 
 
-def test_sparsify_folder_loads_through_the_converter(tmp_path):
+def test_sparsify_folder_loads_through_the_converter(tmp_path, monkeypatch):
     """An EleutherAI sparsify folder (the paper's Llama-3-8B SAE format)."""
     d_in, d_sae, k = 32, 96, 6
     folder = tmp_path / "sae-llama-tiny" / "layers.2"
@@ -53,16 +53,23 @@ def test_sparsify_folder_loads_through_the_converter(tmp_path):
         {
             "encoder.weight": enc_w,
             "encoder.bias": torch.zeros(d_sae),
-            "decoder.weight": dec_w.T.contiguous(),
+            "W_dec": dec_w,  # sparsify stores W_dec as [d_sae, d_in]
             "b_dec": torch.zeros(d_in),
         },
         str(folder / "sae.safetensors"),
     )
-    sae = load_sae(folder, dtype="float32")
+    monkeypatch.chdir(folder.parent)  # a relative path must work too
+    sae = load_sae("layers.2", dtype="float32")
     assert sae.cfg.d_sae == d_sae and sae.cfg.metadata.hook_name == "blocks.2.hook_resid_post"
     z = sae.encode(torch.randn(3, d_in))
     assert ((z != 0).sum(-1) <= k).all()
-    assert torch.allclose(sae.W_enc, enc_w.T)
+    assert torch.allclose(sae.W_enc, enc_w.T) and torch.allclose(sae.W_dec, dec_w)
+    # sparsify's maths: z = topk(relu((x - b_dec) W_enc + b_enc)), x_hat = z W_dec + b_dec
+    x = torch.randn(4, d_in)
+    pre = torch.relu(x @ enc_w.T)
+    top = pre.topk(k, dim=-1)
+    expected = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+    assert torch.allclose(sae.encode(x), expected, atol=1e-5)
 
 
 def test_bad_folders(tmp_path):
