@@ -25,7 +25,7 @@ from spare_tl import cache
 from spare_tl.data.prompts import conflict_prompt, sample_demonstrations
 from spare_tl.data.schema import ConflictItem
 from spare_tl.data.scoring import behaviour_label
-from spare_tl.generation import answer_nll, greedy_generate
+from spare_tl.generation import generate_and_score
 
 logger = logging.getLogger(__name__)
 STAGE = "grouped_prompts"
@@ -165,18 +165,13 @@ def group_prompts(
             demos = sample_demonstrations(pool, shots, seed=seed * 100_003 + idx, exclude=item)
             prompts.append(conflict_prompt(item, demos, demo_type))
             metas.append((idx, item, demos))
-        answers = greedy_generate(
+        answers, nll = generate_and_score(
             model,
             prompts,
+            [[m[1].sub_answer[0], m[1].org_answer[0]] for m in metas],
             max_new_tokens=config.max_new_tokens,
             batch_size=config.batch_size,
             progress=False,
-        )
-        nll_c = answer_nll(
-            model, prompts, [m[1].sub_answer[0] for m in metas], batch_size=config.batch_size
-        )
-        nll_m = answer_nll(
-            model, prompts, [m[1].org_answer[0] for m in metas], batch_size=config.batch_size
         )
         unit_records = []
         for j, ((idx, item, demos), answer) in enumerate(zip(metas, answers)):
@@ -195,8 +190,8 @@ def group_prompts(
                     "sub_answer": list(item.sub_answer),
                     "org_answer": list(item.org_answer),
                     "label": behaviour_label(answer, item),
-                    "nll_context": float(nll_c[j]),
-                    "nll_memory": float(nll_m[j]),
+                    "nll_context": float(nll[j, 0]),
+                    "nll_memory": float(nll[j, 1]),
                 }
             )
         records.extend(unit_records)

@@ -78,7 +78,111 @@ def _batches(order: list[int], batch_size: int):
         yield order[start : start + batch_size]
 
 
+def _last_logits(model, resid: Tensor) -> Tensor:
+    """Logits from final residuals (ln_final + unembed), only where they are needed."""
+    return model.unembed(model.ln_final(resid)).float()
+
+
 @torch.no_grad()
+def generate_and_score(
+    model,
+    prompts: Sequence[str],
+    answers: Sequence[Sequence[str]] | None = None,
+    *,
+    max_new_tokens: int = 12,
+    batch_size: int = 16,
+    stop_at_newline: bool = True,
+    progress: bool = True,
+    desc: str = "generating",
+) -> tuple[list[str], Float[Tensor, "n n_answers"]]:
+    """Greedy continuations and, optionally, the teacher-forced NLL of candidate answers.
+
+    One prompt pass per batch fills the KV cache (left padding, logits only at the last
+    position); each candidate answer is then scored from the frozen cache (a few tokens of
+    work instead of a second prompt pass), and greedy decoding continues one token per step
+    until every row has produced a newline or ``max_new_tokens`` are reached.
+    """
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    n_answers = len(answers[0]) if answers else 0
+    if answers is not None and len(answers) != len(prompts):
+        raise ValueError("answers must hold one list of candidates per prompt")
+    nll = torch.zeros(len(prompts), n_answers, dtype=torch.float64)
+    if not prompts:
+        return [], nll
+    token_lists = _tokenize(model, prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(token_lists[i]))
+    stop = set(newline_token_ids(model)) if stop_at_newline else set()
+    if model.tokenizer.eos_token_id is not None:
+        stop.add(model.tokenizer.eos_token_id)
+    stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=model.cfg.device)
+    n_layers = model.cfg.n_layers
+    outputs: list[str] = [""] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
+    for batch in _batches(order, batch_size):
+        b = len(batch)
+        tokens, mask = left_pad(model, [token_lists[i] for i in batch], extra=max_new_tokens + 8)
+        kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, b)
+        resid = model(tokens, attention_mask=mask, past_kv_cache=kv, stop_at_layer=n_layers)
+        logits = _last_logits(model, resid[:, -1])
+        if n_answers:
+            first = logits.log_softmax(-1)
+            kv.freeze()
+            for a in range(n_answers):
+                ids = [
+                    model.tokenizer(" " + answers[i][a].strip(), add_special_tokens=False)[
+                        "input_ids"
+                    ]
+                    for i in batch
+                ]
+                width = max(len(x) for x in ids)
+                ans = torch.zeros(b, width, dtype=torch.long, device=tokens.device)
+                ans_mask = torch.zeros(b, width, dtype=torch.long, device=tokens.device)
+                for r, x in enumerate(ids):
+                    ans[r, : len(x)] = torch.tensor(x)
+                    ans_mask[r, : len(x)] = 1
+                lp = first.gather(-1, ans[:, :1])[:, 0]  # the answer's first token
+                total = lp.clone()
+                if width > 1:
+                    out = model(
+                        ans[:, :-1],
+                        attention_mask=ans_mask[:, :-1],
+                        past_kv_cache=kv,
+                        stop_at_layer=n_layers,
+                    )
+                    rest = (
+                        _last_logits(model, out)
+                        .log_softmax(-1)
+                        .gather(-1, ans[:, 1:, None])[..., 0]
+                    )
+                    total = total + (rest * ans_mask[:, 1:]).sum(-1)
+                for r, i in enumerate(batch):
+                    nll[i, a] = -float(total[r]) / len(ids[r])
+            kv.unfreeze()
+        generated = []
+        finished = torch.zeros(b, dtype=torch.bool, device=tokens.device)
+        for step in range(max_new_tokens):
+            nxt = logits.argmax(-1)
+            generated.append(nxt)
+            finished |= torch.isin(nxt, stop_ids)
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            resid = model(
+                nxt[:, None],
+                attention_mask=torch.ones(b, 1, dtype=torch.long, device=tokens.device),
+                past_kv_cache=kv,
+                stop_at_layer=n_layers,
+            )
+            logits = _last_logits(model, resid[:, -1])
+        new = torch.stack(generated, 1) if generated else torch.zeros(b, 0, dtype=torch.long)
+        for r, i in enumerate(batch):
+            text = model.tokenizer.decode(new[r], skip_special_tokens=True)
+            outputs[i] = text.split("\n")[0].strip() if stop_at_newline else text
+        bar.update(b)
+    bar.close()
+    return outputs, nll
+
+
 def greedy_generate(
     model,
     prompts: Sequence[str],
@@ -89,36 +193,18 @@ def greedy_generate(
     progress: bool = True,
     desc: str = "generating",
 ) -> list[str]:
-    """Greedy continuations of ``prompts``, cut at the first newline and stripped."""
-    if not prompts:
-        return []
-    token_lists = _tokenize(model, prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(token_lists[i]))
-    eos = newline_token_ids(model) if stop_at_newline else []
-    if model.tokenizer.eos_token_id is not None:
-        eos = [*eos, model.tokenizer.eos_token_id]
-    outputs: list[str] = [""] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
-    for batch in _batches(order, batch_size):
-        tokens, _ = left_pad(model, [token_lists[i] for i in batch], extra=max_new_tokens)
-        out = model.generate(
-            tokens,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            stop_at_eos=bool(eos),
-            eos_token_id=eos or None,
-            padding_side="left",
-            prepend_bos=False,
-            verbose=False,
-            return_type="tokens",
-        )
-        new = out[:, tokens.shape[1] :]
-        for row, i in enumerate(batch):
-            text = model.tokenizer.decode(new[row], skip_special_tokens=True)
-            outputs[i] = text.split("\n")[0].strip() if stop_at_newline else text
-        bar.update(len(batch))
-    bar.close()
-    return outputs
+    """Greedy continuations of ``prompts`` (batched, KV cache), cut at the first newline."""
+    texts, _ = generate_and_score(
+        model,
+        prompts,
+        None,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        stop_at_newline=stop_at_newline,
+        progress=progress,
+        desc=desc,
+    )
+    return texts
 
 
 @torch.no_grad()

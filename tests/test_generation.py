@@ -40,3 +40,27 @@ def test_answer_nll_equals_manual_computation(tiny_model):
 def test_prompt_longer_than_context_window_is_refused(tiny_model):
     with pytest.raises(PromptTooLongError, match="context window of 256"):
         greedy_generate(tiny_model, ["x" * 300], progress=False)
+
+
+def test_matches_transformer_lens_generate(tiny_model):
+    prompts = ["context: x\nquestion: y?\nanswer:", "abc"]
+    ours = greedy_generate(
+        tiny_model, prompts, max_new_tokens=6, stop_at_newline=False, progress=False
+    )
+    for p, o in zip(prompts, ours):
+        ref = tiny_model.generate(
+            p, max_new_tokens=6, do_sample=False, verbose=False, stop_at_eos=False
+        )
+        assert ref[len(p) :] == o
+
+
+def test_scores_from_the_frozen_cache_equal_separate_passes(tiny_model):
+    from spare_tl.generation import generate_and_score
+
+    prompts = ["question: q\nanswer:", "context: long one\nquestion: z\nanswer:"]
+    answers = [["Paris", "Lyon city"], ["ab", "c"]]
+    texts, nll = generate_and_score(tiny_model, prompts, answers, max_new_tokens=3, progress=False)
+    for a in range(2):
+        ref = answer_nll(tiny_model, prompts, [row[a] for row in answers])
+        assert torch.allclose(nll[:, a], ref, atol=1e-4)
+    assert texts == greedy_generate(tiny_model, prompts, max_new_tokens=3, progress=False)

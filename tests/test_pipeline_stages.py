@@ -54,7 +54,7 @@ def test_group_prompts_records_and_resume(tiny_model, tmp_path, monkeypatch):
     pool = _items(6)
     config = BehaviourConfig(shots=(1, 2), seeds=(0,), demo_types=("dss", "dso"), max_new_tokens=3)
     calls = {"n": 0}
-    real = behaviours_mod.greedy_generate
+    real = behaviours_mod.generate_and_score
 
     def flaky(*args, **kwargs):
         calls["n"] += 1
@@ -62,14 +62,14 @@ def test_group_prompts_records_and_resume(tiny_model, tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(behaviours_mod, "greedy_generate", flaky)
+    monkeypatch.setattr(behaviours_mod, "generate_and_score", flaky)
     with pytest.raises(KeyboardInterrupt):
         group_prompts(tiny_model, pool, config, cache_root=tmp_path, progress=False)
     calls["n"] = 100  # no more failures; count the units the resumed run still does
     resumed = group_prompts(tiny_model, pool, config, cache_root=tmp_path, progress=False)
     assert calls["n"] == 100 + 2  # 2 of the 4 units were already done
     assert len(resumed.records) == 4 * len(pool)
-    monkeypatch.setattr(behaviours_mod, "greedy_generate", real)
+    monkeypatch.setattr(behaviours_mod, "generate_and_score", real)
     fresh = group_prompts(tiny_model, pool, config, use_cache=False, progress=False)
     key = lambda r: (r["unit"], r["pool_index"])  # noqa: E731
     assert sorted(map(key, resumed.records)) == sorted(map(key, fresh.records))
@@ -79,7 +79,7 @@ def test_group_prompts_records_and_resume(tiny_model, tmp_path, monkeypatch):
         assert r["label"] in ("context", "memory", "neither")
         assert r["question"] not in r["demonstrations"]
     # a finished stage is served from the cache without generating
-    monkeypatch.setattr(behaviours_mod, "greedy_generate", None)
+    monkeypatch.setattr(behaviours_mod, "generate_and_score", None)
     again = group_prompts(tiny_model, pool, config, cache_root=tmp_path, progress=False)
     assert len(again.records) == len(resumed.records)
     assert {row["demo_type"] for row in again.table()} == {"dss", "dso"}
