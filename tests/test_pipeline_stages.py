@@ -176,3 +176,32 @@ def test_evaluate_both_directions(tiny_model, tmp_path):
     assert set(data["per_relation"]) == {"r0", "r1"}
     with pytest.raises(ValueError, match="pool questions"):
         evaluate(tiny_model, pool, pool, features=feats, saes=saes, progress=False)
+
+
+def test_sweep_on_the_development_set(tiny_model, tmp_path):
+    from spare_tl.sweep import best_settings, save_sweep, sweep
+
+    grouped = _synthetic_grouped("tiny-llama")
+    acts = collect_activations(tiny_model, grouped, [1, 2], cache_root=tmp_path, progress=False)
+    saes = {layer: tiny_sae(f"blocks.{layer}.hook_resid_post", k=16) for layer in (1, 2)}
+    stats = feature_statistics(tiny_model, acts, saes, cache_root=tmp_path, progress=False)
+    pool = _items(8)
+    records = sweep(
+        tiny_model,
+        stats,
+        saes,
+        pool,
+        layer_sets=[[1], [1, 2]],
+        proportions=[0.2],
+        strengths=[1.0, 4.0],
+        n_items=4,
+        n_shots=2,
+        progress=False,
+    )
+    assert records[0]["direction"] == "none"
+    assert len(records) == 1 + 2 * 1 * 2 * 2
+    best = best_settings(records)
+    assert set(best) == {"context", "memory"}
+    assert best["memory"]["EM_M"] == max(r["EM_M"] for r in records if r["direction"] == "memory")
+    save_sweep(records, tmp_path / "sweep", {"k": 1})
+    assert (tmp_path / "sweep" / "sweep.json").exists()

@@ -1,0 +1,129 @@
+"""Choose layers, proportion K and edit strength α on the development (pool) set only.
+
+Every pool question is asked with ``n_shots`` demonstrations drawn from the *other* pool
+questions, steered to context and to memory for each (layers, K, α); the best setting per
+direction is the one with the highest EM in that direction (ties broken by fewer broken
+answers). Test questions are never looked at. The sweep is saved as JSON so figures and
+reports can show it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from spare_tl import cache
+from spare_tl.activations import LayerStatistics, functional_features
+from spare_tl.data.prompts import conflict_prompt, sample_demonstrations
+from spare_tl.data.schema import ConflictItem
+from spare_tl.data.scoring import behaviour_label
+from spare_tl.generation import greedy_generate
+from spare_tl.steering import steer
+
+logger = logging.getLogger(__name__)
+
+
+def _shares(answers: list[str], items: Sequence[ConflictItem]) -> dict[str, float]:
+    labels = [behaviour_label(a, it) for a, it in zip(answers, items)]
+    n = max(len(labels), 1)
+    return {
+        "EM_C": 100.0 * labels.count("context") / n,
+        "EM_M": 100.0 * labels.count("memory") / n,
+        "neither": 100.0 * labels.count("neither") / n,
+    }
+
+
+def dev_prompts(
+    pool: Sequence[ConflictItem], n_items: int | None, n_shots: int, seed: int, demo_type: str
+) -> tuple[list[ConflictItem], list[str]]:
+    """Pool questions as development queries, demonstrations from the rest of the pool."""
+    items = list(pool[:n_items] if n_items else pool)
+    prompts = [
+        conflict_prompt(
+            it, sample_demonstrations(pool, n_shots, seed * 7 + i, exclude=it), demo_type
+        )
+        for i, it in enumerate(items)
+    ]
+    return items, prompts
+
+
+def sweep(
+    model,
+    statistics: Mapping[int, LayerStatistics],
+    saes: Mapping[int, Any],
+    pool: Sequence[ConflictItem],
+    *,
+    layer_sets: Sequence[Sequence[int]],
+    proportions: Sequence[float],
+    strengths: Sequence[float],
+    directions: Sequence[str] = ("context", "memory"),
+    n_items: int | None = 48,
+    n_shots: int = 3,
+    seed: int = 0,
+    demo_type: str = "doo",
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """EM per (layers, K, α, direction) on the development set; first record: no steering."""
+    items, prompts = dev_prompts(pool, n_items, n_shots, seed, demo_type)
+    base = greedy_generate(model, prompts, batch_size=batch_size, progress=False)
+    records: list[dict[str, Any]] = [
+        {
+            "direction": "none",
+            "layers": [],
+            "proportion": 0.0,
+            "edit_strength": 0.0,
+            "n": len(items),
+            **_shares(base, items),
+        }
+    ]
+    grid = [
+        (tuple(ls), k, a, d)
+        for ls in layer_sets
+        for k in proportions
+        for a in strengths
+        for d in directions
+    ]
+    from tqdm.auto import tqdm
+
+    for layers, proportion, alpha, direction in tqdm(grid, desc="sweep", disable=not progress):
+        features = functional_features(
+            statistics,
+            model_name=model.cfg.model_name,
+            proportion=proportion,
+            edit_strength=alpha,
+            layers=layers,
+        )
+        with steer(model, features, direction, {layer: saes[layer] for layer in layers}):
+            answers = greedy_generate(model, prompts, batch_size=batch_size, progress=False)
+        rec = {
+            "direction": direction,
+            "layers": list(layers),
+            "proportion": proportion,
+            "edit_strength": alpha,
+            "n": len(items),
+            "n_features": sum(c + m for c, m in features.counts().values()),
+            **_shares(answers, items),
+        }
+        logger.info("sweep %s", rec)
+        records.append(rec)
+    return records
+
+
+def best_settings(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per direction, the record with the highest EM in that direction (then fewest broken)."""
+    out = {}
+    for direction, key in (("context", "EM_C"), ("memory", "EM_M")):
+        cands = [r for r in records if r["direction"] == direction]
+        if cands:
+            out[direction] = max(cands, key=lambda r: (r[key], -r["neither"]))
+    return out
+
+
+def save_sweep(records: Sequence[dict[str, Any]], directory: Path, config: dict[str, Any]) -> None:
+    cache.write_json(
+        Path(directory) / "sweep.json",
+        {"config": config, "records": list(records), "best": best_settings(records)},
+    )
