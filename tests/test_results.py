@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from spare_tl.evaluation import summarise
+from spare_tl.results import END, START, results_table, update_readme
+
+
+def _result(conditions, labels_by_cond):
+    summary = summarise(labels_by_cond, ["r"] * 4, [0, 1])
+    return {
+        "model": "m",
+        "n_items": 4,
+        "seeds": [0, 1],
+        "features": {"layers": [1], "proportion": 0.1, "edit_strength": 2.0},
+        **summary,
+    }
+
+
+def test_table_and_readme_block(tmp_path):
+    doo = _result(
+        None,
+        {
+            "no_steering": {0: ["context"] * 4, 1: ["context", "context", "memory", "neither"]},
+            "steer_to_context": {0: ["context"] * 4, 1: ["context"] * 4},
+            "steer_to_memory": {0: ["memory"] * 2 + ["context"] * 2, 1: ["memory"] * 4},
+        },
+    )
+    table = results_table({"doo": doo})
+    assert "| doo | steer to memory | 25.0 ± 25.0 | 75.0 ± 25.0 | 0.0 |" in table
+    assert "| doo | no steering | 75.0 ± 25.0 | 12.5 ± 12.5 | 12.5 |" in table
+    assert "EM_C->M" in table
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{START}\nold\n{END}\n\nafter\n")
+    update_readme(table, readme)
+    text = readme.read_text()
+    assert "old" not in text and "after" in text and text.count(START) == 1
