@@ -78,6 +78,21 @@ def _batches(order: list[int], batch_size: int):
         yield order[start : start + batch_size]
 
 
+def _expand_cache(kv, batch: int):
+    """A batch-``batch`` copy of a batch-1 KV cache (the shared prefix)."""
+    from copy import copy
+
+    out = copy(kv)
+    out.entries = []
+    for entry in kv.entries:
+        e = copy(entry)
+        e.past_keys = entry.past_keys.expand(batch, *entry.past_keys.shape[1:])
+        e.past_values = entry.past_values.expand(batch, *entry.past_values.shape[1:])
+        out.entries.append(e)
+    out.previous_attention_mask = kv.previous_attention_mask.expand(batch, -1)
+    return out
+
+
 def _last_logits(model, resid: Tensor) -> Tensor:
     """Logits from final residuals (ln_final + unembed), only where they are needed."""
     return model.unembed(model.ln_final(resid)).float()
@@ -94,6 +109,7 @@ def generate_and_score(
     stop_at_newline: bool = True,
     progress: bool = True,
     desc: str = "generating",
+    prefix: str | None = None,
 ) -> tuple[list[str], Float[Tensor, "n n_answers"]]:
     """Greedy continuations and, optionally, the teacher-forced NLL of candidate answers.
 
@@ -101,6 +117,10 @@ def generate_and_score(
     position); each candidate answer is then scored from the frozen cache (a few tokens of
     work instead of a second prompt pass), and greedy decoding continues one token per step
     until every row has produced a newline or ``max_new_tokens`` are reached.
+
+    With ``prefix``, every prompt is ``prefix + prompt``: the prefix (e.g. shared
+    demonstrations) is run once and its KV cache reused by every row; prefix and prompt are
+    tokenised separately.
     """
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
@@ -110,8 +130,25 @@ def generate_and_score(
     nll = torch.zeros(len(prompts), n_answers, dtype=torch.float64)
     if not prompts:
         return [], nll
-    token_lists = _tokenize(model, prompts)
+    prefix_ids: list[int] = []
+    if prefix:
+        prefix_ids = _tokenize(model, [prefix])[0]
+        token_lists = [model.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    else:
+        token_lists = _tokenize(model, prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(token_lists[i]))
+    prefix_kv = None
+    if prefix_ids:
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        prefix_kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
+        prefix_tokens = torch.tensor([prefix_ids], device=model.cfg.device)
+        model(
+            prefix_tokens,
+            attention_mask=torch.ones_like(prefix_tokens),
+            past_kv_cache=prefix_kv,
+            stop_at_layer=model.cfg.n_layers,
+        )
     stop = set(newline_token_ids(model)) if stop_at_newline else set()
     if model.tokenizer.eos_token_id is not None:
         stop.add(model.tokenizer.eos_token_id)
@@ -121,8 +158,13 @@ def generate_and_score(
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
     for batch in _batches(order, batch_size):
         b = len(batch)
-        tokens, mask = left_pad(model, [token_lists[i] for i in batch], extra=max_new_tokens + 8)
-        kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, b)
+        tokens, mask = left_pad(
+            model, [token_lists[i] for i in batch], extra=max_new_tokens + 8 + len(prefix_ids)
+        )
+        if prefix_kv is not None:
+            kv = _expand_cache(prefix_kv, b)
+        else:
+            kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, b)
         resid = model(tokens, attention_mask=mask, past_kv_cache=kv, stop_at_layer=n_layers)
         logits = _last_logits(model, resid[:, -1])
         if n_answers:
@@ -192,12 +234,17 @@ def greedy_generate(
     stop_at_newline: bool = True,
     progress: bool = True,
     desc: str = "generating",
+    prefix: str | None = None,
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (batched, KV cache), cut at the first newline."""
+    """Greedy continuations of ``prompts`` (batched, KV cache), cut at the first newline.
+
+    ``prefix`` (optional) is prepended to every prompt and computed once.
+    """
     texts, _ = generate_and_score(
         model,
         prompts,
         None,
+        prefix=prefix,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         stop_at_newline=stop_at_newline,

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from spare_tl import cache
 from spare_tl.data.prompts import closed_book_prompt
 from spare_tl.data.schema import ConflictItem
@@ -77,16 +79,23 @@ class MemorisedSet:
 def closed_book_demonstrations(
     items: list[ConflictItem], n_shots: int, seed: int
 ) -> list[list[ConflictItem]]:
-    """For each item, ``n_shots`` other items of the same relation (seeded)."""
+    """For each item, ``n_shots`` other questions of the same relation.
+
+    Each relation draws ``n_shots + 1`` demonstration questions once (seeded); an item uses
+    the first ``n_shots`` of them that are not itself. So all items of a relation share one
+    demonstration prefix (a few use a variant), which lets the prefix be computed once.
+    """
     by_relation: dict[str, list[ConflictItem]] = {}
     for it in items:
         by_relation.setdefault(it.relation, []).append(it)
+    drawn = {}
+    for rel, members in by_relation.items():
+        pool = members if len(members) > n_shots else items
+        drawn[rel] = random.Random(f"{seed}:{rel}").sample(pool, min(n_shots + 1, len(pool)))
     out = []
-    for i, it in enumerate(items):
-        others = [d for d in by_relation[it.relation] if d.question != it.question]
-        if len(others) < n_shots:
-            others = [d for d in items if d.question != it.question]
-        out.append(random.Random(f"{seed}:{i}").sample(others, n_shots))
+    for it in items:
+        others = [d for d in drawn[it.relation] if d.question != it.question]
+        out.append(others[:n_shots])
     return out
 
 
@@ -113,22 +122,33 @@ def find_memorised(
         "n_shots": n_shots,
         "seed": seed,
         "max_new_tokens": max_new_tokens,
-        "demonstrations": "same relation, other questions",
+        "demonstrations": "same relation, drawn once per relation, shared prefix",
     }
     directory = cache.stage_dir(model.cfg.model_name, f"{STAGE}/{dataset_name}", cache_root)
     if use_cache and cache.is_fresh(directory, config):
         logger.info("memorised set: cached in %s", directory)
         return MemorisedSet.load(directory)
     demos = closed_book_demonstrations(items, n_shots, seed)
-    prompts = [closed_book_prompt(it, d) for it, d in zip(items, demos)]
-    answers = greedy_generate(
-        model,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        progress=progress,
-        desc="closed-book answers",
-    )
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i, d in enumerate(demos):
+        groups.setdefault(tuple(x.question for x in d), []).append(i)
+    answers = [""] * len(items)
+    bar = tqdm(total=len(items), desc="closed-book answers", disable=not progress)
+    for idx in groups.values():
+        prefix = closed_book_prompt(items[idx[0]], demos[idx[0]])
+        prefix = prefix[: prefix.rindex("question: ")]  # the shared demonstrations
+        outs = greedy_generate(
+            model,
+            [closed_book_prompt(items[i]) for i in idx],
+            prefix=prefix,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=False,
+        )
+        for i, out in zip(idx, outs):
+            answers[i] = out
+        bar.update(len(idx))
+    bar.close()
     preds = []
     for it, ans in zip(items, answers):
         preds.append(

@@ -64,3 +64,15 @@ def test_scores_from_the_frozen_cache_equal_separate_passes(tiny_model):
         ref = answer_nll(tiny_model, prompts, [row[a] for row in answers])
         assert torch.allclose(nll[:, a], ref, atol=1e-4)
     assert texts == greedy_generate(tiny_model, prompts, max_new_tokens=3, progress=False)
+
+
+def test_shared_prefix_gives_the_same_answers(tiny_model):
+    prefix = "question: a?\nanswer: b\n\nquestion: cc?\nanswer: d\n\n"
+    suffixes = ["question: x?\nanswer:", "question: longer one?\nanswer:", "q"]
+    joint = greedy_generate(
+        tiny_model, [prefix + s for s in suffixes], max_new_tokens=5, progress=False
+    )
+    shared = greedy_generate(
+        tiny_model, suffixes, prefix=prefix, max_new_tokens=5, batch_size=2, progress=False
+    )
+    assert shared == joint

@@ -24,10 +24,12 @@ def test_demonstrations_are_other_questions_of_the_same_relation():
 
 def test_find_memorised_scores_cached_and_filters(tiny_model, tmp_path, monkeypatch):
     items = _items(9)
+
     # a model that "knows" every third answer
-    fake = lambda m, prompts, **k: [  # noqa: E731
-        f"m{i}" if i % 3 == 0 else "no idea" for i in range(len(prompts))
-    ]
+    def fake(model, prompts, **kwargs):
+        nums = [int(p.split("question: q")[-1].split("?")[0]) for p in prompts]
+        return [f"m{i}" if i % 3 == 0 else "no idea" for i in nums]
+
     monkeypatch.setattr(memorised_mod, "greedy_generate", fake)
     result = find_memorised(tiny_model, items, n_shots=2, cache_root=tmp_path, progress=False)
     assert result.questions == ["q0?", "q3?", "q6?"]
