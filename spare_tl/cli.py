@@ -18,6 +18,8 @@ REGISTRARS: list[str] = [
     "spare_tl.cli_commands:register",
     "spare_tl.original:register",
     "spare_tl.data.cli:register",
+    "spare_tl.train_saes:register",
+    "spare_tl.report:register",
 ]
 
 

@@ -1,0 +1,433 @@
+"""Figures, the feature inspector and the HTML report, on small synthetic data.
+
+Figures are checked on their structure (trace types, axis titles, data equal to the inputs);
+the inspector runs on a tiny random model + tiny SAE; the report must be self-contained.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from spare_tl import figures as F
+from spare_tl.activations import LayerStatistics
+from spare_tl.behaviours import GroupedPrompts
+from spare_tl.features import FunctionalFeatures, select_functional_features
+from spare_tl.inspector import (
+    inspect_feature,
+    latent_statistics,
+    layer_drivers,
+    logit_lens,
+    top_activating_prompts,
+)
+from spare_tl.report import build_report, classify_result, load_report_inputs
+
+torch.set_num_threads(1)
+D_SAE = 64
+LAYERS = (1, 2, 3)
+
+
+def make_statistics(layer: int, seed: int = 0) -> LayerStatistics:
+    g = torch.Generator().manual_seed(seed + layer)
+    mi = torch.rand(D_SAE, generator=g, dtype=torch.float64) * layer
+    mi[::5] = 0.0
+    return LayerStatistics(
+        layer=layer,
+        hook_name=f"blocks.{layer}.hook_resid_post",
+        sae_id=f"sae-{layer}",
+        mutual_information=mi,
+        expectation=torch.randn(D_SAE, generator=g),
+        context_activations=torch.rand(D_SAE, generator=g),
+        memory_activations=torch.rand(D_SAE, generator=g),
+        n_context=10,
+        n_memory=8,
+    )
+
+
+@pytest.fixture(scope="module")
+def statistics() -> dict[int, LayerStatistics]:
+    return {layer: make_statistics(layer) for layer in LAYERS}
+
+
+@pytest.fixture(scope="module")
+def features(statistics) -> FunctionalFeatures:
+    from spare_tl.activations import functional_features
+
+    return functional_features(statistics, model_name="tiny-llama", proportion=0.2)
+
+
+def evaluation_json() -> dict:
+    def cond(c, m, cs, ms):
+        return {"EM_C": c, "EM_M": m, "EM_C_std": cs, "EM_M_std": ms, "neither": 100 - c - m}
+
+    return {
+        "model": "tiny-llama",
+        "dataset": "builtin",
+        "n_items": 20,
+        "seeds": [0, 1],
+        "demo_type": "doo",
+        "no_steering": cond(40.0, 30.0, 1.0, 2.0),
+        "steer_to_context": cond(70.0, 10.0, 3.0, 1.5),
+        "steer_to_memory": cond(15.0, 55.0, 2.5, 4.0),
+        "transitions": {"EM_C->M": {"mean": 50.0, "std": 5.0}},
+        "per_relation": {},
+    }
+
+
+def sweep_records() -> list[dict]:
+    return [
+        {"proportion": k, "edit_strength": a, "direction": d, "EM_C": 10 * a + k, "EM_M": 5 * a}
+        for k in (0.05, 0.1)
+        for a in (1.0, 2.0, 3.0)
+        for d in ("context", "memory")
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------
+
+
+def test_layerwise_mutual_information(statistics):
+    fig = F.layerwise_mutual_information(statistics, proportion=0.2, top_k=(4, 16))
+    types = [type(t).__name__ for t in fig.data]
+    assert types == ["Bar", "Scatter", "Scatter", "Bar", "Bar"]
+    totals = [float(statistics[layer].mutual_information.sum()) for layer in LAYERS]
+    np.testing.assert_allclose(fig.data[0].y, totals)
+    assert list(fig.data[0].x) == list(LAYERS)
+    top4 = [
+        float(statistics[lay].mutual_information.sort(descending=True).values[:4].sum())
+        for lay in LAYERS
+    ]
+    np.testing.assert_allclose(fig.data[1].y, top4)
+    for layer, n_ctx, n_mem in zip(LAYERS, fig.data[3].y, fig.data[4].y):
+        s = statistics[layer]
+        ctx, mem = select_functional_features(s.mutual_information, s.expectation, 0.2)
+        assert (n_ctx, n_mem) == (ctx.numel(), mem.numel())
+    assert fig.data[3].name == "context features" and fig.data[4].name == "memory features"
+    assert fig.layout.xaxis2.title.text == "layer"
+    assert "mutual information" in fig.layout.yaxis.title.text
+    assert "proportion K = 0.2" in str(fig.layout.annotations)
+
+
+def test_mutual_information_scatter(statistics, features):
+    s, lf = statistics[2], features.layers[2]
+    fig = F.mutual_information_scatter(s, features=lf, layer=2)
+    names = [t.name.split(" (")[0] for t in fig.data]
+    assert names == ["other latents", "context features", "memory features"]
+    shown = np.concatenate([t.customdata[:, 0] for t in fig.data]).astype(int)
+    assert (s.mutual_information[shown] > 0).all()
+    assert len(shown) == int((s.mutual_information > 0).sum())
+    ctx = fig.data[1]
+    ids = ctx.customdata[:, 0].astype(int)
+    assert set(ids) == set(lf.context_features.tolist())
+    np.testing.assert_allclose(ctx.x, s.expectation[ids].double().numpy(), rtol=1e-6)
+    np.testing.assert_allclose(ctx.y, s.mutual_information[ids].numpy())
+    np.testing.assert_allclose(ctx.customdata[:, 1], s.context_activations[ids].numpy(), rtol=1e-6)
+    assert "z̄_C" in ctx.hovertemplate and "latent" in ctx.hovertemplate
+    assert fig.layout.yaxis.title.text.startswith("mutual information")
+    assert fig.layout.xaxis.title.text.startswith("expectation")
+    # top_n keeps it light, but never drops a selected feature
+    small = F.mutual_information_scatter(s, features=lf, top_n=1)
+    n = sum(len(t.x) for t in small.data)
+    assert n <= 1 + lf.context_features.numel() + lf.memory_features.numel()
+
+
+def test_latent_activation_distribution():
+    codes = torch.arange(12, dtype=torch.float32).reshape(6, 2)
+    labels = torch.tensor([1, 1, 0, 0, 1, 0])
+    fig = F.latent_activation_distribution(codes, labels, latent=1, layer=3)
+    assert [type(t).__name__ for t in fig.data] == ["Histogram", "Histogram"]
+    np.testing.assert_allclose(fig.data[0].x, [1.0, 3.0, 9.0])
+    np.testing.assert_allclose(fig.data[1].x, [5.0, 7.0, 11.0])
+    assert fig.data[0].name.startswith("use context")
+    assert fig.layout.xaxis.title.text == "SAE latent activation z"
+    fig = F.latent_activation_distribution(codes[:, 0], ["context"] * 3 + ["neither"] * 3)
+    assert [t.name.split(" ")[0] for t in fig.data] == ["use", "neither"]
+    with pytest.raises(ValueError, match="labels"):
+        F.latent_activation_distribution(codes, labels[:3], latent=0)
+
+
+def test_steering_results():
+    data = evaluation_json()
+    fig = F.steering_results(data)
+    assert [type(t).__name__ for t in fig.data] == ["Bar", "Bar", "Bar"]
+    em_c, em_m = fig.data[0], fig.data[1]
+    assert list(em_c.x) == ["no steering", "steer to context", "steer to memory"]
+    assert list(em_c.y) == [40.0, 70.0, 15.0]
+    assert list(em_c.error_y.array) == [1.0, 3.0, 2.5]
+    assert list(em_m.y) == [30.0, 10.0, 55.0]
+    assert list(em_m.error_y.array) == [2.0, 1.5, 4.0]
+    assert fig.layout.yaxis.title.text == "exact match (%)"
+    assert "tiny-llama" in fig.layout.title.text
+
+
+def test_steering_sweep_over_edit_strength():
+    recs = sweep_records()
+    fig = F.steering_sweep(recs, x="edit_strength")
+    assert all(isinstance(t, go.Scatter) for t in fig.data)
+    # 2 directions x 2 proportions x 2 metrics
+    assert len(fig.data) == 8
+    assert fig.layout.xaxis.title.text == "edit strength α"
+    assert fig.layout.annotations[0].text == "steer to context"
+    first = fig.data[0]
+    assert first.name == "proportion K = 0.05, EM_C"
+    assert list(first.x) == [1.0, 2.0, 3.0]
+    assert list(first.y) == [10.05, 20.05, 30.05]
+    fig = F.steering_sweep(recs, x="proportion", baseline=evaluation_json())
+    assert fig.layout.xaxis.title.text == "proportion K"
+    assert any("without steering" in str(a.text) for a in fig.layout.annotations)
+
+
+def test_layer_steering_effect_accepts_evaluation_records():
+    recs = [{"layer": lay, **evaluation_json()} for lay in (4, 2)]
+    fig = F.layer_steering_effect(recs)
+    assert fig.layout.xaxis.title.text == "layer"
+    assert list(fig.data[0].x) == [2, 4]
+    assert list(fig.data[0].y) == [70.0, 70.0]
+    with pytest.raises(ValueError, match="direction"):
+        F.layer_steering_effect([{"layer": 1, "EM_C": 1.0}])
+
+
+def test_behaviour_table():
+    records = [
+        {"prompt": "p", "label": label, "demo_type": t, "shots": k}
+        for t, labels in (("dss", ["context"] * 3 + ["memory"]), ("dso", ["memory", "neither"]))
+        for k in (3, 4)
+        for label in labels
+    ]
+    grouped = GroupedPrompts("tiny", records)
+    fig = F.behaviour_table(grouped)
+    assert [t.name for t in fig.data] == [
+        "uses context (answers C)",
+        "uses memory (answers M)",
+        "neither",
+    ]
+    x = fig.data[0].x
+    assert list(x[1]) == ["3-shot", "4-shot", "3-shot", "4-shot"]
+    assert x[0][0].startswith("dss")
+    assert list(fig.data[0].y) == [75.0, 75.0, 0.0, 0.0]
+    assert list(fig.data[1].y) == [25.0, 25.0, 50.0, 50.0]
+    assert list(fig.data[0].customdata) == [4, 4, 2, 2]
+    # the paper's record objects give the same shares
+    from spare_tl.original import OriginalPromptRecord
+
+    orig = [
+        OriginalPromptRecord(
+            0, r["demo_type"], r["shots"], 0, r["label"], "", (), (), False, False, (), 1.0, 1.0
+        )
+        for r in records
+    ]
+    assert F.behaviour_shares(orig) == grouped.table()
+
+
+# --------------------------------------------------------------------------------------
+# Inspector
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sae():
+    from spare_tl.testing import tiny_sae
+
+    return tiny_sae("blocks.1.hook_resid_post", d_in=32, d_sae=D_SAE)
+
+
+def test_logit_lens_matches_decoder_times_unembedding(tiny_model, sae):
+    lens = logit_lens(tiny_model, sae, 5, k=4)
+    expected = (sae.W_dec[5] @ tiny_model.W_U).detach()
+    top = torch.topk(expected, 4)
+    assert [t["token_id"] for t in lens["promoted"]] == top.indices.tolist()
+    np.testing.assert_allclose([t["logit"] for t in lens["promoted"]], top.values, rtol=1e-5)
+    assert lens["promoted"][0]["token"] == tiny_model.tokenizer.decode([top.indices[0].item()])
+    assert lens["suppressed"][0]["token_id"] == int(expected.argmin())
+
+
+def test_inspect_feature_on_tiny_model(tiny_model, sae, statistics, features):
+    from spare_tl.saes import encode_latents
+
+    prompts = ["context: a\nquestion: b\nanswer:", "question: c\nanswer:", "hello world"]
+    _, store = tiny_model.run_with_cache(prompts[0], names_filter="blocks.1.hook_resid_post")
+    resid = torch.stack(
+        [
+            tiny_model.run_with_cache(p, names_filter="blocks.1.hook_resid_post")[1][
+                "blocks.1.hook_resid_post"
+            ][0, -1]
+            for p in prompts
+        ]
+    )
+    codes = encode_latents(sae, resid).detach()
+    latent = int(codes.sum(0).argmax())
+    records = [
+        {"prompt": p, "label": lab} for p, lab in zip(prompts, ["context", "memory", "neither"])
+    ]
+    report = inspect_feature(
+        2,
+        latent,
+        statistics=statistics[2],
+        features=features.layers[2],
+        codes=codes,
+        prompts=records,
+        model=tiny_model,
+        sae=sae,
+        k=3,
+    )
+    acts = [p["activation"] for p in report.top_prompts]
+    assert acts == sorted(acts, reverse=True) and all(a > 0 for a in acts)
+    assert report.top_prompts[0]["activation"] == pytest.approx(float(codes[:, latent].max()))
+    assert report.top_prompts[0]["prompt"] == prompts[int(codes[:, latent].argmax())]
+    assert len(report.promoted_tokens) == 3
+    assert report.statistics["latent"] == latent
+    assert report.statistics["mutual_information"] == pytest.approx(
+        float(statistics[2].mutual_information[latent])
+    )
+    md, page = report.to_markdown(), report.to_html()
+    assert f"latent {latent}" in md and "Promotes" in md
+    assert "<table" in page and "&lt;" not in md
+
+
+def test_top_activating_prompts_skips_inactive():
+    codes = torch.tensor([[0.0, 1.0], [2.0, 0.0], [0.5, 0.0]])
+    out = top_activating_prompts(codes, ["a", "b", "c"], 0, k=5)
+    assert [(r["index"], r["rank"]) for r in out] == [(1, 1), (2, 2)]
+    with pytest.raises(ValueError, match="do not match"):
+        top_activating_prompts(codes, ["a"], 0)
+
+
+def test_latent_statistics_role_and_rank(statistics, features):
+    s, lf = statistics[3], features.layers[3]
+    top = int(lf.context_features[0]) if lf.context_features.numel() else int(lf.memory_features[0])
+    st = latent_statistics(s, top, features=lf)
+    assert st["role"] in ("context feature", "memory feature")
+    assert (
+        st["mutual_information_rank"]
+        == int((s.mutual_information > s.mutual_information[top]).sum()) + 1
+    )
+    assert st["z̄_C"] == pytest.approx(float(s.context_activations[top]))
+
+
+def test_layer_drivers_rank_by_mutual_information(statistics, features, tiny_model, sae):
+    s, lf = statistics[2], features.layers[2]
+    drivers = layer_drivers(s, features=lf, top=3)
+    assert drivers.layer == 2
+    ids = [r["latent"] for r in drivers.context]
+    assert set(ids) <= set(lf.context_features.tolist())
+    mis = [r["mutual_information"] for r in drivers.context]
+    assert mis == sorted(mis, reverse=True) and len(ids) == min(3, lf.context_features.numel())
+    assert all(r["expectation"] < 0 for r in drivers.memory)
+    # without a selection: every latent with E > 0 / E < 0 is a candidate
+    free = layer_drivers(s, top=100)
+    assert len(free.context) == int((s.expectation > 0).sum())
+    with_tokens = layer_drivers(s, proportion=0.2, top=2, model=tiny_model, sae=sae, n_tokens=3)
+    assert len(with_tokens.context[0]["tokens"]) == 3
+    md, page = with_tokens.to_markdown(), with_tokens.to_html()
+    assert "context features" in md and "memory features" in md and "promotes" in md
+    assert 'class="drivers context"' in page and "K = 0.2" in page
+
+
+# --------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------
+
+
+def _script_srcs(page: str) -> list[str]:
+    return re.findall(r"<script[^>]*\ssrc\s*=", page, flags=re.I)
+
+
+def test_report_is_self_contained(statistics, features):
+    grouped = GroupedPrompts(
+        "tiny",
+        [
+            {"prompt": "p", "label": lab, "demo_type": "dss", "shots": 3}
+            for lab in ("context", "memory", "neither")
+        ],
+    )
+    page = build_report(
+        features=features,
+        statistics=statistics,
+        results=[
+            ("eval", evaluation_json()),
+            ("alpha-sweep", sweep_records()),
+            ("per-layer", [{"layer": 1, "direction": "context", "EM_C": 1.0, "EM_M": 2.0}]),
+        ],
+        grouped=grouped,
+    )
+    assert page.startswith("<!DOCTYPE html>")
+    assert _script_srcs(page) == []
+    assert page.count('<script type="text/javascript">/**\n* plotly.js') == 1
+    n_figures = len(re.findall(r'<div id="figure-\d+"', page))
+    # results, 2 sweeps, per-layer, layer-wise MI, scatter, behaviour table
+    assert n_figures == 7
+    assert "Missing parts" not in page
+    assert "what drives context" in page and "EM_C (%)" in page and "70.0 ± 3.0" in page
+
+
+def test_report_lists_missing_parts(tmp_path):
+    inputs = load_report_inputs(
+        features=tmp_path / "nope", statistics=tmp_path, results=[tmp_path], grouped=tmp_path
+    )
+    assert inputs.features is None and not inputs.statistics and not inputs.results
+    joined = "\n".join(inputs.missing)
+    for part in (
+        "functional features",
+        "feature statistics",
+        "steering results",
+        "grouped prompts",
+    ):
+        assert part in joined
+    page = build_report(**inputs.kwargs())
+    assert "Missing parts" in page and "no features.json" in page
+    assert "plotly.js" not in page  # no figures, no JavaScript
+
+
+def test_report_reads_saved_stages(tmp_path, statistics, features):
+    root = tmp_path / "tiny"  # cache_data/<model>/<stage>
+    for s in statistics.values():
+        s.save(root / "mutual_information" / f"layer{s.layer}")
+    features.save(root / "functional_features")
+    (root / "results").mkdir()
+    (root / "results" / "eval.json").write_text(json.dumps(evaluation_json()))
+    (root / "results" / "junk.json").write_text(json.dumps({"foo": 1}))
+    inputs = load_report_inputs(model="tiny", cache_root=tmp_path)
+    assert sorted(inputs.statistics) == list(LAYERS)
+    assert inputs.features is not None and len(inputs.results) == 2
+    assert [m for m in inputs.missing if "grouped prompts" not in m] == []
+    page = build_report(**inputs.kwargs())
+    assert "junk: not an evaluation result" in page
+
+
+def test_classify_result():
+    assert classify_result(evaluation_json()) == "evaluation"
+    assert classify_result(sweep_records()) == "sweep"
+    assert classify_result({"records": sweep_records()}) == "sweep"
+    assert classify_result([{"layer": 1, "direction": "context", "EM_C": 1, "EM_M": 2}]) == "layers"
+    assert classify_result({"x": 1}) == "unknown"
+
+
+def test_report_cli(tmp_path, capsys):
+    from spare_tl.cli import main
+
+    out = tmp_path / "r.html"
+    rc = main(
+        [
+            "report",
+            "--features",
+            str(tmp_path / "none"),
+            "--statistics",
+            str(tmp_path),
+            "--results",
+            str(tmp_path),
+            "--grouped",
+            str(tmp_path),
+            "--output",
+            str(out),
+        ]
+    )
+    assert rc == 0 and out.exists()
+    printed = capsys.readouterr().out
+    assert "missing: functional features" in printed and f"wrote {out}" in printed
