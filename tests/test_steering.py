@@ -380,3 +380,18 @@ def test_saes_keyed_by_hook_name_and_default_strength(model):
         assert torch.equal(model(tokens), base)
     with steer(model, features, "context", saes, edit_strength=3.0):
         assert not torch.equal(model(tokens), base)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "jumprelu"])
+def test_pipeline_generation_under_steering_batch_equals_single(model, architecture):
+    """The pipeline's own batched loop (left padding, KV cache) keeps the properties too."""
+    from spare_tl.generation import greedy_generate
+
+    features, saes = make_features(), make_saes(architecture)
+    kwargs = dict(max_new_tokens=8, stop_at_newline=False, progress=False)
+    unsteered = greedy_generate(model, PROMPTS, batch_size=4, **kwargs)
+    with steer(model, features, "memory", saes):
+        batched = greedy_generate(model, PROMPTS, batch_size=4, **kwargs)
+        singles = [greedy_generate(model, [p], batch_size=1, **kwargs)[0] for p in PROMPTS]
+    assert batched == singles
+    assert batched != unsteered
