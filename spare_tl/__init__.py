@@ -19,6 +19,7 @@ _EXPORTS: dict[str, str] = {
     "attach_sae": "spare_tl.saes",
     "validate_sae": "spare_tl.saes",
     "encode_latents": "spare_tl.saes",
+    "load_steering_setup": "spare_tl.embedded",
     "FunctionalFeatures": "spare_tl.features",
     "LayerFeatures": "spare_tl.features",
     "select_functional_features": "spare_tl.features",

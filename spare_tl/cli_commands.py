@@ -6,11 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from spare_tl.cache import REPO_ROOT
-
-EMBEDDED_DIR = REPO_ROOT / "cache_data" / "smollm2-135m-instruct"
-DEFAULT_FEATURES = EMBEDDED_DIR / "functional_features"
-DEFAULT_SAES = EMBEDDED_DIR / "saes"
+from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, load_steering_setup
 
 _STAGE_HELP = {
     "memorised": "find the memorised set (closed-book exact match)",
@@ -94,18 +90,6 @@ def _format_summary(data: dict) -> str:
                 f"EM_M {d['EM_M']:5.1f} ± {d['EM_M_std']:4.1f}   neither {d['neither']:5.1f}"
             )
     return "\n".join(lines)
-
-
-def load_steering_setup(features_dir: str, saes_dir: str, model=None):
-    """Model, functional features and their SAEs from folders."""
-    from spare_tl.features import FunctionalFeatures
-    from spare_tl.models import load_model
-    from spare_tl.saes import load_saes_for_layers
-
-    features = FunctionalFeatures.load(features_dir)
-    model = model if model is not None else load_model(features.model_name)
-    saes = load_saes_for_layers(model, saes_dir, sorted(features.layers))
-    return model, features, saes
 
 
 def _evaluate(args: argparse.Namespace) -> int:

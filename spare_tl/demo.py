@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from spare_tl.cli_commands import DEFAULT_FEATURES, DEFAULT_SAES
+from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES
 
 
 def _conflict_showcase(model, items, n: int) -> None:
@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ndone in {time.time() - start:.0f} s")
         return 0
 
-    from spare_tl.cli_commands import _format_summary, load_steering_setup
+    from spare_tl.cli_commands import _format_summary
     from spare_tl.data.prompts import conflict_prompt, sample_demonstrations, split_pool
+    from spare_tl.embedded import load_steering_setup
     from spare_tl.evaluation import EvaluationConfig, evaluate
     from spare_tl.generation import greedy_generate
     from spare_tl.memorised import find_memorised

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from spare_tl import cache
-from spare_tl.cli_commands import DEFAULT_FEATURES, DEFAULT_SAES, EMBEDDED_DIR
+from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, EMBEDDED_DIR
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 CASES = {
@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from spare_tl.cli_commands import load_steering_setup
     from spare_tl.data.datasets import load_dataset
     from spare_tl.data.prompts import split_pool
+    from spare_tl.embedded import load_steering_setup
     from spare_tl.evaluation import EvaluationConfig, evaluate
     from spare_tl.memorised import find_memorised
 
