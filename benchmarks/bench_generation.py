@@ -1,0 +1,147 @@
+"""Generation benchmark: steered vs unsteered cost and batch-16 vs batch-1 throughput.
+
+    python benchmarks/bench_generation.py [--model smollm2-135m-instruct] [--prompts 32]
+
+Uses the pipeline's own batched greedy loop (left padding, KV cache) on real conflict
+prompts of the built-in dataset. Without committed features/SAEs (or with ``--random-saes``)
+it steers with random SAEs of the real shape, which costs the same. Prints ratios; writes
+JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+
+
+def _time(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--random-saes", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+
+    from spare_tl.data.datasets import load_dataset
+    from spare_tl.data.prompts import conflict_prompt, sample_demonstrations
+    from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, load_steering_setup
+    from spare_tl.features import FunctionalFeatures, LayerFeatures
+    from spare_tl.generation import greedy_generate
+    from spare_tl.models import load_model
+    from spare_tl.steering import steer
+    from spare_tl.testing import tiny_sae
+
+    if not args.random_saes and (DEFAULT_FEATURES / "features.json").exists():
+        model, features, saes = load_steering_setup(DEFAULT_FEATURES, DEFAULT_SAES)
+    else:
+        model = load_model(args.model)
+        layers = range(10, 16)
+        d, width = model.cfg.d_model, 4 * model.cfg.d_model
+        saes = {
+            layer: tiny_sae(
+                f"blocks.{layer}.hook_resid_post",
+                d_in=d,
+                d_sae=width,
+                k=32,
+                model_name=model.cfg.model_name,
+            )
+            for layer in layers
+        }
+        gen = torch.Generator().manual_seed(0)
+        features = FunctionalFeatures(
+            model_name=model.cfg.model_name,
+            layers={
+                layer: LayerFeatures(
+                    layer,
+                    f"blocks.{layer}.hook_resid_post",
+                    torch.randperm(width, generator=gen)[:40],
+                    torch.randperm(width, generator=gen)[:40],
+                    torch.rand(width, generator=gen),
+                    torch.rand(width, generator=gen),
+                )
+                for layer in layers
+            },
+            proportion=0.05,
+            edit_strength=2.0,
+        )
+    items = load_dataset("builtin")[: args.prompts + 3]
+    pool = items[args.prompts :]
+    prompts = [
+        conflict_prompt(it, sample_demonstrations(pool, 3, i, it), "doo")
+        for i, it in enumerate(items[: args.prompts])
+    ]
+
+    def run(batch: int, steered: bool):
+        def go():
+            if steered:
+                with steer(model, features, "memory", saes):
+                    greedy_generate(
+                        model,
+                        prompts,
+                        batch_size=batch,
+                        max_new_tokens=12,
+                        stop_at_newline=False,
+                        progress=False,
+                    )
+            else:
+                greedy_generate(
+                    model,
+                    prompts,
+                    batch_size=batch,
+                    max_new_tokens=12,
+                    stop_at_newline=False,
+                    progress=False,
+                )
+
+        return _time(go, args.repeats)
+
+    greedy_generate(model, prompts[:2], progress=False)  # warm up
+    t = {(b, s): run(b, s) for b in (1, 16) for s in (False, True)}
+    rows = {
+        "steered / unsteered, batch 1": t[(1, True)] / t[(1, False)],
+        "steered / unsteered, batch 16": t[(16, True)] / t[(16, False)],
+        "throughput batch 16 / batch 1 (unsteered)": t[(1, False)] / t[(16, False)],
+        "throughput batch 16 / batch 1 (steered)": t[(1, True)] / t[(16, True)],
+    }
+    print(f"{args.prompts} prompts x 12 new tokens, torch threads {torch.get_num_threads()}")
+    for (b, s), v in t.items():
+        print(
+            f"  batch {b:2d} {'steered  ' if s else 'unsteered'} {v:7.2f} s  ({args.prompts * 12 / v:6.1f} new tokens/s)"
+        )
+    for k, v in rows.items():
+        print(f"  {k:45s} {v:5.2f}")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"  peak memory {peak:.0f} MB")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "times": {f"b{b}-{'steered' if s else 'plain'}": v for (b, s), v in t.items()},
+                    "ratios": rows,
+                    "peak_mb": peak,
+                },
+                f,
+                indent=2,
+            )
+
+
+if __name__ == "__main__":
+    main()
