@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--examples", type=int, default=6)
     parser.add_argument("--eval-items", type=int, default=40)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--report", default="out/report.html", help="HTML report ('' to skip)")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     start = time.time()
@@ -102,6 +103,16 @@ def main(argv: list[str] | None = None) -> int:
         progress=False,
     )
     print(_format_summary(result.to_json()))
+    if args.report:
+        from pathlib import Path
+
+        from spare_tl.report import build_report, load_report_inputs
+
+        inputs = load_report_inputs(model=model.cfg.model_name)
+        out = Path(args.report)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(build_report(**inputs.kwargs(), title="SpARE on SmolLM2-135M-Instruct"))
+        print(f"\nReport with figures: {out}")
     print(f"\ndone in {time.time() - start:.0f} s")
     return 0
 
