@@ -38,7 +38,9 @@ def conflict_behaviour(
     counts: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
     for demo_type in demo_types:
         prompts = [
-            conflict_prompt(it, sample_demonstrations(pool, n_shots, seed * 7919 + i, it), demo_type)
+            conflict_prompt(
+                it, sample_demonstrations(pool, n_shots, seed * 7919 + i, it), demo_type
+            )
             for i, it in enumerate(items)
         ]
         answers = greedy_generate(
@@ -61,7 +63,9 @@ def conflict_behaviour(
 
 
 def to_markdown(
-    table: dict[str, dict[str, dict[str, float]]], memorised: dict[str, tuple[int, int]], meta: dict[str, Any]
+    table: dict[str, dict[str, dict[str, float]]],
+    memorised: dict[str, tuple[int, int]],
+    meta: dict[str, Any],
 ) -> str:
     lines = [
         "# The embedded model under knowledge conflict",
@@ -81,7 +85,9 @@ def to_markdown(
         lines.append(f"| {rel} | {k} | {n} | {100 * k / max(n, 1):.0f} % |")
     total_k = sum(k for k, _ in memorised.values())
     total_n = sum(n for _, n in memorised.values())
-    lines.append(f"| **all** | **{total_k}** | **{total_n}** | **{100 * total_k / max(total_n, 1):.0f} %** |")
+    lines.append(
+        f"| **all** | **{total_k}** | **{total_n}** | **{100 * total_k / max(total_n, 1):.0f} %** |"
+    )
     lines += [
         "",
         "## Behaviour under conflict (% of prompts: C / M / neither)",
