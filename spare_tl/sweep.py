@@ -127,3 +127,89 @@ def save_sweep(records: Sequence[dict[str, Any]], directory: Path, config: dict[
         Path(directory) / "sweep.json",
         {"config": config, "records": list(records), "best": best_settings(records)},
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m spare_tl.sweep CONFIG``: sweep on the pool, save, write the best features."""
+    import argparse
+    import json
+    import time
+
+    import torch
+
+    from spare_tl.pipeline import PipelineConfig, run_pipeline
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("config", help="pipeline config (.toml/.yaml)")
+    parser.add_argument("--layer-sets", nargs="+", default=None, help="e.g. 10-13 12-15 10-17")
+    parser.add_argument("--proportions", type=float, nargs="+", default=[0.02, 0.05, 0.1])
+    parser.add_argument("--strengths", type=float, nargs="+", default=[1.0, 2.0, 3.0])
+    parser.add_argument("--n-items", type=int, default=48)
+    parser.add_argument("--write-features", action="store_true", help="save the best setting")
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    start = time.time()
+    config = PipelineConfig.from_file(args.config)
+    from spare_tl.models import load_model
+    from spare_tl.saes import load_saes_for_layers
+
+    model = load_model(config.model)
+    saes = load_saes_for_layers(model, config.saes, config.layers)
+    result = run_pipeline(config, until="statistics", model=model, saes=saes)
+    layer_sets = (
+        [list(range(int(a), int(b) + 1)) for a, b in (s.split("-") for s in args.layer_sets)]
+        if args.layer_sets
+        else [config.layers]
+    )
+    records = sweep(
+        model,
+        result.statistics,
+        saes,
+        result.split.pool,
+        layer_sets=layer_sets,
+        proportions=args.proportions,
+        strengths=args.strengths,
+        n_items=args.n_items,
+    )
+    directory = cache.stage_dir(model.cfg.model_name, "sweep")
+    sweep_config = {
+        "layer_sets": layer_sets,
+        "proportions": args.proportions,
+        "strengths": args.strengths,
+        "n_items": args.n_items,
+        "dev_set": "pool questions, demonstrations from the rest of the pool (doo, 3 shots, seed 0)",
+        "seconds": round(time.time() - start),
+    }
+    save_sweep(records, directory, sweep_config)
+    best = best_settings(records)
+    print(json.dumps({"no_steering": records[0], **best}, indent=1))
+    if args.write_features:
+        ctx, mem = best["context"], best["memory"]
+        layers = sorted(set(ctx["layers"]) | set(mem["layers"]))
+        if ctx["layers"] != mem["layers"] or ctx["proportion"] != mem["proportion"]:
+            # one feature set per run: take the memory setting's layers/K (the harder direction)
+            layers = mem["layers"]
+        features = functional_features(
+            result.statistics,
+            model_name=model.cfg.model_name,
+            proportion=mem["proportion"],
+            edit_strength=ctx["edit_strength"],
+            edit_strength_to_memory=mem["edit_strength"],
+            layers=layers,
+            metadata={
+                "dataset": config.dataset,
+                "pool_size": config.pool_size,
+                "pool_seed": config.pool_seed,
+                "saes": config.saes,
+                "chosen_by": f"{directory}/sweep.json",
+            },
+        )
+        features.save(Path(config.features_dir))
+        print(f"wrote {config.features_dir}: {features.counts()}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
