@@ -14,6 +14,7 @@ import argparse
 import json
 import resource
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -91,17 +92,8 @@ def main() -> None:
 
     def run(batch: int, steered: bool):
         def go():
-            if steered:
-                with steer(model, features, "memory", saes):
-                    greedy_generate(
-                        model,
-                        prompts,
-                        batch_size=batch,
-                        max_new_tokens=12,
-                        stop_at_newline=False,
-                        progress=False,
-                    )
-            else:
+            ctx = steer(model, features, "memory", saes) if steered else nullcontext()
+            with ctx:
                 greedy_generate(
                     model,
                     prompts,

@@ -93,21 +93,16 @@ def _format_summary(data: dict) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from spare_tl.data.datasets import load_dataset
-    from spare_tl.data.prompts import DEFAULT_POOL_SEED, DEFAULT_POOL_SIZE, split_pool
+    from spare_tl.embedded import memorised_split
     from spare_tl.evaluation import EvaluationConfig, evaluate
-    from spare_tl.memorised import find_memorised
 
     model, features, saes = load_steering_setup(args.features, args.saes)
     if args.edit_strength is not None:
         features.edit_strength = args.edit_strength
         features.edit_strength_to_memory = None
-    items = load_dataset(args.dataset)
-    memorised = find_memorised(model, items, dataset_name=Path(args.dataset).stem)
-    known = memorised.filter(items)
-    meta = features.metadata
-    pool_size = args.pool_size or meta.get("pool_size", DEFAULT_POOL_SIZE)
-    split = split_pool(known, pool_size, meta.get("pool_seed", DEFAULT_POOL_SEED))
+    if args.pool_size:
+        features.metadata["pool_size"] = args.pool_size
+    split = memorised_split(model, features, args.dataset)
     eval_items = split.evaluation[: args.n_items] if args.n_items else split.evaluation
     result = evaluate(
         model,

@@ -56,11 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from spare_tl.cli_commands import _format_summary
-    from spare_tl.data.prompts import conflict_prompt, sample_demonstrations, split_pool
-    from spare_tl.embedded import load_steering_setup
+    from spare_tl.data.prompts import conflict_prompt, sample_demonstrations
+    from spare_tl.embedded import load_steering_setup, memorised_split
     from spare_tl.evaluation import EvaluationConfig, evaluate
     from spare_tl.generation import greedy_generate
-    from spare_tl.memorised import find_memorised
     from spare_tl.steering import steer
 
     model, features, saes = load_steering_setup(str(DEFAULT_FEATURES), str(DEFAULT_SAES), model)
@@ -69,11 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         f"α = {features.strength('context')} (to context) / {features.strength('memory')} "
         f"(to memory); (context, memory) features per layer: {features.counts()}\n"
     )
-    memorised = find_memorised(model, items, dataset_name="builtin")
-    meta = features.metadata
-    split = split_pool(
-        memorised.filter(items), meta.get("pool_size", 128), meta.get("pool_seed", 42)
-    )
+    split = memorised_split(model, features, "builtin", progress=False)
     held_out = split.evaluation
     examples = held_out[:: max(1, len(held_out) // args.examples)][: args.examples]
     prompts = [

@@ -26,3 +26,22 @@ def load_steering_setup(
     model = model if model is not None else load_model(features.model_name)
     saes = load_saes_for_layers(model, saes_dir, sorted(features.layers))
     return model, features, saes
+
+
+def memorised_split(model, features, dataset: str = "builtin", *, progress: bool = True):
+    """The pool/evaluation split a feature set was built on: memorised items of ``dataset``,
+    pool size and seed from the features' metadata (defaults 128 and 42)."""
+    from spare_tl.data.datasets import load_dataset
+    from spare_tl.data.prompts import DEFAULT_POOL_SEED, DEFAULT_POOL_SIZE, split_pool
+    from spare_tl.memorised import find_memorised
+
+    items = load_dataset(dataset)
+    memorised = find_memorised(
+        model, items, dataset_name=Path(dataset).stem.replace("/", "_"), progress=progress
+    )
+    meta = features.metadata
+    return split_pool(
+        memorised.filter(items),
+        meta.get("pool_size", DEFAULT_POOL_SIZE),
+        meta.get("pool_seed", DEFAULT_POOL_SEED),
+    )

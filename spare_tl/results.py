@@ -82,21 +82,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from spare_tl.data.datasets import load_dataset
-    from spare_tl.data.prompts import split_pool
-    from spare_tl.embedded import load_steering_setup
+    from spare_tl.embedded import load_steering_setup, memorised_split
     from spare_tl.evaluation import EvaluationConfig, evaluate
-    from spare_tl.memorised import find_memorised
 
     torch.set_grad_enabled(False)
     start = time.time()
     model, features, saes = load_steering_setup(str(DEFAULT_FEATURES), str(DEFAULT_SAES))
-    items = load_dataset("builtin")
-    memorised = find_memorised(model, items, dataset_name="builtin")
-    meta = features.metadata
-    split = split_pool(
-        memorised.filter(items), meta.get("pool_size", 128), meta.get("pool_seed", 42)
-    )
+    split = memorised_split(model, features, "builtin")
     eval_items = split.evaluation[: args.n_items]
     out_dir = EMBEDDED_DIR / "results"
     results: dict[str, dict[str, Any]] = {}

@@ -563,7 +563,8 @@ def train_saes(
     try:
         torch.manual_seed(cfg.seed)
         runner_cfg = _runner_config(model, cfg, model_name, work)
-        with warnings.catch_warnings():
+        # training needs autograd even if the caller (a notebook, say) switched it off
+        with warnings.catch_warnings(), torch.enable_grad():
             warnings.filterwarnings("ignore", message=".*fewer samples.*")
             warnings.filterwarnings("ignore", message=".*exhausted.*")
             runner = MultiSAETrainingRunner(

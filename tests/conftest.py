@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from spare_tl.cache import REPO_ROOT
 
@@ -22,7 +21,6 @@ def embedded_model():
     """The embedded SmolLM2-135M-Instruct as a HookedSAETransformer (loaded once)."""
     from spare_tl import load_model
 
-    torch.set_grad_enabled(False)
     return load_model("smollm2-135m-instruct")
 
 
