@@ -107,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         result.save(out_dir / f"{demo_type}.json", out_dir / f"{demo_type}-predictions.jsonl")
         results[demo_type] = result.to_json()
     table = results_table(results)
-    table += f"\nRegenerate: `python -m spare_tl.results --n-items {args.n_items}` ({time.time() - start:.0f} s on the 2-core CPU)."
+    seeds = " ".join(map(str, args.seeds))
+    table += (
+        f"\nRegenerate: `python -m spare_tl.results --n-items {args.n_items} --seeds {seeds} "
+        f"--cases {' '.join(args.cases)}` ({time.time() - start:.0f} s on the 2-core CPU)."
+    )
     print(table)
     if not args.no_readme:
         update_readme(table, Path(args.readme))
