@@ -133,13 +133,18 @@ def hooked_config_from_hf(hf_config: Any, n_ctx: int | None = None, dtype=torch.
 
 def _hooked_from_hf(hf_model, tokenizer, model_name: str, n_ctx, device, dtype):
     """Convert a loaded ``LlamaForCausalLM`` into an unprocessed ``HookedSAETransformer``."""
-    from sae_lens import HookedSAETransformer
     from transformer_lens.pretrained.weight_conversions import convert_llama_weights
 
     cfg = hooked_config_from_hf(hf_model.config, n_ctx=n_ctx, dtype=dtype)
+    return _assemble(cfg, tokenizer, convert_llama_weights(hf_model, cfg), model_name, device)
+
+
+def _assemble(cfg, tokenizer, state_dict, model_name: str, device):
+    """Build the hooked model from a config and converted weights, without weight processing."""
+    from sae_lens import HookedSAETransformer
+
     cfg.model_name = model_name
     cfg.default_prepend_bos = bool(getattr(tokenizer, "add_bos_token", False))
-    state_dict = convert_llama_weights(hf_model, cfg)
     model = HookedSAETransformer(cfg, tokenizer=tokenizer, move_to_device=False)
     model.load_and_process_state_dict(
         state_dict,
@@ -165,24 +170,12 @@ def _load_gguf(path: Path, model_name: str, n_ctx, device, dtype, use_local_cach
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
     cache = _local_cache_dir() / f"{model_name}-{key[:12]}"
     if use_local_cache and (cache / "model.safetensors").exists():
-        from sae_lens import HookedSAETransformer
         from transformers import AutoConfig
 
         tok = AutoTokenizer.from_pretrained(cache)
-        hf_config = AutoConfig.from_pretrained(cache)
-        cfg = hooked_config_from_hf(hf_config, n_ctx=n_ctx, dtype=dtype)
-        cfg.model_name = model_name
-        cfg.default_prepend_bos = bool(getattr(tok, "add_bos_token", False))
-        model = HookedSAETransformer(cfg, tokenizer=tok, move_to_device=False)
+        cfg = hooked_config_from_hf(AutoConfig.from_pretrained(cache), n_ctx=n_ctx, dtype=dtype)
         state = {k: v.to(dtype) for k, v in load_file(str(cache / "model.safetensors")).items()}
-        model.load_and_process_state_dict(
-            state,
-            fold_ln=False,
-            center_writing_weights=False,
-            center_unembed=False,
-            fold_value_biases=False,
-        )
-        return model.to(device or "cpu").eval()
+        return _assemble(cfg, tok, state, model_name, device)
 
     logger.info("de-quantising %s (first load; later loads use %s)", path, cache)
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
