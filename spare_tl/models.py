@@ -153,7 +153,30 @@ def _assemble(cfg, tokenizer, state_dict, model_name: str, device):
         center_unembed=False,
         fold_value_biases=False,
     )
-    return model.to(device or "cpu").eval()
+    return use_linear_layout(model.to(device or "cpu").eval())
+
+
+_LINEAR_WEIGHTS = {"mlp": ("W_gate", "W_in", "W_out"), "unembed": ("W_U",)}
+
+
+def use_linear_layout(model):
+    """Store the MLP and unembedding weights transposed in memory (same values and shapes).
+
+    TransformerLens's gated MLP and unembedding call ``F.linear(x, W.T.contiguous())`` on
+    every forward, copying each weight matrix each time (≈ 30 % of a CPU forward for a small
+    model). With the weight stored as the transpose of a contiguous matrix, ``W.T`` is
+    already contiguous and the copy is a no-op; outputs are bit-identical.
+    """
+    modules = [block.mlp for block in model.blocks] + [model.unembed]
+    for module in modules:
+        kind = "unembed" if module is model.unembed else "mlp"
+        for name in _LINEAR_WEIGHTS[kind]:
+            weight = getattr(module, name, None)
+            if isinstance(weight, torch.nn.Parameter) and weight.ndim == 2:
+                if not weight.T.is_contiguous():
+                    relaid = weight.detach().T.contiguous().T
+                    setattr(module, name, torch.nn.Parameter(relaid, weight.requires_grad))
+    return model
 
 
 def _local_cache_dir() -> Path:
@@ -261,7 +284,7 @@ def load_model(
     model = HookedSAETransformer.from_pretrained_no_processing(
         official, dtype=dtype, device=device, **kwargs
     )
-    return model.eval()
+    return use_linear_layout(model.eval())
 
 
 def _load_hf_folder(path: Path, n_ctx, device, dtype):
