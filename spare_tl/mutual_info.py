@@ -107,6 +107,7 @@ def mutual_information(
     progress: bool = False,
     device: torch.device | str | None = None,
     noise: NoiseSource = "independent",
+    workers: int | None = None,
 ) -> Float[Tensor, " d"]:
     """I(Z_i; Y) per latent: scikit-learn's k-NN estimator, vectorised over latents.
 
@@ -125,6 +126,8 @@ def mutual_information(
             and memory-bounded) or ``"sklearn"`` (scikit-learn's exact noise stream for
             ``random_state=seed``: reproduces its numbers to ~1e-15, but allocates an (n, d)
             float64 array as scikit-learn does).
+        workers: CPU chunks computed in parallel threads (default: torch's thread count;
+            the sorts and searches release the GIL). Results do not depend on it.
 
     Returns:
         float64 tensor of shape (d,), in nats, on ``acts.device``.
@@ -163,15 +166,35 @@ def mutual_information(
         chunk_size,
     )
 
-    starts = range(0, active.numel(), chunk_size)
-    for start in tqdm(starts, desc="mutual information", unit="chunk", disable=not progress):
-        cols = active[start : start + chunk_size]
+    chunks = [active[i : i + chunk_size] for i in range(0, active.numel(), chunk_size)]
+
+    def run(cols: Tensor) -> None:
         x = acts[:, cols.to(acts.device)].to(device=device, dtype=torch.float64).T.contiguous()
         if numpy_noise is not None:
             eps = torch.from_numpy(np.ascontiguousarray(numpy_noise[:, cols.numpy()].T))
         else:
             eps = _blockwise_noise(cols, n, seed)
         mi[cols] = _mi_chunk(x, eps.to(device), stats).cpu()
+
+    workers = torch.get_num_threads() if workers is None else int(workers)
+    bar = tqdm(total=len(chunks), desc="mutual information", unit="chunk", disable=not progress)
+    if device.type != "cpu" or workers <= 1 or len(chunks) < 2:
+        for cols in chunks:
+            run(cols)
+            bar.update()
+    else:
+        # one torch thread per worker: the chunks, not the ops inside them, run in parallel
+        from concurrent.futures import ThreadPoolExecutor
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for _ in pool.map(run, chunks):
+                    bar.update()
+        finally:
+            torch.set_num_threads(threads)
+    bar.close()
     return mi.to(out_device)
 
 

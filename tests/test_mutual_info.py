@@ -171,3 +171,13 @@ def test_errors():
         mutual_information(acts, torch.tensor([0, 1, 0, 1, 0, 1]), n_neighbors=0)
     with pytest.raises(ValueError, match="binary"):
         mutual_information_reference(acts, torch.tensor([0, 1, 0, 1, 0, -1]))
+
+
+@pytest.mark.parametrize("noise", ["independent", "sklearn"])
+def test_parallel_chunks_give_the_same_numbers(noise):
+    acts, y = _sparse()
+    threads = torch.get_num_threads()
+    serial = mutual_information(acts, y, chunk_size=5, noise=noise, workers=1)
+    parallel = mutual_information(acts, y, chunk_size=5, noise=noise, workers=3)
+    assert torch.equal(serial, parallel)
+    assert torch.get_num_threads() == threads  # restored after the parallel section
