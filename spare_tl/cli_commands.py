@@ -8,6 +8,9 @@ from pathlib import Path
 
 from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, load_steering_setup
 
+# spare_tl.baselines.METHODS, spelled out so that building the parser imports no torch.
+EVALUATE_METHODS = ("spare", "none", "icl", "actadd", "taskvec", "cad")
+
 _STAGE_HELP = {
     "memorised": "find the memorised set (closed-book exact match)",
     "group": "group the pool's conflict prompts by behaviour (context / memory / drop)",
@@ -45,6 +48,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--edit-strength", type=float, default=None, help="override α (both ways)")
     p.add_argument("--predictions", default=None, help="per-item predictions JSONL")
     p.add_argument("--pool-size", type=int, default=None)
+    p.add_argument(
+        "--method",
+        default="spare",
+        choices=EVALUATE_METHODS,
+        help="steering method (baselines in the same harness; see spare_tl.baselines)",
+    )
+    p.add_argument(
+        "--sweep",
+        default=None,
+        help="actadd/taskvec/cad: development sweep JSON with the dev-best settings "
+        "(default cache_data/<model>/baselines/sweep-<method>.json)",
+    )
+    p.add_argument(
+        "--hyperparameters",
+        default=None,
+        help="actadd/taskvec/cad: JSON setting for both directions instead of the sweep, e.g. "
+        '\'{"layers": [10, 11], "coefficient": 2}\', \'{"layer": 12}\', \'{"alpha": 0.5}\'',
+    )
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("steer", help="answer one conflict input unsteered and steered both ways")
@@ -82,6 +103,8 @@ def _format_summary(data: dict) -> str:
     lines = [
         f"{data['model']} on {data['dataset']}: {data['n_items']} items, seeds {data['seeds']}"
     ]
+    if "method" in data:
+        lines[0] += f", method {data['method']['name']}"
     for cond in ("no_steering", "steer_to_context", "steer_to_memory"):
         if cond in data:
             d = data[cond]
@@ -104,15 +127,31 @@ def _evaluate(args: argparse.Namespace) -> int:
         features.metadata["pool_size"] = args.pool_size
     split = memorised_split(model, features, args.dataset)
     eval_items = split.evaluation[: args.n_items] if args.n_items else split.evaluation
+    config = EvaluationConfig(seeds=tuple(args.seeds), n_shots=args.shots, demo_type=args.demo_type)
+    if args.method != "spare":
+        from spare_tl.baselines import BaselineSetup, evaluate_method
+
+        setup = BaselineSetup(
+            model, features, saes, list(split.pool), list(split.evaluation), args.dataset
+        )
+        method = setup.method(
+            args.method,
+            sweep=Path(args.sweep) if args.sweep else None,
+            overrides=json.loads(args.hyperparameters) if args.hyperparameters else None,
+        )
+        result = evaluate_method(
+            model, method, eval_items, split.pool, config=config, dataset_name=args.dataset
+        )
+        result.save(Path(args.output), Path(args.predictions) if args.predictions else None)
+        print(_format_summary(result.to_json()))
+        return 0
     result = evaluate(
         model,
         eval_items,
         split.pool,
         features=features,
         saes=saes,
-        config=EvaluationConfig(
-            seeds=tuple(args.seeds), n_shots=args.shots, demo_type=args.demo_type
-        ),
+        config=config,
         dataset_name=args.dataset,
     )
     result.save(Path(args.output), Path(args.predictions) if args.predictions else None)

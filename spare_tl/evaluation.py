@@ -137,6 +137,26 @@ def summarise(
     return out
 
 
+def check_held_out(items: Sequence[ConflictItem], pool: Sequence[ConflictItem]) -> None:
+    """Refuse an empty evaluation set or one that shares a question with the pool."""
+    if not items:
+        raise ValueError("no evaluation items: is the memorised set empty?")
+    pool_q = {" ".join(p.question.lower().split()) for p in pool}
+    leaked = [it.question for it in items if " ".join(it.question.lower().split()) in pool_q]
+    if leaked:
+        raise ValueError(f"{len(leaked)} evaluation item(s) are pool questions, e.g. {leaked[0]!r}")
+
+
+def evaluation_demonstrations(
+    items: Sequence[ConflictItem], pool: Sequence[ConflictItem], n_shots: int, seed: int
+) -> list[list[ConflictItem]]:
+    """The ``n_shots`` pool demonstrations of every item for demonstration seed ``seed``."""
+    return [
+        sample_demonstrations(pool, n_shots, seed=seed * 1_000_003 + i, exclude=it)
+        for i, it in enumerate(items)
+    ]
+
+
 def evaluate(
     model,
     items: Sequence[ConflictItem],
@@ -157,12 +177,7 @@ def evaluate(
     from spare_tl.steering import steer
 
     config = config or EvaluationConfig()
-    if not items:
-        raise ValueError("no evaluation items: is the memorised set empty?")
-    pool_q = {" ".join(p.question.lower().split()) for p in pool}
-    leaked = [it.question for it in items if " ".join(it.question.lower().split()) in pool_q]
-    if leaked:
-        raise ValueError(f"{len(leaked)} evaluation item(s) are pool questions, e.g. {leaked[0]!r}")
+    check_held_out(items, pool)
     needs_steering = any(c != "no_steering" for c in config.conditions)
     if needs_steering and steer_fn is None and (features is None or saes is None):
         raise ValueError("steering conditions need functional features and their SAEs")
@@ -178,14 +193,8 @@ def evaluate(
     labels: dict[str, dict[int, list[str]]] = {c: {} for c in config.conditions}
     predictions: list[dict[str, Any]] = []
     for seed in config.seeds:
-        prompts = [
-            conflict_prompt(
-                it,
-                sample_demonstrations(pool, config.n_shots, seed=seed * 1_000_003 + i, exclude=it),
-                config.demo_type,
-            )
-            for i, it in enumerate(items)
-        ]
+        demos = evaluation_demonstrations(items, pool, config.n_shots, seed)
+        prompts = [conflict_prompt(it, d, config.demo_type) for it, d in zip(items, demos)]
         answers: dict[str, list[str]] = {}
         for cond in config.conditions:
             with context_for(cond):

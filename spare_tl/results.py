@@ -61,11 +61,12 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(table: str, readme: Path) -> None:
+def update_readme(table: str, readme: Path, *, start: str = START, end: str = END) -> None:
+    """Put ``table`` between the ``start``/``end`` markers (appended when they are absent)."""
     text = readme.read_text()
-    block = f"{START}\n{table}\n{END}"
-    if START in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
+    block = f"{start}\n{table}\n{end}"
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
     else:
         text += f"\n{block}\n"
     readme.write_text(text)

@@ -15,18 +15,23 @@ SAEs), the same definition used for the feature statistics.
 last prompt position only, once before decoding: with the KV cache the edit is carried to
 every generated token; without it, each re-run of the growing sequence re-applies the edit at
 the original prompt position, so both give the same tokens.
+
+``steer(..., when="conflict", probe=...)`` is conditional steering: a :class:`ConflictGate`
+runs a linear conflict probe (:class:`spare_tl.probes.ConflictProbe`) at its layer on the
+last prompt position during the prompt pass, and the edit is applied only to the rows it
+flags; the other rows run exactly as without steering.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from spare_tl.features import FunctionalFeatures, LayerFeatures
@@ -36,21 +41,32 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
     from transformer_lens.hook_points import HookPoint
 
+    from spare_tl.probes import ConflictProbe
+
 logger = logging.getLogger(__name__)
 
 Direction = Literal["context", "memory"]
 DIRECTIONS: tuple[str, ...] = ("context", "memory")
+When = Literal["always", "conflict"]
+WHEN: tuple[str, ...] = ("always", "conflict")
 
 __all__ = [
     "DIRECTIONS",
+    "WHEN",
+    "ConflictGate",
     "Direction",
     "EditStats",
+    "GateStats",
+    "LastPromptPosition",
     "LastPromptPositionEdit",
+    "LastPromptPositionHook",
     "Steering",
+    "attach_hooks",
     "resid_post_hook_name",
     "spare_edit",
     "spare_edit_latents",
     "steer",
+    "When",
 ]
 
 
@@ -223,13 +239,15 @@ def _same_rows(x: Tensor, anchor: Tensor) -> bool:
 
 
 @dataclass
-class LastPromptPositionEdit:
-    """Forward hook for ``blocks.{layer}.hook_resid_post`` that SpARE-edits the last prompt
-    position of every row, once, before decoding.
+class LastPromptPosition:
+    """Which position of each forward at a residual hook is the last prompt position.
 
-    - Prompt pass (a new prompt, seq len > 1 or the first call): edit position prompt_len − 1
+    Called with the hook's ``[batch, pos, d_model]`` input, it returns one position per row
+    to edit, or None to leave the forward untouched:
+
+    - Prompt pass (a new prompt, seq len > 1 or the first call): position prompt_len − 1
       (in a left-padded batch the last position of every row).
-    - KV-cache steps (seq len 1 after a prompt pass, same batch): untouched; the cache carries
+    - KV-cache steps (seq len 1 after a prompt pass, same batch): None; the cache carries
       the edit.
     - Without the KV cache each step re-runs the growing sequence: a forward whose seq len is
       the previous + 1, with the same batch size and the same (unedited) residual at the
@@ -241,23 +259,10 @@ class LastPromptPositionEdit:
     Call :meth:`reset` to forget the current prompt.
     """
 
-    sae: SAE
-    features: LayerFeatures
-    direction: Direction
-    edit_strength: float
     positions: Int[Tensor, " batch"] | None = None
-    stats: EditStats = field(default_factory=EditStats)
     _state: _PromptState | None = field(default=None, init=False, repr=False)
-    _prepared: dict[Any, LayerFeatures] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.direction = _check_direction(self.direction)
-        self.edit_strength = _check_strength(self.edit_strength)
-        if self.features.d_sae != int(self.sae.cfg.d_sae):
-            raise ValueError(
-                f"layer {self.features.layer}: functional features have d_sae "
-                f"{self.features.d_sae} but {_sae_label(self.sae)} has d_sae {self.sae.cfg.d_sae}"
-            )
         if self.positions is not None:
             self.positions = torch.as_tensor(self.positions, dtype=torch.long).reshape(-1)
 
@@ -265,26 +270,7 @@ class LastPromptPositionEdit:
         """Forget the remembered prompt; the next forward is treated as a new prompt."""
         self._state = None
 
-    @property
-    def is_noop(self) -> bool:
-        return _is_noop(self.features, self.edit_strength)
-
-    def _features_on(self, device: torch.device) -> LayerFeatures:
-        if device not in self._prepared:
-            f = self.features
-            self._prepared[device] = LayerFeatures(
-                layer=f.layer,
-                hook_name=f.hook_name,
-                context_features=f.context_features.to(device),
-                memory_features=f.memory_features.to(device),
-                context_activations=f.context_activations.to(device),
-                memory_activations=f.memory_activations.to(device),
-                sae_id=f.sae_id,
-            )
-        return self._prepared[device]
-
-    def _positions_to_edit(self, resid: Tensor) -> Tensor | None:
-        """Per-row position to edit in this forward, or None to leave it untouched."""
+    def __call__(self, resid: Float[Tensor, "batch pos d_model"]) -> Int[Tensor, " batch"] | None:
         batch, seq = resid.shape[0], resid.shape[1]
         if self.positions is not None:
             if seq == 1 and int(self.positions.max()) > 0:
@@ -317,6 +303,172 @@ class LastPromptPositionEdit:
         )
         return torch.full((batch,), seq - 1, device=resid.device)
 
+
+def _edit_rows(
+    resid: Float[Tensor, "batch pos d_model"],
+    positions: Int[Tensor, " batch"],
+    edit: Callable[[Tensor], Tensor],
+) -> Float[Tensor, "batch pos d_model"]:
+    rows = torch.arange(resid.shape[0], device=resid.device)
+    out = resid.clone()
+    out[rows, positions] = edit(resid[rows, positions]).to(resid.dtype)
+    return out
+
+
+@dataclass
+class LastPromptPositionHook:
+    """Forward hook that applies a pure edit ``f(resid_last) -> resid_last`` at the last
+    prompt position of every row, once, before decoding (positions as in
+    :class:`LastPromptPosition`). The edit sees and returns ``[batch, d_model]``.
+
+    The building block of hook-style steering (ActAdd, task vectors); SpARE's own
+    :class:`LastPromptPositionEdit` uses the same position logic.
+    """
+
+    edit: Callable[[Float[Tensor, "batch d_model"]], Float[Tensor, "batch d_model"]]
+    positions: Int[Tensor, " batch"] | None = None
+    calls: int = field(default=0, init=False)
+    _where: LastPromptPosition = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._where = LastPromptPosition(self.positions)
+
+    def reset(self) -> None:
+        """Forget the remembered prompt; the next forward is treated as a new prompt."""
+        self._where.reset()
+
+    def __call__(
+        self, resid: Float[Tensor, "batch pos d_model"], hook: HookPoint | None = None
+    ) -> Float[Tensor, "batch pos d_model"] | None:
+        positions = self._where(resid)
+        if positions is None:
+            return None
+        self.calls += 1
+        return _edit_rows(resid, positions, self.edit)
+
+
+@dataclass
+class GateStats:
+    """What the conflict probe decided (prompt passes probed, rows seen, rows flagged)."""
+
+    prompts: int = 0
+    rows: int = 0
+    flagged: int = 0
+
+
+@dataclass
+class ConflictGate:
+    """Forward hook for ``blocks.{probe.layer}.hook_resid_post`` that runs the conflict probe
+    on the last prompt position of every row during each prompt pass and remembers which
+    rows it flags; the edit hooks of ``steer(..., when="conflict")`` edit only those rows.
+
+    It never changes the residual stream. KV-cache steps leave the flags alone; re-runs of
+    the growing sequence without the cache keep the flags of their prompt pass.
+    """
+
+    probe: ConflictProbe
+    positions: Int[Tensor, " batch"] | None = None
+    stats: GateStats = field(default_factory=GateStats)
+    flags: Bool[Tensor, " batch"] | None = field(default=None, init=False)
+    _where: LastPromptPosition = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._where = LastPromptPosition(self.positions)
+        self.positions = self._where.positions
+
+    def reset(self) -> None:
+        """Forget the remembered prompt and its flags."""
+        self._where.reset()
+        self.flags = None
+
+    def _is_new_prompt(self, seq: int) -> bool:
+        state = self._where._state
+        return self._where.positions is not None or state is None or state.prompt_len == seq
+
+    def __call__(
+        self, resid: Float[Tensor, "batch pos d_model"], hook: HookPoint | None = None
+    ) -> None:
+        positions = self._where(resid)
+        if positions is None:
+            return None
+        batch = resid.shape[0]
+        if self.flags is None or self.flags.numel() != batch or self._is_new_prompt(resid.shape[1]):
+            rows = torch.arange(batch, device=resid.device)
+            with torch.no_grad():
+                flags = self.probe.predict(resid[rows, positions])
+            self.flags = flags.to(torch.bool).reshape(-1)
+            self.stats.prompts += 1
+            self.stats.rows += batch
+            self.stats.flagged += int(self.flags.sum())
+        return None
+
+    def row_mask(self, batch: int, device: torch.device) -> Bool[Tensor, " batch"]:
+        """The flags of the current prompt pass (which rows to edit)."""
+        if self.flags is None or self.flags.numel() != batch:
+            raise RuntimeError(
+                f"the conflict probe at layer {self.probe.layer} has not seen this {batch}-row "
+                "prompt; it must run in the same forward before the edited layers"
+            )
+        return self.flags.to(device)
+
+
+@dataclass
+class LastPromptPositionEdit:
+    """Forward hook for ``blocks.{layer}.hook_resid_post`` that SpARE-edits the last prompt
+    position of every row, once, before decoding.
+
+    Which position is edited in which forward (prompt pass, KV-cache steps, re-runs without
+    the cache, explicit ``positions`` for right padding) is :class:`LastPromptPosition`'s
+    job. Call :meth:`reset` to forget the current prompt.
+    """
+
+    sae: SAE
+    features: LayerFeatures
+    direction: Direction
+    edit_strength: float
+    positions: Int[Tensor, " batch"] | None = None
+    stats: EditStats = field(default_factory=EditStats)
+    gate: ConflictGate | None = None  # edit only the rows it flags (conditional steering)
+    _where: LastPromptPosition = field(init=False, repr=False)
+    _prepared: dict[Any, LayerFeatures] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.direction = _check_direction(self.direction)
+        self.edit_strength = _check_strength(self.edit_strength)
+        if self.features.d_sae != int(self.sae.cfg.d_sae):
+            raise ValueError(
+                f"layer {self.features.layer}: functional features have d_sae "
+                f"{self.features.d_sae} but {_sae_label(self.sae)} has d_sae {self.sae.cfg.d_sae}"
+            )
+        self._where = LastPromptPosition(self.positions)
+        self.positions = self._where.positions
+
+    def reset(self) -> None:
+        """Forget the remembered prompt; the next forward is treated as a new prompt."""
+        self._where.reset()
+
+    @property
+    def is_noop(self) -> bool:
+        return _is_noop(self.features, self.edit_strength)
+
+    def _features_on(self, device: torch.device) -> LayerFeatures:
+        if device not in self._prepared:
+            f = self.features
+            self._prepared[device] = LayerFeatures(
+                layer=f.layer,
+                hook_name=f.hook_name,
+                context_features=f.context_features.to(device),
+                memory_features=f.memory_features.to(device),
+                context_activations=f.context_activations.to(device),
+                memory_activations=f.memory_activations.to(device),
+                sae_id=f.sae_id,
+            )
+        return self._prepared[device]
+
+    def _positions_to_edit(self, resid: Tensor) -> Tensor | None:
+        """Per-row position to edit in this forward, or None to leave it untouched."""
+        return self._where(resid)
+
     def __call__(
         self, resid: Float[Tensor, "batch pos d_model"], hook: HookPoint | None = None
     ) -> Float[Tensor, "batch pos d_model"] | None:
@@ -325,19 +477,27 @@ class LastPromptPositionEdit:
         positions = self._positions_to_edit(resid)
         if positions is None:
             return None
+        flagged: Tensor | None = None
+        if self.gate is not None:
+            flagged = self.gate.row_mask(resid.shape[0], resid.device)
+            if not bool(flagged.any()):
+                return None
+            if bool(flagged.all()):
+                flagged = None
         if self.sae.device != resid.device:
             self.sae.to(resid.device)
-        rows = torch.arange(resid.shape[0], device=resid.device)
-        edited = spare_edit(
-            resid[rows, positions],
-            self.sae,
-            self._features_on(resid.device),
-            self.direction,
-            self.edit_strength,
-            stats=self.stats,
-        )
+        features = self._features_on(resid.device)
+
+        def edit(h: Tensor) -> Tensor:
+            return spare_edit(
+                h, self.sae, features, self.direction, self.edit_strength, stats=self.stats
+            )
+
+        if flagged is None:
+            return _edit_rows(resid, positions, edit)
+        rows = torch.nonzero(flagged).squeeze(1)
         out = resid.clone()
-        out[rows, positions] = edited
+        out[rows, positions[rows]] = edit(resid[rows, positions[rows]]).to(resid.dtype)
         return out
 
 
@@ -348,11 +508,14 @@ class Steering:
     direction: Direction | None
     edit_strength: float
     hooks: dict[int, LastPromptPositionEdit] = field(default_factory=dict)
+    gate: ConflictGate | None = None  # the conflict probe's hook when when="conflict"
 
     def reset(self) -> None:
         """Forget remembered prompts in every hook (e.g. before an unrelated forward)."""
         for h in self.hooks.values():
             h.reset()
+        if self.gate is not None:
+            self.gate.reset()
 
     @property
     def stats(self) -> dict[int, EditStats]:
@@ -405,9 +568,52 @@ def _validate_layer(
         )
 
 
+def _validate_probe(model: HookedTransformer, probe: ConflictProbe, edited: Sequence[int]) -> None:
+    layer = int(probe.layer)
+    n_layers = int(model.cfg.n_layers)
+    if not 0 <= layer < n_layers:
+        raise ValueError(
+            f"the conflict probe reads layer {layer}, outside the model's {n_layers} layers"
+        )
+    width = getattr(probe, "d_model", None)
+    if width is not None and int(width) != int(model.cfg.d_model):
+        raise ValueError(
+            f"the conflict probe reads {width}-wide residuals but the model's d_model is "
+            f"{model.cfg.d_model}; train it on this model"
+        )
+    if edited and layer > min(edited):
+        raise ValueError(
+            f"the conflict probe reads layer {layer}, but SpARE edits layer {min(edited)} "
+            f"first: the probe must run at or before the first edited layer (<= {min(edited)}) "
+            "so that it reads the unedited residual stream and its decision is known before "
+            "the first edit is made"
+        )
+
+
 def _remove_handle(hook_point: HookPoint, handle: Any) -> None:
     handle.hook.remove()
     hook_point.fwd_hooks = [h for h in hook_point.fwd_hooks if h is not handle]
+
+
+@contextlib.contextmanager
+def attach_hooks(
+    model: HookedTransformer, hooks: Iterable[tuple[str, Callable[..., Any]]]
+) -> Iterator[None]:
+    """Add forward hooks ``(hook_name, fn)`` inside the ``with`` block and remove exactly
+    those on exit, also after an exception; hooks the user added stay."""
+    added: list[tuple[HookPoint, Any]] = []
+    try:
+        for name, hook_fn in hooks:
+            if name not in model.hook_dict:
+                raise ValueError(f"the model has no hook point {name!r}")
+            hook_point = model.hook_dict[name]
+            before = {id(h) for h in hook_point.fwd_hooks}
+            hook_point.add_hook(hook_fn, dir="fwd")
+            added.extend((hook_point, h) for h in hook_point.fwd_hooks if id(h) not in before)
+        yield
+    finally:
+        for hook_point, handle in added:
+            _remove_handle(hook_point, handle)
 
 
 @contextlib.contextmanager
@@ -420,6 +626,8 @@ def steer(
     layers: Sequence[int] | None = None,
     *,
     positions: Int[Tensor, " batch"] | None = None,
+    when: When = "always",
+    probe: ConflictProbe | None = None,
 ) -> Iterator[Steering]:
     """Steer ``model`` towards ``direction`` with SpARE inside the ``with`` block.
 
@@ -429,7 +637,21 @@ def steer(
     (left-padded batches, KV cache on or off) and ``model(...)``; pass ``positions`` for
     right-padded ``model(...)`` calls. ``edit_strength`` defaults to
     ``features.strength(direction)``. ``direction`` None or ``"none"`` steers nothing.
+
+    ``when="conflict"`` (with a :class:`~spare_tl.probes.ConflictProbe`) steers only the rows
+    the probe flags: it reads ``blocks.{probe.layer}.hook_resid_post`` at the last prompt
+    position during the prompt pass (its layer must be <= the first edited layer) and the
+    other rows run exactly as without steering.
     """
+    if when not in WHEN:
+        raise ValueError(f"when must be 'always' or 'conflict', got {when!r}")
+    if when == "conflict" and probe is None:
+        raise ValueError(
+            "when='conflict' needs probe=ConflictProbe(...) (spare_tl.probes): the probe "
+            "decides which rows are steered"
+        )
+    if when == "always" and probe is not None:
+        raise ValueError("a probe is only used with when='conflict'; pass when='conflict'")
     if direction is None or direction == "none":
         yield Steering(direction=None, edit_strength=0.0)
         return
@@ -439,6 +661,10 @@ def steer(
     )
     chosen = sorted(features.layers) if layers is None else [int(layer) for layer in layers]
     steering = Steering(direction=direction, edit_strength=alpha)
+    if when == "conflict":
+        assert probe is not None
+        _validate_probe(model, probe, chosen)
+        steering.gate = ConflictGate(probe, positions=positions)
     for layer in chosen:
         if layer not in features.layers:
             raise ValueError(
@@ -453,17 +679,13 @@ def steer(
             direction=direction,
             edit_strength=alpha,
             positions=positions,
+            gate=steering.gate,
         )
 
-    added: list[tuple[HookPoint, Any]] = []
-    try:
-        for layer, hook_fn in steering.hooks.items():
-            hook_point = model.hook_dict[resid_post_hook_name(layer)]
-            before = {id(h) for h in hook_point.fwd_hooks}
-            hook_point.add_hook(hook_fn, dir="fwd")
-            added.extend((hook_point, h) for h in hook_point.fwd_hooks if id(h) not in before)
+    named: list[tuple[str, Callable[..., Any]]] = []
+    if steering.gate is not None:  # first: it reads the residual before an edit there
+        named.append((resid_post_hook_name(int(steering.gate.probe.layer)), steering.gate))
+    named += [(resid_post_hook_name(layer), fn) for layer, fn in steering.hooks.items()]
+    with attach_hooks(model, named):
         logger.debug("steering to %s with α=%s at layers %s", direction, alpha, chosen)
         yield steering
-    finally:
-        for hook_point, handle in added:
-            _remove_handle(hook_point, handle)

@@ -35,18 +35,24 @@ def _shares(answers: list[str], items: Sequence[ConflictItem]) -> dict[str, floa
     }
 
 
+def dev_demonstrations(
+    pool: Sequence[ConflictItem], n_items: int | None, n_shots: int, seed: int
+) -> tuple[list[ConflictItem], list[list[ConflictItem]]]:
+    """Pool questions as development queries and their demonstrations from the rest of the
+    pool."""
+    items = list(pool[:n_items] if n_items else pool)
+    demos = [
+        sample_demonstrations(pool, n_shots, seed * 7 + i, exclude=it) for i, it in enumerate(items)
+    ]
+    return items, demos
+
+
 def dev_prompts(
     pool: Sequence[ConflictItem], n_items: int | None, n_shots: int, seed: int, demo_type: str
 ) -> tuple[list[ConflictItem], list[str]]:
     """Pool questions as development queries, demonstrations from the rest of the pool."""
-    items = list(pool[:n_items] if n_items else pool)
-    prompts = [
-        conflict_prompt(
-            it, sample_demonstrations(pool, n_shots, seed * 7 + i, exclude=it), demo_type
-        )
-        for i, it in enumerate(items)
-    ]
-    return items, prompts
+    items, demos = dev_demonstrations(pool, n_items, n_shots, seed)
+    return items, [conflict_prompt(it, d, demo_type) for it, d in zip(items, demos)]
 
 
 def sweep(
@@ -129,6 +135,14 @@ def save_sweep(records: Sequence[dict[str, Any]], directory: Path, config: dict[
     )
 
 
+def _display_path(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (committed metadata)."""
+    try:
+        return str(Path(path).resolve().relative_to(cache.REPO_ROOT.resolve()))
+    except ValueError:
+        return str(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m spare_tl.sweep CONFIG``: sweep on the pool, save, write the best features."""
     import argparse
@@ -201,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 "pool_size": config.pool_size,
                 "pool_seed": config.pool_seed,
                 "saes": config.saes,
-                "chosen_by": f"{directory}/sweep.json",
+                "chosen_by": _display_path(directory / "sweep.json"),
             },
         )
         features.save(Path(config.features_dir))

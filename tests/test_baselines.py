@@ -1,0 +1,461 @@
+"""Baselines in SpARE's harness (ActAdd, task vectors, CAD, ICL) on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from spare_tl import baselines as bl
+from spare_tl.activations import last_position_resid
+from spare_tl.baselines import (
+    CAD,
+    ICL,
+    ActAdd,
+    BaselineSetup,
+    NoSteering,
+    PerDirection,
+    PromptMethod,
+    SpareMethod,
+    SteeringMethod,
+    TaskVector,
+    cad_generate,
+    contrastive_scores,
+    evaluate_method,
+    prompt_without_context,
+    sweep_method,
+)
+from spare_tl.behaviours import GroupedPrompts
+from spare_tl.data.prompts import PoolSplit, conflict_prompt
+from spare_tl.data.schema import ConflictItem
+from spare_tl.evaluation import EvaluationConfig, evaluate, evaluation_demonstrations
+from spare_tl.features import FunctionalFeatures, LayerFeatures
+from spare_tl.generation import _tokenize, greedy_generate
+from spare_tl.steering import resid_post_hook_name
+from spare_tl.testing import tiny_sae
+
+LAYERS = (1, 2)
+CONFIG = EvaluationConfig(seeds=(0, 1), n_shots=2, max_new_tokens=3, batch_size=4)
+GEN = dict(max_new_tokens=4, progress=False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _items(n: int, start: int = 0) -> list[ConflictItem]:
+    return [
+        ConflictItem(
+            question=f"q{i}?",
+            org_context=f"X{i} is m{i}.",
+            org_answer=(f"m{i}",),
+            sub_context=f"X{i} is c{i}.",
+            sub_answer=(f"c{i}",),
+            relation=f"r{i % 2}",
+        )
+        for i in range(start, start + n)
+    ]
+
+
+POOL, HELD_OUT = _items(8), _items(5, start=100)
+
+
+def _grouped() -> GroupedPrompts:
+    records = [
+        {
+            "prompt": conflict_prompt(it, POOL[:1], "dss") + " x" * (i % 3),
+            "label": ["context", "memory", "neither"][i % 3],
+            "demo_type": "dss",
+            "shots": 1,
+            "nll_context": 1.0,
+            "nll_memory": 2.0,
+        }
+        for i, it in enumerate(POOL * 2)
+    ]
+    return GroupedPrompts("tiny-llama", records, {"model": "tiny-llama"})
+
+
+def _features() -> FunctionalFeatures:
+    layers = {}
+    for layer in LAYERS:
+        g = torch.Generator().manual_seed(layer)
+        ids = torch.randperm(128, generator=g)
+        layers[layer] = LayerFeatures(
+            layer=layer,
+            hook_name=resid_post_hook_name(layer),
+            context_features=ids[:6],
+            memory_features=ids[6:12],
+            context_activations=torch.rand(128, generator=g) * 2,
+            memory_activations=torch.rand(128, generator=g) * 2,
+        )
+    return FunctionalFeatures("tiny-llama", layers, proportion=0.1, edit_strength=3.0)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model, tmp_path_factory):
+    saes = {layer: tiny_sae(resid_post_hook_name(layer), seed=layer) for layer in LAYERS}
+    return BaselineSetup(
+        tiny_model,
+        _features(),
+        saes,
+        POOL,
+        HELD_OUT,
+        grouped=_grouped(),
+        cache_root=tmp_path_factory.mktemp("cache"),
+        task_vector_prompts=4,
+        progress=False,
+    )
+
+
+SETTINGS = {
+    "none": {},
+    "spare": {},
+    "icl": {},
+    "actadd": {"layers": [1, 2], "coefficient": 2.0},
+    "taskvec": {"layer": 1},
+    "cad": {"alpha": 0.5},
+}
+
+
+# ------------------------------------------------------------------ the one interface
+
+
+@pytest.mark.parametrize("name", bl.METHODS)
+def test_every_method_runs_end_to_end(setup, name):
+    method = setup.make(name, SETTINGS[name])
+    assert isinstance(method, SteeringMethod) and method.name == name
+    result = evaluate_method(setup.model, method, HELD_OUT, POOL, config=CONFIG, progress=False)
+    data = result.to_json()
+    conditions = ["no_steering"] if name == "none" else list(bl.CONDITION_OF.values())
+    for cond in conditions:
+        assert len(data[cond]["per_seed"]["EM_C"]) == 2
+        assert f"{cond}.prediction" in result.predictions[0]
+    assert len(result.predictions) == 2 * len(HELD_OUT)
+    meta = data["method"]
+    assert meta["name"] == name and set(meta["seconds_per_item"]) == set(conditions)
+    assert meta["time_relative_to_no_steering"]["no_steering"] == pytest.approx(1.0)
+    assert meta["extra_forward_passes_per_token"] == (1.0 if name == "cad" else 0.0)
+    assert meta["inference_time"] is (name != "icl")
+    # the unsteered answers are the evaluation's own doo prompts, greedy
+    demos = evaluation_demonstrations(HELD_OUT, POOL, CONFIG.n_shots, 0)
+    plain = greedy_generate(
+        setup.model,
+        [conflict_prompt(it, d, "doo") for it, d in zip(HELD_OUT, demos)],
+        max_new_tokens=3,
+        progress=False,
+    )
+    assert [p["no_steering.prediction"] for p in result.predictions[: len(HELD_OUT)]] == plain
+    if name != "none":  # every method's setting here changes some answer, both ways
+        for cond in ("steer_to_context", "steer_to_memory"):
+            assert any(
+                p[f"{cond}.prediction"] != p["no_steering.prediction"] for p in result.predictions
+            )
+    with pytest.raises(ValueError, match="pool questions"):
+        evaluate_method(setup.model, method, POOL[:2], POOL, config=CONFIG, progress=False)
+
+
+def test_spare_method_equals_evaluate(setup):
+    kwargs = dict(config=CONFIG, progress=False)
+    ours = evaluate_method(
+        setup.model, SpareMethod(setup.features, setup.saes), HELD_OUT, POOL, **kwargs
+    )
+    ref = evaluate(setup.model, HELD_OUT, POOL, features=setup.features, saes=setup.saes, **kwargs)
+    assert ours.predictions == ref.predictions
+    for cond in bl.CONDITION_OF.values():
+        assert ours.summary[cond] == ref.summary[cond]
+    assert ours.summary["transitions"] == ref.summary["transitions"]
+    assert ours.summary["features"] == ref.summary["features"]
+
+
+def test_icl_picks_dss_and_dso():
+    demos = [POOL[:2]] * 2
+    icl = ICL()
+    for direction, demo_type in (("context", "dss"), ("memory", "dso"), (None, "doo")):
+        expected = [conflict_prompt(it, d, demo_type) for it, d in zip(HELD_OUT[:2], demos)]
+        assert icl.prompts(HELD_OUT[:2], demos, direction, "doo") == expected
+    assert icl.hyperparameters("context") == {"demo_type": "dss"}
+    assert icl.hyperparameters("memory") == {"demo_type": "dso"}
+
+
+# ------------------------------------------------------------------ ActAdd and task vectors
+
+
+def _resid(model, tokens):
+    names = [resid_post_hook_name(layer) for layer in range(model.cfg.n_layers)]
+    _, store = model.run_with_cache(tokens, names_filter=names)
+    return [store[n] for n in names]
+
+
+def test_actadd_zero_is_identity_and_hooks_go_after_errors(setup):
+    model = setup.model
+    tokens = model.to_tokens(["context: X1 is c1.\nquestion: q1?\nanswer:"])
+    base_logits = model(tokens)
+    vectors = setup.actadd_vectors(LAYERS)
+    with ActAdd(vectors, LAYERS, 0.0).steering(model, "context"):
+        assert torch.equal(model(tokens), base_logits)
+    base = _resid(model, tokens)
+    for direction, sign in (("context", 1.0), ("memory", -1.0)):
+        with ActAdd(vectors, (1,), 2.0).steering(model, direction):
+            steered = _resid(model, tokens)
+        assert torch.equal(steered[0], base[0])
+        assert torch.equal(steered[1][:, :-1], base[1][:, :-1])
+        torch.testing.assert_close(steered[1][0, -1], base[1][0, -1] + sign * 2.0 * vectors[1])
+    hook_points = [model.hook_dict[resid_post_hook_name(layer)] for layer in LAYERS]
+    with pytest.raises(RuntimeError, match="boom"):
+        with ActAdd(vectors, LAYERS, 2.0).steering(model, "memory"):
+            assert all(len(h.fwd_hooks) == 1 for h in hook_points)
+            raise RuntimeError("boom")
+    assert all(not h.fwd_hooks for h in hook_points)
+    assert torch.equal(model(tokens), base_logits)
+
+
+def test_actadd_generation_batch_equals_single(setup):
+    method = setup.make("actadd", {"layers": [1, 2], "coefficient": 4.0})
+    demos = [POOL[:2]] * 4
+    kwargs = dict(max_new_tokens=6, progress=False)
+    batched = method.answer(setup.model, HELD_OUT[:4], demos, "context", batch_size=4, **kwargs)
+    singles = [
+        method.answer(setup.model, [it], [d], "context", batch_size=1, **kwargs)[0]
+        for it, d in zip(HELD_OUT[:4], demos)
+    ]
+    assert batched == singles
+
+
+def test_mean_difference_and_cached_activations(setup, tmp_path, monkeypatch):
+    from spare_tl import activations as acts_mod
+
+    resid = {3: torch.tensor([[1.0, 2.0], [3.0, 4.0], [10.0, 0.0]])}
+    diff = bl.mean_difference(resid, torch.tensor([1, 1, 0]))
+    torch.testing.assert_close(diff[3], torch.tensor([-8.0, 3.0]))
+    with pytest.raises(ValueError, match="use-memory"):
+        bl.mean_difference(resid, torch.tensor([1, 1, 1]))
+
+    grouped = _grouped()
+    cached = acts_mod.collect_activations(setup.model, grouped, [1, 2], cache_root=tmp_path)
+    monkeypatch.setattr(acts_mod, "last_position_resid", lambda *a, **k: pytest.fail("recomputed"))
+    vectors = bl.actadd_vectors(setup.model, [2], grouped=grouped, cache_root=tmp_path)
+    expected = bl.mean_difference({2: cached.resid[2]}, cached.labels)[2]
+    torch.testing.assert_close(vectors[2], expected)
+    with pytest.raises(ValueError, match="grouped prompts"):
+        bl.actadd_vectors(setup.model, [3], cache_root=tmp_path)
+
+
+def test_taskvec_patch_changes_only_the_last_prompt_position(setup):
+    model = setup.model
+    vectors = setup.task_vectors([1])
+    assert set(vectors) == {"context", "memory"}
+    assert not torch.equal(vectors["context"][1], vectors["memory"][1])
+    # the task vector is the mean last-position residual of the dss / dso ICL prompts
+    prompts = bl.task_vector_prompts(POOL, "dss", n_prompts=4)
+    torch.testing.assert_close(
+        vectors["context"][1], last_position_resid(model, prompts, [1], progress=False)[1].mean(0)
+    )
+    method = setup.make("taskvec", {"layer": 1})
+    tokens = model.to_tokens(["context: X1 is c1.\nquestion: q1?\nanswer:"])
+    base = _resid(model, tokens)
+    with method.steering(model, "memory"):
+        steered = _resid(model, tokens)
+    assert torch.equal(steered[0], base[0])
+    for layer in range(1, model.cfg.n_layers):
+        assert torch.equal(steered[layer][:, :-1], base[layer][:, :-1])
+    torch.testing.assert_close(steered[1][0, -1], vectors["memory"][1])
+    assert not model.hook_dict[resid_post_hook_name(1)].fwd_hooks
+
+
+# ------------------------------------------------------------------ CAD
+
+PROMPTS = [conflict_prompt(it, POOL[:2], "doo") for it in HELD_OUT]
+CONTEXT_FREE = [prompt_without_context(it, POOL[:2], "doo") for it in HELD_OUT]
+
+
+def test_prompt_without_context_drops_only_the_test_context():
+    head = conflict_prompt(HELD_OUT[0], POOL[:2], "doo").rsplit("context: ", 1)[0]
+    assert CONTEXT_FREE[0] == head + "question: q100?\nanswer:"
+    assert "X0 is m0." in CONTEXT_FREE[0] and "X100" not in CONTEXT_FREE[0]
+
+
+def test_contrastive_scores():
+    g = torch.Generator().manual_seed(0)
+    lc, ln = torch.randn(3, 11, generator=g), torch.randn(3, 11, generator=g)
+    assert torch.equal(contrastive_scores(lc, ln, 0.0), lc)
+    for alpha in (0.5, -0.7):
+        paper = (1 + alpha) * lc.log_softmax(-1) - alpha * ln.log_softmax(-1)
+        offset = contrastive_scores(lc, ln, alpha) - paper
+        torch.testing.assert_close(offset, offset[:, :1].expand_as(offset))
+
+
+def test_cad_alpha_zero_equals_greedy(tiny_model):
+    ours = cad_generate(tiny_model, PROMPTS, CONTEXT_FREE, 0.0, batch_size=3, **GEN)
+    assert ours == greedy_generate(tiny_model, PROMPTS, batch_size=3, **GEN)
+
+
+@pytest.mark.parametrize("alpha", [1.5, -0.8])
+def test_cad_batch_equals_single_and_uncached_reference(tiny_model, alpha):
+    batched = cad_generate(tiny_model, PROMPTS, CONTEXT_FREE, alpha, batch_size=5, **GEN)
+    singles = [
+        cad_generate(tiny_model, [p], [q], alpha, batch_size=1, **GEN)[0]
+        for p, q in zip(PROMPTS, CONTEXT_FREE)
+    ]
+    assert batched == singles
+    assert batched != greedy_generate(tiny_model, PROMPTS, **GEN)
+    # full re-runs without a KV cache, one prompt at a time, the paper's formula
+    for prompt, free, out in zip(PROMPTS[:2], CONTEXT_FREE[:2], batched):
+        rows = _tokenize(tiny_model, [prompt, free])
+        new = []
+        for _ in range(GEN["max_new_tokens"]):
+            lc, ln = (tiny_model(torch.tensor([r + new]))[0, -1] for r in rows)
+            paper = (1 + alpha) * lc.log_softmax(-1) - alpha * ln.log_softmax(-1)
+            new.append(int(paper.argmax()))
+        text = tiny_model.tokenizer.decode(new, skip_special_tokens=True)
+        assert out == text.split("\n")[0].strip()
+
+
+def test_cad_method_signs_alpha_by_direction(tiny_model):
+    cad = CAD(0.5)
+    assert cad.hyperparameters("context") == {"alpha": 0.5}
+    assert cad.hyperparameters("memory") == {"alpha": -0.5}
+    answers = cad.answer(tiny_model, HELD_OUT, [POOL[:2]] * 5, "memory", **GEN)
+    assert answers == cad_generate(tiny_model, PROMPTS, CONTEXT_FREE, -0.5, **GEN)
+    with pytest.raises(ValueError, match=">= 0"):
+        CAD(-1.0)
+
+
+# ------------------------------------------------------------------ development sweep
+
+
+class _Oracle(PromptMethod):
+    """Answers C (to context) or M (to memory) for a share of items set by ``k``."""
+
+    name = "oracle"
+
+    def __init__(self, k: int, seen: list) -> None:
+        self.k, self.seen = k, seen
+
+    def hyperparameters(self, direction):
+        return {"k": self.k}
+
+    def answer(self, model, items, demonstrations, direction, **kwargs):
+        self.seen.extend(it.question for it in items)
+        good = {"context": {2}, "memory": {1}}[direction]
+        if self.k not in good:
+            return ["nope"] * len(items)
+        field = "sub_answer" if direction == "context" else "org_answer"
+        return [getattr(it, field)[0] for it in items]
+
+
+def test_sweep_picks_the_dev_best_and_saves_json(setup, tmp_path):
+    seen: list[str] = []
+    candidates = [_Oracle(k, seen) for k in (0, 1, 2)]
+    records = sweep_method(setup.model, candidates, POOL, n_items=4, n_shots=2, progress=False)
+    assert len(records) == 1 + 3 * 2 and records[0]["direction"] == "none"
+    assert set(seen) <= {it.question for it in POOL}  # never a test question
+    path = tmp_path / "sweep-oracle.json"
+    bl.save_method_sweep(records, path, {"method": "oracle"})
+    saved = json.loads(path.read_text())
+    assert saved["best"]["context"]["hyperparameters"] == {"k": 2}
+    assert saved["best"]["memory"]["hyperparameters"] == {"k": 1}
+    assert bl.best_hyperparameters(path) == {"context": {"k": 2}, "memory": {"k": 1}}
+    with pytest.raises(FileNotFoundError, match="baselines sweep --method cad"):
+        bl.best_hyperparameters(tmp_path / "sweep-cad.json")
+
+
+def test_sweep_on_a_real_method_feeds_evaluation(setup, tmp_path):
+    candidates = setup.grid("cad", alphas=[0.5, 2.0])
+    records = sweep_method(setup.model, candidates, POOL, n_items=3, n_shots=2, progress=False)
+    assert [r["hyperparameters"] for r in records[1:]] == [
+        {"alpha": 0.5},
+        {"alpha": -0.5},
+        {"alpha": 2.0},
+        {"alpha": -2.0},
+    ]
+    path = tmp_path / "sweep-cad.json"
+    bl.save_method_sweep(records, path, {})
+    method = setup.method("cad", sweep=path)
+    assert isinstance(method, PerDirection) and method.name == "cad"
+    best = bl.best_hyperparameters(path)
+    assert method.hyperparameters("memory") == best["memory"]
+    assert len(setup.grid("actadd", layer_sets=[[1], [1, 2]], coefficients=[1.0, 2.0])) == 4
+    assert [m.hyperparameters("context") for m in setup.grid("taskvec", layers=[1, 2])] == [
+        {"layer": 1, "n_prompts": 4},
+        {"layer": 2, "n_prompts": 4},
+    ]
+    with pytest.raises(ValueError, match="spare_tl.sweep"):
+        setup.grid("spare")
+
+
+# ------------------------------------------------------------------ table and command line
+
+
+def test_table_json_and_readme(setup, tmp_path):
+    root = setup.cache_root
+    sweep = bl.sweep_path(setup.model.cfg.model_name, "cad", root)
+    records = sweep_method(setup.model, [CAD(1.0)], POOL, n_items=2, n_shots=2, progress=False)
+    bl.save_method_sweep(records, sweep, {})
+    out = tmp_path / "baselines"
+    config = EvaluationConfig(seeds=(0,), n_shots=2, max_new_tokens=2)
+    table, results = bl.run_table(
+        setup, ["none", "icl", "cad"], config=config, n_items=2, out_dir=out
+    )
+    rows = json.loads((out / "table.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["none", "icl", "cad"]
+    assert rows[2]["extra_forward_passes_per_token"] == 1.0
+    assert rows[0]["time_relative_to_no_steering"] == 1.0
+    assert (out / "cad.json").exists() and (out / "cad-predictions.jsonl").exists()
+    assert "| icl * |" in table and "alpha 1.0; alpha -1.0" in table and "EM_C→M" in table
+    again, _ = bl.run_table(
+        setup, ["none", "icl", "cad"], config=config, n_items=2, out_dir=out, reuse=True
+    )
+    assert again == table
+    (out / "cad.json").write_text(json.dumps(results["cad"] | {"seeds": [7]}))
+    bl.run_table(setup, ["cad"], config=config, n_items=2, out_dir=out, reuse=True)
+    assert json.loads((out / "cad.json").read_text())["seeds"] == [0]  # stale: re-run
+    from spare_tl.results import update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{bl.START}\nold\n{bl.END}\n\ntail\n")
+    update_readme(table, readme, start=bl.START, end=bl.END)
+    text = readme.read_text()
+    assert "old" not in text and table in text and text.endswith("tail\n")
+
+
+def test_cli_method_option(setup, tmp_path, monkeypatch, capsys):
+    from spare_tl import cli_commands, embedded
+    from spare_tl.cli import build_parser, main
+
+    assert set(cli_commands.EVALUATE_METHODS) == set(bl.METHODS)
+    parser = build_parser()
+    args = parser.parse_args(["evaluate", "--output", "x.json"])
+    assert args.method == "spare"
+    for name in bl.METHODS:
+        assert parser.parse_args(["evaluate", "--output", "x", "--method", name]).method == name
+    with pytest.raises(SystemExit):
+        parser.parse_args(["evaluate", "--output", "x", "--method", "dola"])
+    capsys.readouterr()
+    args = bl.build_parser().parse_args(["sweep", "--method", "actadd", "--layer-sets", "1-2"])
+    assert args.method == "actadd" and bl._layer_range(args.layer_sets[0]) == [1, 2]
+
+    monkeypatch.setattr(
+        cli_commands,
+        "load_steering_setup",
+        lambda *a: (setup.model, setup.features, setup.saes),
+    )
+    monkeypatch.setattr(embedded, "memorised_split", lambda *a, **k: PoolSplit(POOL, HELD_OUT, 0))
+    output = tmp_path / "cad.json"
+    argv = ["evaluate", "--output", str(output), "--seeds", "0", "--n-items", "2", "--shots", "2"]
+    code = main([*argv, "--method", "cad", "--hyperparameters", '{"alpha": -0.5}'])
+    assert code == 0
+    data = json.loads(output.read_text())
+    assert data["method"]["hyperparameters"]["memory"] == {"alpha": -0.5}
+    assert "method cad" in capsys.readouterr().out
+    code = main([*argv, "--method", "actadd", "--sweep", str(tmp_path / "missing.json")])
+    assert code == 2 and "no development sweep" in capsys.readouterr().err
+
+
+def test_no_steering_is_a_method():
+    assert NoSteering().name == "none" and NoSteering().hyperparameters("context") == {}
+    assert isinstance(TaskVector({}, 1), SteeringMethod)
