@@ -10,7 +10,8 @@ puts them on one self-contained page.
 - :func:`latent_activation_distribution`: one latent's codes by behaviour group;
 - :func:`steering_results`: EM_C / EM_M by condition (mean ± std over seeds);
 - :func:`steering_sweep` and :func:`layer_steering_effect`: sweeps over α, K and layers;
-- :func:`behaviour_table`: the behaviour of grouped prompts by demonstration type and shots.
+- :func:`behaviour_table`: the behaviour of grouped prompts by demonstration type and shots;
+- :func:`method_comparison`: SpARE against the baselines (EM_C / EM_M steered each way).
 """
 
 from __future__ import annotations
@@ -668,3 +669,154 @@ def behaviour_table(grouped: Any, *, title: str | None = None) -> go.Figure:
     fig.update_xaxes(title_text="demonstration type and number of shots")
     fig.update_yaxes(title_text="share of prompts (%)", range=[0, 100])
     return _layout(fig, title or "Behaviour of the grouped prompts", height=440)
+
+
+# --------------------------------------------------------------------------------------
+# Knowledge-conflict probes
+# --------------------------------------------------------------------------------------
+
+PROBE_INPUT_NAMES = {"resid": "residual stream", "sae": "SAE latents"}
+PROBE_COLOURS = {"resid": "#2ca02c", "sae": "#9467bd"}
+
+
+def _probe_series(results: Mapping[str, Any] | Any) -> tuple[str, list[int], dict[str, Any]]:
+    data = _as_json(results)
+    layers = sorted(int(k) for k in data["layers"])
+    series = {
+        f"{metric}_{stat}": [float(data["layers"][str(k)][f"{metric}_{stat}"]) for k in layers]
+        for metric in ("accuracy", "auroc")
+        for stat in ("mean", "std")
+    }
+    return str(data.get("features", "resid")), layers, series
+
+
+def probe_quality_by_layer(
+    results_resid: Mapping[str, Any] | Any,
+    results_sae: Mapping[str, Any] | Any | None = None,
+    *,
+    title: str | None = None,
+) -> go.Figure:
+    """Conflict-probe accuracy and AUROC on held-out questions per layer (mean ± std over
+    split seeds), for probes on the residual stream and on SAE latents.
+
+    Takes :class:`spare_tl.probes.ProbeResults` or their ``to_json()`` dictionaries.
+    """
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=("accuracy (held-out questions)", "AUROC (held-out questions)"),
+        horizontal_spacing=0.1,
+    )
+    all_layers: set[int] = set()
+    for results in (results_resid, results_sae):
+        if results is None:
+            continue
+        kind, layers, s = _probe_series(results)
+        all_layers.update(layers)
+        name = PROBE_INPUT_NAMES.get(kind, kind)
+        for col, metric, label in ((1, "accuracy", "accuracy"), (2, "auroc", "AUROC")):
+            fig.add_trace(
+                go.Scatter(
+                    x=layers,
+                    y=s[f"{metric}_mean"],
+                    error_y={"type": "data", "array": s[f"{metric}_std"], "visible": True},
+                    mode="lines+markers",
+                    name=f"probe on the {name}",
+                    legendgroup=kind,
+                    showlegend=col == 1,
+                    marker_color=PROBE_COLOURS.get(kind, COLOURS["total"]),
+                    hovertemplate=(
+                        f"layer %{{x}}<br>{label} %{{y:.3f}} ± %{{error_y.array:.3f}}"
+                        f"<extra>{name}</extra>"
+                    ),
+                ),
+                row=1,
+                col=col,
+            )
+    for col in (1, 2):
+        fig.add_hline(y=0.5, line_dash="dot", line_color="#888", row=1, col=col)
+        fig.update_xaxes(
+            title_text="layer", dtick=1 if len(all_layers) < 30 else None, row=1, col=col
+        )
+    fig.update_yaxes(title_text="accuracy", row=1, col=1)
+    fig.update_yaxes(title_text="AUROC", row=1, col=2)
+    return _layout(
+        fig, title or "Knowledge-conflict probes: quality by layer (dotted: chance)", height=440
+    )
+
+
+__all__ += ["probe_quality_by_layer"]
+
+
+# --------------------------------------------------------------------------------------
+# Steering methods compared
+# --------------------------------------------------------------------------------------
+
+
+def _method_rows(rows_or_results: Any) -> list[Mapping[str, Any]]:
+    """Rows of :func:`spare_tl.baselines.table_rows` from rows, ``table.json`` or results."""
+    if isinstance(rows_or_results, Mapping):
+        if isinstance(rows_or_results.get("rows"), list):  # table.json
+            return list(rows_or_results["rows"])
+        from spare_tl.baselines import table_rows
+
+        return table_rows({k: _as_json(v) for k, v in rows_or_results.items()})
+    return list(rows_or_results)
+
+
+def method_comparison(
+    rows_or_results: Sequence[Mapping[str, Any]] | Mapping[str, Any],
+    *,
+    title: str | None = None,
+) -> go.Figure:
+    """EM_C steering to context and EM_M steering to memory per method (%, mean ± std over
+    seeds): the comparison table of :mod:`spare_tl.baselines` as bars.
+
+    Takes the rows of :func:`spare_tl.baselines.table_rows`, the ``table.json`` dictionary
+    that :func:`spare_tl.baselines.run_table` writes, or its method → result mapping. For
+    ``none`` both bars are the unsteered scores.
+    """
+    rows = _method_rows(rows_or_results)
+    if not rows:
+        raise ValueError("no methods to compare")
+    methods = [str(r["method"]) for r in rows]
+    cost = [
+        [
+            r.get("extra_forward_passes_per_token", 0.0),
+            r.get("time_relative_to_no_steering", 1.0),
+            "" if r.get("inference_time", True) else " (not an inference-time method)",
+        ]
+        for r in rows
+    ]
+    fig = go.Figure()
+    for metric, direction in (("EM_C", "context"), ("EM_M", "memory")):
+        fig.add_trace(
+            go.Bar(
+                x=methods,
+                y=[float(r[metric]) for r in rows],
+                error_y={
+                    "type": "data",
+                    "array": [float(r.get(f"{metric}_std") or 0.0) for r in rows],
+                    "visible": True,
+                },
+                name=f"{metric}, steering to {direction}",
+                marker_color=COLOURS[direction],
+                customdata=cost,
+                hovertemplate=(
+                    f"%{{x}}%{{customdata[2]}}<br>{metric} steering to {direction}: "
+                    "%{y:.1f}% ± %{error_y.array:.1f}<br>extra passes / token "
+                    "%{customdata[0]}, time / item %{customdata[1]:.2f}× none<extra></extra>"
+                ),
+            )
+        )
+    fig.update_layout(barmode="group")
+    fig.update_xaxes(title_text="method")
+    fig.update_yaxes(title_text="exact match (%)", rangemode="tozero")
+    return _layout(
+        fig,
+        title or "Steering methods compared: EM_C steering to context, EM_M steering to memory",
+        height=440,
+    )
+
+
+__all__ += ["method_comparison"]

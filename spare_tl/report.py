@@ -1,10 +1,11 @@
 """One self-contained HTML page with SpARE's figures and results (``spare-tl report``).
 
 :func:`build_report` takes the library's objects (functional features, per-layer statistics,
-evaluation results, sweeps, grouped prompts, the paper's cache) and returns the page as a
-string: plotly's JavaScript is inlined once, so the file opens offline. Parts that are not
-given are listed as missing instead of failing. :func:`load_report_inputs` is the one place
-that reads them from disk (defaults: the embedded model's ``cache_data/``).
+evaluation results, sweeps, grouped prompts, the baselines' comparison table, the conflict-probe
+study, the paper's cache) and returns the page as a string: plotly's JavaScript is inlined
+once, so the file opens offline. Parts that are not given are listed as missing instead of
+failing. :func:`load_report_inputs` is the one place that reads them from disk (defaults: the
+embedded model's ``cache_data/``).
 
 :func:`find_chromium` and :func:`screenshot` render a page with headless Chromium (used by
 the browser test and for the README image).
@@ -16,6 +17,7 @@ import argparse
 import html
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -36,6 +38,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CHROMIUM_FLAGS",
     "ReportInputs",
+    "SavedProbeStudy",
     "build_report",
     "classify_result",
     "find_chromium",
@@ -72,6 +75,7 @@ h1{margin-bottom:.2rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;marg
 table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem}
 th,td{border:1px solid #ddd;padding:.25rem .55rem;text-align:right;vertical-align:top}
 th{background:#f5f5f5}td:first-child,th:first-child{text-align:left}
+th.left,td.left{text-align:left}
 .drivers{display:inline-block;vertical-align:top;margin-right:1.5rem}
 .drivers.context h5{color:#1f77b4}.drivers.memory h5{color:#d62728}
 pre.prompt{white-space:pre-wrap;text-align:left;margin:0;font-size:.8rem;max-width:600px}
@@ -92,6 +96,8 @@ class ReportInputs:
     statistics: dict[int, Any] = field(default_factory=dict)
     results: list[tuple[str, Any]] = field(default_factory=list)
     grouped: Any | None = None
+    baselines: dict[str, Any] | None = None
+    probes: SavedProbeStudy | None = None
     original: Any | None = None
     missing: list[str] = field(default_factory=list)
 
@@ -102,9 +108,28 @@ class ReportInputs:
             "statistics": self.statistics,
             "results": self.results,
             "grouped": self.grouped,
+            "baselines": self.baselines,
+            "probes": self.probes,
             "original": self.original,
             "missing": self.missing,
         }
+
+
+@dataclass
+class SavedProbeStudy:
+    """What :func:`spare_tl.probes.run_probe_study` saved, as the report shows it.
+
+    ``resid`` / ``sae``: :class:`~spare_tl.probes.ProbeResults`; ``probe``: the deployed
+    :class:`~spare_tl.probes.ConflictProbe`; ``latents``: layer → ``ConflictLatents.to_json()``
+    (``latents.json``); ``conditional``: a :class:`~spare_tl.probes.ConditionalResult`. A
+    :class:`~spare_tl.probes.ProbeStudy` has the same attributes and can be given instead.
+    """
+
+    resid: Any | None = None
+    sae: Any | None = None
+    probe: Any | None = None
+    latents: dict[int, Any] = field(default_factory=dict)
+    conditional: Any | None = None
 
 
 def _statistics_files(directory: Path) -> list[Path]:
@@ -119,12 +144,17 @@ def load_report_inputs(
     statistics: str | Path | None = None,
     results: Sequence[str | Path] | None = None,
     grouped: str | Path | None = None,
+    baselines: str | Path | None = None,
+    probes: str | Path | None = None,
     original: str | Path | None = None,
     model: str = DEFAULT_MODEL,
     cache_root: Path | None = None,
 ) -> ReportInputs:
     """Read the report's inputs; a part left out defaults to ``cache_data/<model>/<stage>``.
 
+    ``baselines`` and ``probes`` (the folders :mod:`spare_tl.baselines` and
+    :mod:`spare_tl.probes` write) default to ``cache_data/<model>/baselines`` and
+    ``.../probes``, or to the functional features' model's folder when only that one has them.
     Nothing raises for a missing or unreadable part: it is recorded in ``missing``.
     """
     from spare_tl.activations import LayerStatistics
@@ -184,6 +214,18 @@ def load_report_inputs(
         except (OSError, ValueError, KeyError) as e:
             out.missing.append(f"grouped prompts: cannot read {path} ({_first_line(e)})")
 
+    def study_dir(given: str | Path | None, stage: str) -> Path:
+        if given is not None:
+            return Path(given)
+        names = [model]
+        if out.features is not None and out.features.model_name != model:
+            names.append(out.features.model_name)
+        dirs = [cache.stage_dir(name, stage, cache_root) for name in names]
+        return next((d for d in dirs if d.is_dir()), dirs[0])
+
+    out.baselines = _load_baselines(study_dir(baselines, "baselines"), out.missing)
+    out.probes = _load_probes(study_dir(probes, "probes"), out.missing)
+
     if original is not None:
         try:
             out.original = OriginalCache(original)
@@ -195,6 +237,71 @@ def load_report_inputs(
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
+
+
+def _load_baselines(path: Path, missing: list[str]) -> dict[str, Any] | None:
+    """``table.json`` of :func:`spare_tl.baselines.run_table`, else its per-method results
+    (``<method>.json``) as a method → result mapping."""
+    if not path.is_dir():
+        missing.append(
+            f"baselines: none in {path} (run `python -m spare_tl.baselines table` first)"
+        )
+        return None
+    table = path / "table.json"
+    try:
+        if table.is_file():
+            data = cache.read_json(table)
+            if not isinstance(data, Mapping) or not isinstance(data.get("rows"), list):
+                raise ValueError("table.json has no rows")
+            return dict(data)
+        results = {}
+        for p in sorted(path.glob("*.json")):
+            if p.stem.startswith("sweep-"):
+                continue
+            data = cache.read_json(p)
+            if isinstance(data, Mapping) and "method" in data and "no_steering" in data:
+                results[p.stem] = data
+    except (OSError, ValueError) as e:
+        missing.append(f"baselines: cannot read {path} ({_first_line(e)})")
+        return None
+    if not results:
+        missing.append(f"baselines: no table.json or <method>.json results in {path}")
+        return None
+    return results
+
+
+def _load_probes(path: Path, missing: list[str]) -> SavedProbeStudy | None:
+    """The probe study's results under ``path`` (the layout of
+    :func:`spare_tl.probes.run_probe_study`); each part that is absent is noted."""
+    from spare_tl.probes import ConditionalResult, ConflictProbe, ProbeResults
+
+    if not path.is_dir():
+        missing.append(
+            f"probes (detecting the conflict): none in {path} "
+            "(run `python -m spare_tl.probes run` first)"
+        )
+        return None
+    out = SavedProbeStudy()
+    parts: list[tuple[str, str, Any]] = [
+        ("resid", "resid/results.json", ProbeResults.load),
+        ("sae", "sae/results.json", ProbeResults.load),
+        ("probe", "conflict_probe/conflict_probe.safetensors", ConflictProbe.load),
+        ("latents", "latents.json", lambda p: {int(k): v for k, v in cache.read_json(p).items()}),
+        ("conditional", "conditional/results.json", ConditionalResult.load),
+    ]
+    for name, rel, load in parts:
+        file = path / rel
+        if not file.is_file():
+            if name != "probe":  # the deployed probe is a detail of the table
+                missing.append(f"probes: no {rel} in {path}")
+            continue
+        try:
+            setattr(out, name, load(file))
+        except Exception as e:  # noqa: BLE001 - report, do not fail
+            missing.append(f"probes: cannot read {file} ({_first_line(e)})")
+    if out.resid is None and out.sae is None and not out.latents and out.conditional is None:
+        return None
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -276,6 +383,70 @@ def _evaluation_table(name: str, data: Mapping[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------
+# Markdown tables of the study modules
+# --------------------------------------------------------------------------------------
+
+_CODE = re.compile(r"`([^`]+)`")
+_SEPARATOR = re.compile(r"^\|?\s*:?-+:?\s*(\|\s*:?-+:?\s*)*\|?$")
+
+
+def _inline(text: str) -> str:
+    return _CODE.sub(r"<code>\1</code>", html.escape(text, quote=False)).replace("\\*", "*")
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _markdown_table(lines: Sequence[str]) -> str:
+    head, body = lines[0], list(lines[1:])
+    left: list[bool] = []
+    if body and _SEPARATOR.match(body[0]):
+        left = [not c.endswith(":") for c in _cells(body.pop(0))]
+
+    def row(line: str, tag: str) -> str:
+        return (
+            "<tr>"
+            + "".join(
+                f"<{tag} class='left'>{_inline(c)}</{tag}>"
+                if i < len(left) and left[i]
+                else f"<{tag}>{_inline(c)}</{tag}>"
+                for i, c in enumerate(_cells(line))
+            )
+            + "</tr>"
+        )
+
+    return "<table>" + row(head, "th") + "".join(row(b, "td") for b in body) + "</table>"
+
+
+def _markdown_html(text: str) -> str:
+    """HTML of the markdown that :mod:`spare_tl.baselines` and :mod:`spare_tl.probes` write
+    for the README: pipe tables, ``- `` lists, paragraphs and `code`."""
+    blocks: list[str] = []
+    lines = [line.strip() for line in text.splitlines()]
+    i = 0
+    while i < len(lines):
+        if not lines[i]:
+            i += 1
+            continue
+        start = i
+        if lines[i].startswith("|"):
+            while i < len(lines) and lines[i].startswith("|"):
+                i += 1
+            blocks.append(_markdown_table(lines[start:i]))
+        elif lines[i].startswith("- "):
+            while i < len(lines) and lines[i].startswith("- "):
+                i += 1
+            items = "".join(f"<li>{_inline(x[2:])}</li>" for x in lines[start:i])
+            blocks.append(f"<ul class='meta'>{items}</ul>")
+        else:
+            while i < len(lines) and lines[i] and not lines[i].startswith(("|", "- ")):
+                i += 1
+            blocks.append(f"<p class='meta'>{_inline(' '.join(lines[start:i]))}</p>")
+    return "\n".join(blocks)
+
+
+# --------------------------------------------------------------------------------------
 # The page
 # --------------------------------------------------------------------------------------
 
@@ -350,6 +521,8 @@ def build_report(
     statistics: Mapping[int, Any] | None = None,
     results: Sequence[tuple[str, Any]] | Mapping[str, Any] | None = None,
     grouped: Any | None = None,
+    baselines: Mapping[str, Any] | None = None,
+    probes: SavedProbeStudy | Any | None = None,
     original: Any | None = None,
     original_layer: int | None = None,
     missing: Sequence[str] = (),
@@ -361,8 +534,12 @@ def build_report(
     ``features``: a FunctionalFeatures set; ``statistics``: layer → LayerStatistics;
     ``results``: (name, JSON) pairs or a name → JSON mapping of evaluation results, sweeps
     ({proportion, edit_strength, direction, EM_C, EM_M} lists) or per-layer records;
-    ``grouped``: GroupedPrompts; ``original``: an ``OriginalCache`` (the paper's data).
-    Parts not given are listed in the page's "missing" box together with ``missing``.
+    ``grouped``: GroupedPrompts; ``baselines``: the ``table.json`` dictionary of
+    :func:`spare_tl.baselines.run_table` or its method → result mapping; ``probes``: a
+    :class:`SavedProbeStudy` or :class:`spare_tl.probes.ProbeStudy`; ``original``: an
+    ``OriginalCache`` (the paper's data). Parts not given are listed in the page's "missing"
+    box together with ``missing``; the baselines and the probe study, optional studies, only
+    say so in their own sections.
     """
     from spare_tl import figures as F
     from spare_tl.inspector import layer_drivers
@@ -405,6 +582,8 @@ def build_report(
             )
         else:
             notes.append(f"results {name}: not an evaluation result, sweep or per-layer records")
+
+    _baselines_section(page, baselines, notes)
 
     # -- functional features ------------------------------------------------------------
     page.add("<h2>Functional features</h2>")
@@ -458,6 +637,8 @@ def build_report(
         page.add("<p class='missing'>No grouped prompts.</p>")
         _note_absent(notes, "grouped prompts", "grouped prompts: none given")
 
+    _probes_section(page, probes, notes)
+
     # -- the paper's cache --------------------------------------------------------------
     if original is not None:
         _original_section(page, original, original_layer, notes, top_n)
@@ -483,6 +664,138 @@ def build_report(
         "with SAE features.</p>"
         f"{missing_html}{body}</body></html>\n"
     )
+
+
+def _baselines_section(page: _Page, baselines: Mapping[str, Any] | None, notes: list[str]) -> None:
+    from spare_tl import figures as F
+
+    page.add("<h2>Baselines</h2>")
+    if not baselines:
+        page.add(
+            "<p class='missing'>No baselines (<code>python -m spare_tl.baselines table</code> "
+            "writes them).</p>"
+        )
+        return
+    page.add(
+        "<p class='meta'>SpARE against other ways of steering in the same harness: the same "
+        "prompts, demonstrations, greedy decoding, exact match and held-out questions, each "
+        "method's settings chosen on the development (pool) questions only.</p>"
+    )
+    try:
+        if isinstance(baselines.get("rows"), list):  # table.json
+            markdown = baselines["markdown"]
+        else:
+            from spare_tl.baselines import baseline_table
+
+            markdown = baseline_table(baselines)
+    except (KeyError, TypeError, ValueError, StopIteration) as e:
+        notes.append(f"baselines: the table could not be written ({_first_line(e)})")
+        page.add("<p class='missing'>baselines: the table could not be written.</p>")
+    else:
+        page.add(_markdown_html(markdown))
+    page.attempt("baselines: method comparison", lambda: F.method_comparison(baselines), notes)
+
+
+def _latent_table(latents: Mapping[int, Mapping[str, Any]], shown: int = 5) -> str:
+    """One row per layer of ``latents.json``: overlaps of the conflict latents with SpARE's
+    functional features, against chance."""
+    rows = ""
+    for layer, lat in sorted(latents.items()):
+        ov = lat["overlap"]
+        ctx = {d["latent"] for d in lat["context_features"]}
+        mem = {d["latent"] for d in lat["memory_features"]}
+        n = max(len(lat["top_by_weight"]), len(lat["top_by_mutual_information"]))
+        top = ", ".join(
+            f"{d['latent']}"
+            + (" (C)" if d["latent"] in ctx else " (M)" if d["latent"] in mem else "")
+            for d in lat["top_by_weight"][:shown]
+        )
+        rows += (
+            f"<tr><td>{layer}</td><td>{n}</td><td>{len(ctx)} + {len(mem)}</td>"
+            f"<td>{ov['weight&context']} / {ov['weight&memory']}</td>"
+            f"<td>{ov['mutual_information&context']} / {ov['mutual_information&memory']}</td>"
+            f"<td>{lat['expected_overlap_by_chance']:.2f}</td><td>{lat['n_active']}</td>"
+            f"<td>{lat['n_nonzero_weights']}</td><td class='left'>{top or '–'}</td></tr>"
+        )
+    return (
+        "<table><tr><th>layer</th><th>top n</th><th>context + memory features</th>"
+        "<th>top n by |probe weight| ∩ context / memory features</th>"
+        "<th>top n by MI with the conflict label ∩ context / memory features</th>"
+        "<th>overlap expected by chance</th><th>active latents</th>"
+        f"<th>non-zero probe weights</th><th class='left'>top {shown} by |probe weight| "
+        f"(C / M: context / memory feature)</th></tr>{rows}</table>"
+    )
+
+
+def _probes_section(page: _Page, probes: Any | None, notes: list[str]) -> None:
+    from spare_tl import figures as F
+    from spare_tl.probes import probes_table
+
+    page.add("<h2>Detecting the conflict</h2>")
+    if probes is None:
+        page.add(
+            "<p class='missing'>No conflict probes (<code>python -m spare_tl.probes run</code> "
+            "writes them).</p>"
+        )
+        return
+    resid, sae, probe = probes.resid, probes.sae, getattr(probes, "probe", None)
+    latents = {
+        int(k): v.to_json() if hasattr(v, "to_json") else v
+        for k, v in (probes.latents or {}).items()
+    }
+    conditional = probes.conditional
+    page.add(
+        "<p class='meta'>Does the residual stream register the knowledge conflict? Linear "
+        "probes tell prompts with a conflicting context (<code>sub_context</code>) from the "
+        "same prompts with a consistent one (<code>org_context</code>) on held-out questions; "
+        "which SAE latents carry the signal, and whether they are SpARE's functional features; "
+        "and steering only when the probe flags a conflict.</p>"
+    )
+    page.add("<h3>Probe quality by layer</h3>")
+    if resid is not None or sae is not None:
+        page.attempt(
+            "conflict-probe quality by layer",
+            lambda: F.probe_quality_by_layer(*[r for r in (resid, sae) if r is not None]),
+            notes,
+        )
+    if resid is None:
+        page.add("<p class='missing'>No residual-stream probe results.</p>")
+    table = ""
+    if resid is not None:
+        try:
+            table = probes_table(resid, sae, probe=probe)
+        except (KeyError, TypeError, ValueError) as e:
+            notes.append(f"probes: the probe table could not be written ({_first_line(e)})")
+            page.add("<p class='missing'>probes: the probe table could not be written.</p>")
+        page.add(_markdown_html(table))
+
+    page.add("<h3>Which SAE latents carry the conflict</h3>")
+    if latents:
+        try:
+            page.add(_latent_table(latents))
+        except (KeyError, TypeError, ValueError) as e:
+            notes.append(f"probes: latents.json could not be shown ({_first_line(e)})")
+            page.add("<p class='missing'>probes: latents.json could not be shown.</p>")
+    else:
+        page.add("<p class='missing'>No conflict latents (latents.json).</p>")
+
+    page.add("<h3>Steering only on a detected conflict</h3>")
+    if conditional is None:
+        page.add("<p class='missing'>No conditional steering results.</p>")
+    elif resid is None:
+        page.add(
+            "<p class='missing'>The conditional steering results are shown with the "
+            "residual-stream probe results, which are missing.</p>"
+        )
+    else:
+        try:
+            full = probes_table(resid, sae, probe=probe, conditional=conditional)
+        except (KeyError, TypeError, ValueError) as e:
+            notes.append(f"probes: the conditional steering table failed ({_first_line(e)})")
+            page.add("<p class='missing'>probes: the conditional steering table failed.</p>")
+        else:
+            # probes_table appends the conditional part after the probe table
+            page.add(_markdown_html(full.removeprefix(table) if table else full))
 
 
 def _original_section(
@@ -622,7 +935,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="write one self-contained HTML page with the figures and results",
         description=(
             "Draw the layer-wise mutual information, MI against expectation, the behaviour "
-            "table and the steering results on one HTML page that opens offline. Parts not "
+            "table, the steering results, the baselines and the conflict probes on one HTML "
+            "page that opens offline. Parts not "
             f"given default to cache_data/<model>/ (model: {DEFAULT_MODEL}); missing ones "
             "are listed on the page."
         ),
@@ -631,6 +945,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--statistics", type=Path, help="mutual_information folder (layer*/...)")
     p.add_argument("--results", type=Path, nargs="+", help="results JSON files or folders")
     p.add_argument("--grouped", type=Path, help="grouped_prompts folder")
+    p.add_argument(
+        "--baselines", type=Path, metavar="DIR", help="baselines folder (table.json, <method>.json)"
+    )
+    p.add_argument(
+        "--probes",
+        type=Path,
+        metavar="DIR",
+        help="probes folder (resid/, sae/, latents.json, conditional/)",
+    )
     p.add_argument("--original", type=Path, help="a model folder of the paper's cache")
     p.add_argument("--original-layer", type=int, help="layer of the paper's cache to inspect")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model whose cache_data/ to use")
@@ -645,6 +968,8 @@ def _run_report(args: argparse.Namespace) -> int:
         statistics=args.statistics,
         results=args.results,
         grouped=args.grouped,
+        baselines=args.baselines,
+        probes=args.probes,
         original=args.original,
         model=args.model,
     )

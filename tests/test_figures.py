@@ -396,7 +396,8 @@ def test_report_reads_saved_stages(tmp_path, statistics, features):
     inputs = load_report_inputs(model="tiny", cache_root=tmp_path)
     assert sorted(inputs.statistics) == list(LAYERS)
     assert inputs.features is not None and len(inputs.results) == 2
-    assert [m for m in inputs.missing if "grouped prompts" not in m] == []
+    absent = ("grouped prompts", "baselines", "probes")  # not saved here
+    assert [m for m in inputs.missing if not m.startswith(absent)] == []
     page = build_report(**inputs.kwargs())
     assert "junk: not an evaluation result" in page
 
@@ -431,3 +432,359 @@ def test_report_cli(tmp_path, capsys):
     assert rc == 0 and out.exists()
     printed = capsys.readouterr().out
     assert "missing: functional features" in printed and f"wrote {out}" in printed
+
+
+# --------------------------------------------------------------------------------------
+# Baselines and conflict probes: the figure and the report's sections
+# --------------------------------------------------------------------------------------
+
+BASELINE_SETTINGS = {
+    "none": {},
+    "spare": {
+        "context": {"layers": [1, 2], "proportion": 0.2, "edit_strength": 3.0},
+        "memory": {"layers": [1, 2], "proportion": 0.2, "edit_strength": 3.0},
+    },
+    "icl": {"context": {"demo_type": "dss"}, "memory": {"demo_type": "dso"}},
+    "cad": {"context": {"alpha": 1.0}, "memory": {"alpha": -1.0}},
+}
+# (answers C, answers M) of the 4 items per seed (seeds 0, 1); the rest answer neither
+BASELINE_COUNTS = {
+    "no_steering": [(1, 2), (2, 1)],
+    "steer_to_context": [(3, 0), (4, 0)],
+    "steer_to_memory": [(0, 3), (1, 2)],
+}
+
+
+def write_baselines(directory) -> dict[str, dict]:
+    """``<method>.json`` (EvaluationResult.save), a sweep file and ``table.json`` written by
+    ``run_table`` itself (reusing the saved results), as ``python -m spare_tl.baselines``."""
+    from types import SimpleNamespace
+
+    from spare_tl import baselines as bl
+    from spare_tl.evaluation import EvaluationConfig, EvaluationResult, summarise
+
+    config = EvaluationConfig(seeds=(0, 1), n_shots=3)
+    relations = ["capital", "capital", "author", "author"]
+
+    def labels(n_context: int, n_memory: int) -> list[str]:
+        return ["context"] * n_context + ["memory"] * n_memory + ["neither"] * 4
+
+    for k, (name, settings) in enumerate(BASELINE_SETTINGS.items()):
+        conds = ["no_steering"] if name == "none" else list(BASELINE_COUNTS)
+        weaker = int(name in ("spare", "cad"))  # one answer M less when steered: varied rows
+        per_cond = {
+            c: {
+                s: labels(n_c, n_m - weaker * (c != "no_steering"))[:4]
+                for s, (n_c, n_m) in zip(config.seeds, BASELINE_COUNTS[c])
+            }
+            for c in conds
+        }
+        summary = summarise(per_cond, relations, list(config.seeds))
+        summary["method"] = {
+            "name": name,
+            "hyperparameters": settings,
+            "inference_time": name != "icl",
+            "extra_forward_passes_per_token": 1.0 if name == "cad" else 0.0,
+            "seconds_per_item": {c: 0.1 * (1 + k) for c in conds},
+            "time_relative_to_no_steering": {
+                c: 1.0 + 0.5 * k * (c != "no_steering") for c in conds
+            },
+        }
+        summary["protocol"] = {"n_shots": 3, "max_new_tokens": 12, "batch_size": 16}
+        result = EvaluationResult("tiny-llama", "builtin", 4, [0, 1], "doo", summary)
+        result.save(directory / f"{name}.json", directory / f"{name}-predictions.jsonl")
+    sweep = [
+        {"method": "cad", "direction": d, "hyperparameters": {"alpha": a}, "n": 4}
+        | {"EM_C": 50.0, "EM_M": 25.0, "neither": 25.0}
+        for d, a in (("none", 0.0), ("context", 1.0), ("memory", -1.0))
+    ]
+    bl.save_method_sweep(sweep, directory / "sweep-cad.json", {"method": "cad"})
+    setup = SimpleNamespace(  # answers only with the saved settings: run_table reuses them all
+        evaluation=[None] * 4,
+        pool=[],
+        model=None,
+        dataset="builtin",
+        progress=False,
+        method=lambda n: SimpleNamespace(hyperparameters=lambda d: BASELINE_SETTINGS[n][d]),
+    )
+    _, results = bl.run_table(
+        setup, list(BASELINE_SETTINGS), config=config, n_items=None, out_dir=directory, reuse=True
+    )
+    return results
+
+
+def write_probes(directory, *, with_sae: bool = True) -> dict:
+    """The files of ``spare_tl.probes.run_probe_study``, written by its own classes."""
+    from spare_tl import probes as P
+    from spare_tl.cache import write_json
+
+    config = {"n_questions": 12, "n_prompts": 24, "test_fraction": 0.25, "seeds": [0, 1]}
+    config["Cs"] = list(P.DEFAULT_CS)
+
+    def results(kind, layers, shift):
+        scores = {
+            k: P.LayerProbeScores(
+                k,
+                [0.6 + shift * k, 0.64 + shift * k],
+                [0.7 + shift * k, 0.66 + shift * k],
+                [0.1, 0.3],
+                [5, 7],
+            )
+            for k in layers
+        }
+        return P.ProbeResults(kind, "tiny-llama", scores, config=config)
+
+    resid = results("resid", (1, 2, 3), 0.08)
+    resid.save(directory / "resid" / "results.json")
+    sae = results("sae", (2, 3), 0.05)
+    if with_sae:
+        sae.save(directory / "sae" / "results.json")
+    probe = P.ConflictProbe(2, torch.ones(8), 0.1, torch.zeros(8), torch.ones(8), 0.5, 0.3)
+    probe.save(directory / "conflict_probe")
+    mi = torch.zeros(D_SAE)
+    mi[[3, 7, 5]] = torch.tensor([0.3, 0.2, 0.1])
+    weight = torch.zeros(D_SAE)
+    weight[[5, 3, 9]] = torch.tensor([0.9, -0.5, 0.2])
+    latents = {
+        2: P.ConflictLatents(
+            layer=2,
+            top_by_weight=[5, 3, 9],
+            top_by_mutual_information=[3, 7, 5],
+            weight=weight,
+            mutual_information=mi,
+            expectation=torch.linspace(-1, 1, D_SAE),
+            context_features=[3, 4],
+            memory_features=[9],
+            n_active=30,
+            C=0.3,
+        )
+    }
+    write_json(directory / "latents.json", {str(k): v.to_json() for k, v in latents.items()})
+
+    def cond(m, c):
+        return {"EM_M": m, "EM_M_std": 1.5, "EM_C": c, "EM_C_std": 0.5, "neither": 100 - m - c}
+
+    summary = {
+        "model": "tiny-llama",
+        "n_items": 10,
+        "seeds": [0, 1, 2],
+        "direction": "memory",
+        "demo_type": "doo",
+        "n_shots": 3,
+        "edit_strength": 3.0,
+        "feature_layers": [2, 3],
+        "probe": {"layer": 2, "threshold": 0.5, "C": 0.3},
+        "conflict": {
+            "no_steering": cond(20.0, 60.0),
+            "steer_always": cond(45.0, 30.0),
+            "steer_on_conflict": cond(41.0, 33.0),
+        },
+        "no_conflict": {
+            "no_steering": cond(80.0, 0.0),
+            "steer_always": cond(70.0, 0.0),
+            "steer_on_conflict": cond(79.0, 0.0),
+        },
+        "probe_on_eval": {
+            "flagged_conflict": 90.0,
+            "flagged_conflict_std": 2.0,
+            "flagged_no_conflict": 10.0,
+            "flagged_no_conflict_std": 1.0,
+            "auroc": 0.93,
+            "auroc_std": 0.01,
+            "gate_rows": 60,
+            "gate_flagged": 30,
+        },
+        "checks": {
+            "target_metric_on_conflict_rows": "EM_M",
+            "conflict_gain_always": 25.0,
+            "conflict_gain_conditional": 21.0,
+            "no_conflict_accuracy_drop_always": 10.0,
+            "no_conflict_accuracy_drop_conditional": 1.0,
+            "no_conflict_within_2_points": True,
+        },
+    }
+    P.ConditionalResult(summary).save(directory / "conditional" / "results.json")
+    return {"resid": resid, "sae": sae, "probe": probe, "latents": latents, "summary": summary}
+
+
+def _n_figures(page: str) -> int:
+    return len(re.findall(r'<div id="figure-\d+"', page))
+
+
+def test_method_comparison(tmp_path):
+    from spare_tl.baselines import table_rows
+
+    results = write_baselines(tmp_path / "baselines")
+    table = json.loads((tmp_path / "baselines" / "table.json").read_text())
+    rows = table["rows"]
+    fig = F.method_comparison(rows)
+    assert [type(t).__name__ for t in fig.data] == ["Bar", "Bar"]
+    em_c, em_m = fig.data
+    assert list(em_c.x) == list(em_m.x) == ["none", "spare", "icl", "cad"]
+    assert list(em_c.y) == [r["EM_C"] for r in rows]
+    assert list(em_c.error_y.array) == [r["EM_C_std"] for r in rows]
+    assert list(em_m.y) == [r["EM_M"] for r in rows]
+    assert list(em_m.error_y.array) == [r["EM_M_std"] for r in rows]
+    # none: unsteered; spare: steered to context (3 and 4 of 4 items answer C)
+    assert em_c.y[0] == results["none"]["no_steering"]["EM_C"] == 37.5
+    assert em_c.y[1] == results["spare"]["steer_to_context"]["EM_C"] == 87.5
+    assert em_m.y[1] == results["spare"]["steer_to_memory"]["EM_M"]
+    assert em_c.name == "EM_C, steering to context" and em_m.name == "EM_M, steering to memory"
+    assert [list(c) for c in em_c.customdata][3][:2] == [
+        1.0,
+        rows[3]["time_relative_to_no_steering"],
+    ]
+    assert fig.layout.xaxis.title.text == "method"
+    assert fig.layout.yaxis.title.text == "exact match (%)"
+    assert fig.layout.barmode == "group" and fig.layout.title.text
+    # table.json and the method -> result mapping give the same figure
+    assert rows == json.loads(json.dumps(table_rows(results)))
+    for other in (F.method_comparison(table), F.method_comparison(results)):
+        assert [list(t.y) for t in other.data] == [list(em_c.y), list(em_m.y)]
+    with pytest.raises(ValueError, match="no methods"):
+        F.method_comparison([])
+
+
+def test_report_shows_baselines_and_probes(tmp_path, features):
+    root = tmp_path / "tiny"  # features of model "tiny-llama" in cache_data/tiny/
+    features.save(root / "functional_features")
+    results = write_baselines(root / "baselines")
+    saved = write_probes(tmp_path / "tiny-llama" / "probes")  # the features' model's folder
+    inputs = load_report_inputs(model="tiny", cache_root=tmp_path)
+    assert not [m for m in inputs.missing if m.startswith(("baselines", "probes"))]
+    assert (
+        inputs.baselines["rows"]
+        == json.loads((root / "baselines" / "table.json").read_text())["rows"]
+    )
+    assert inputs.probes.resid.to_json() == saved["resid"].to_json()
+    assert inputs.probes.sae.to_json() == saved["sae"].to_json()
+    assert inputs.probes.probe.layer == 2 and sorted(inputs.probes.latents) == [2]
+    assert inputs.probes.conditional.to_json() == saved["summary"]
+
+    page = build_report(**inputs.kwargs())
+    assert _script_srcs(page) == []
+    assert _n_figures(page) == 2  # method comparison, probe quality by layer
+    base = page[page.index("<h2>Baselines</h2>") : page.index("<h2>Functional features</h2>")]
+    spare = results["spare"]
+    assert "<th>EM_C, to context</th>" in base and "<th>extra passes / token</th>" in base
+    ctx, mem = spare["steer_to_context"], spare["steer_to_memory"]
+    assert f"<td>{ctx['EM_C']:.1f} ± {ctx['EM_C_std']:.1f}</td>" in base
+    assert f"<td>{mem['EM_M']:.1f} ± {mem['EM_M_std']:.1f}</td>" in base
+    t = spare["transitions"]["EM_C->M"]
+    assert f"<td>{t['mean']:.1f} ± {t['std']:.1f}</td>" in base
+    assert "<td class='left'>icl *</td>" in base and "<code>cache_data/&lt;model&gt;" in base
+    assert "|---" not in base and "\\*" not in base
+    assert "Steering methods compared" in base
+
+    probes = page[page.index("<h2>Detecting the conflict</h2>") :]
+    assert "Knowledge-conflict probes" in probes
+    assert "<td>3 (best residual) (best SAE)</td>" in probes
+    layer3 = saved["resid"].layers[3]
+    assert f"{layer3.auroc_mean:.3f} ± {layer3.auroc_std:.3f}" in probes
+    assert "Deployed probe: layer 2" in probes
+    # latents: top 3 by weight 5, 3 (C), 9 (M); overlaps with the functional features
+    assert "<td>[3] / [9]</td>" in probes and "<td>[3] / []</td>" in probes
+    assert "5, 3 (C), 9 (M)" in probes
+    lat = saved["latents"][2]
+    assert f"<td>{lat.expected_overlap(3):.2f}</td>" in probes
+    assert "<td class='left'>steer when the probe flags a conflict</td>" in probes
+    assert "<td>41.0 ± 1.5</td>" in probes and "flags 90.0 % of conflict rows" in probes
+    assert probes.count("(best residual)") == 1  # the probe table is not repeated
+
+
+def test_report_baselines_from_method_results_without_table(tmp_path):
+    directory = tmp_path / "baselines"
+    results = write_baselines(directory)
+    (directory / "table.json").unlink()
+    inputs = load_report_inputs(
+        features=tmp_path,
+        statistics=tmp_path,
+        results=[tmp_path],
+        grouped=tmp_path,
+        baselines=directory,
+        probes=tmp_path / "no-probes",
+    )
+    assert list(inputs.baselines) == sorted(results)  # not sweep-cad.json nor predictions
+    assert inputs.baselines["cad"] == results["cad"]
+    page = build_report(**inputs.kwargs())
+    assert "<td class='left'>cad</td>" in page and _n_figures(page) == 1
+
+
+def test_report_says_when_baselines_and_probes_are_absent(tmp_path):
+    from types import SimpleNamespace
+
+    from spare_tl.probes import ConditionalResult
+
+    saved = write_probes(tmp_path / "probes", with_sae=False)
+    for name in ("latents.json", "conditional/results.json"):
+        (tmp_path / "probes" / name).unlink()
+    inputs = load_report_inputs(
+        features=tmp_path,
+        statistics=tmp_path,
+        results=[tmp_path],
+        grouped=tmp_path,
+        baselines=tmp_path / "none",
+        probes=tmp_path / "probes",
+    )
+    assert inputs.baselines is None and inputs.probes.resid is not None
+    joined = "\n".join(inputs.missing)
+    assert f"baselines: none in {tmp_path / 'none'}" in joined
+    for part in ("sae/results.json", "latents.json", "conditional/results.json"):
+        assert f"probes: no {part}" in joined
+    page = build_report(**inputs.kwargs())
+    assert "No baselines" in page and "No conflict latents" in page
+    assert "No conditional steering results" in page
+    assert _n_figures(page) == 1 and "(best residual)" in page
+    # nothing at all: both sections say so, and the box lists them
+    empty = load_report_inputs(
+        baselines=tmp_path / "a", probes=tmp_path / "b", model="none", cache_root=tmp_path
+    )
+    assert empty.baselines is None and empty.probes is None
+    page = build_report(**empty.kwargs())
+    assert "No baselines" in page and "No conflict probes" in page
+    assert "probes (detecting the conflict): none in" in page
+    # objects instead of files: a ProbeStudy's attributes (ConflictLatents, not their JSON)
+    study = SimpleNamespace(
+        resid=saved["resid"],
+        sae=None,
+        probe=None,
+        latents=saved["latents"],
+        conditional=ConditionalResult(saved["summary"]),
+    )
+    page = build_report(probes=study)
+    assert "<td>[3] / [9]</td>" in page and "flags 90.0 % of conflict rows" in page
+    assert "Deployed probe" not in page and _n_figures(page) == 1
+
+
+def test_report_cli_baselines_and_probes(tmp_path, capsys):
+    from spare_tl.cli import main
+
+    write_baselines(tmp_path / "b")
+    write_probes(tmp_path / "p")
+    out = tmp_path / "r.html"
+    none = str(tmp_path / "none")
+    rc = main(
+        [
+            "report",
+            "--features",
+            none,
+            "--statistics",
+            none,
+            "--results",
+            none,
+            "--grouped",
+            none,
+            "--baselines",
+            str(tmp_path / "b"),
+            "--probes",
+            str(tmp_path / "p"),
+            "--output",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "missing: baselines" not in printed and "missing: probes" not in printed
+    page = out.read_text()
+    assert "<h2>Baselines</h2>" in page and "Steering only on a detected conflict" in page
+    assert _n_figures(page) == 2
