@@ -28,8 +28,9 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) -m spare_tl.demo
 
+# the tests, then the three notebooks executed top to bottom (nbmake)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --nbmake --nbmake-timeout=900 tests notebooks
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
