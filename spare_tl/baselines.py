@@ -640,12 +640,16 @@ def evaluate_method(
     config: EvaluationConfig | None = None,
     dataset_name: str = "builtin",
     progress: bool = True,
+    shared_no_steering: dict[int, tuple[list[str], float]] | None = None,
 ) -> EvaluationResult:
     """:func:`spare_tl.evaluation.evaluate` for any method: same items, demonstrations (per
     seed), decoding and summary, plus the method's settings and measured cost.
 
-    The no-steering condition is always run; it is the time reference (wall time per item of
-    each condition relative to no steering). ``none`` runs only that condition.
+    The no-steering condition is always part of the result; it is the time reference (wall
+    time per item of each condition relative to no steering). ``none`` runs only that
+    condition. ``shared_no_steering`` (seed -> (answers, seconds)), filled by the first
+    method and reused by the next ones of the same run, saves re-running it: greedy
+    no-steering answers do not depend on the method.
     """
     config = config or EvaluationConfig()
     check_held_out(items, pool)
@@ -661,6 +665,11 @@ def evaluate_method(
         demos = evaluation_demonstrations(items, pool, config.n_shots, seed)
         answers: dict[str, list[str]] = {}
         for cond in conditions:
+            if cond == "no_steering" and shared_no_steering and seed in shared_no_steering:
+                answers[cond], spent = shared_no_steering[seed]
+                seconds[cond] += spent
+                labels[cond][seed] = [behaviour_label(a, it) for a, it in zip(answers[cond], items)]
+                continue
             start = time.perf_counter()
             answers[cond] = method.answer(
                 model,
@@ -673,7 +682,10 @@ def evaluate_method(
                 progress=progress,
                 desc=f"{method.name} seed {seed}: {cond}",
             )
-            seconds[cond] += time.perf_counter() - start
+            spent = time.perf_counter() - start
+            seconds[cond] += spent
+            if cond == "no_steering" and shared_no_steering is not None:
+                shared_no_steering[seed] = (list(answers[cond]), spent)
             labels[cond][seed] = [behaviour_label(a, it) for a, it in zip(answers[cond], items)]
         for i, it in enumerate(items):
             predictions.append(
@@ -1087,6 +1099,7 @@ def run_table(
     items = setup.evaluation[:n_items] if n_items else setup.evaluation
     protocol = _protocol(config, len(items), setup.dataset)
     results: dict[str, dict[str, Any]] = {}
+    shared: dict[int, tuple[list[str], float]] = {}  # no-steering answers, run once
     for name in methods:
         path = Path(out_dir) / f"{name}.json"
         method = setup.method(name)
@@ -1105,6 +1118,7 @@ def run_table(
             config=config,
             dataset_name=setup.dataset,
             progress=setup.progress,
+            shared_no_steering=shared,
         )
         result.save(path, Path(out_dir) / f"{name}-predictions.jsonl")
         results[name] = result.to_json()

@@ -459,3 +459,32 @@ def test_cli_method_option(setup, tmp_path, monkeypatch, capsys):
 def test_no_steering_is_a_method():
     assert NoSteering().name == "none" and NoSteering().hyperparameters("context") == {}
     assert isinstance(TaskVector({}, 1), SteeringMethod)
+
+
+def test_shared_no_steering_gives_the_same_result(setup):
+    method = setup.make("actadd", SETTINGS["actadd"])
+    alone = evaluate_method(setup.model, method, HELD_OUT, POOL, config=CONFIG, progress=False)
+    shared: dict = {}
+    first = evaluate_method(
+        setup.model,
+        NoSteering(),
+        HELD_OUT,
+        POOL,
+        config=CONFIG,
+        progress=False,
+        shared_no_steering=shared,
+    )
+    assert set(shared) == set(CONFIG.seeds)
+    again = evaluate_method(
+        setup.model,
+        method,
+        HELD_OUT,
+        POOL,
+        config=CONFIG,
+        progress=False,
+        shared_no_steering=shared,
+    )
+    for cond in ("no_steering", "steer_to_context", "steer_to_memory"):
+        assert again.summary[cond]["per_seed"] == alone.summary[cond]["per_seed"]
+    assert first.summary["no_steering"] == again.summary["no_steering"]
+    assert again.predictions == alone.predictions
