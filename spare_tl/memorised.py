@@ -106,13 +106,21 @@ def find_memorised(
     dataset_name: str = "builtin",
     n_shots: int = 4,
     seed: int = 0,
-    batch_size: int = 32,
-    max_new_tokens: int = 12,
+    batch_size: int = 64,
+    max_new_tokens: int = 8,
+    min_shared: int = 8,
     cache_root: Path | None = None,
     use_cache: bool = True,
     progress: bool = True,
 ) -> MemorisedSet:
-    """Closed-book greedy answers for ``items``; the memorised set is those with EM on M."""
+    """Closed-book greedy answers for ``items``; the memorised set is those with EM on M.
+
+    Items sharing a demonstration prefix (at least ``min_shared`` of them) are answered with
+    the prefix computed once; the rest in full-prompt batches. Batching does not change the
+    answers, so ``batch_size`` and ``min_shared`` are not part of the cache key. Eight new
+    tokens hold all but 13 of the built-in set's 2,585 answers; a closed-book answer still
+    running after eight tokens is almost never an exact match.
+    """
     config = {
         "stage": STAGE,
         "model": model.cfg.model_name,
@@ -134,7 +142,23 @@ def find_memorised(
         groups.setdefault(tuple(x.question for x in d), []).append(i)
     answers = [""] * len(items)
     bar = tqdm(total=len(items), desc="closed-book answers", disable=not progress)
+    # Items that are themselves demonstrations use a variant prefix shared by one or two
+    # items: one prefix pass each would cost more than answering them together in full.
+    singles = [i for idx in groups.values() if len(idx) < min_shared for i in idx]
+    if singles:
+        outs = greedy_generate(
+            model,
+            [closed_book_prompt(items[i], demos[i]) for i in singles],
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=False,
+        )
+        for i, out in zip(singles, outs):
+            answers[i] = out
+        bar.update(len(singles))
     for idx in groups.values():
+        if len(idx) < min_shared:
+            continue
         prefix = closed_book_prompt(items[idx[0]], demos[idx[0]])
         prefix = prefix[: prefix.rindex("question: ")]  # the shared demonstrations
         outs = greedy_generate(
