@@ -369,7 +369,12 @@ def test_report_is_self_contained(statistics, features):
 
 def test_report_lists_missing_parts(tmp_path):
     inputs = load_report_inputs(
-        features=tmp_path / "nope", statistics=tmp_path, results=[tmp_path], grouped=tmp_path
+        features=tmp_path / "nope",
+        statistics=tmp_path,
+        results=[tmp_path],
+        grouped=tmp_path,
+        baselines=tmp_path / "no-baselines",
+        probes=tmp_path / "no-probes",
     )
     assert inputs.features is None and not inputs.statistics and not inputs.results
     joined = "\n".join(inputs.missing)
