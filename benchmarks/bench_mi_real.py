@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 import torch
+from bench_mutual_info import spearman, top_overlap  # same directory
 
 
 def _layers(text: str) -> list[int]:
@@ -31,18 +32,6 @@ def _layers(text: str) -> list[int]:
         lo, hi = text.split("-")
         return list(range(int(lo), int(hi) + 1))
     return [int(x) for x in text.split(",")]
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(a, b).statistic)
-
-
-def top_overlap(a: np.ndarray, b: np.ndarray, k: int) -> float:
-    top_a = set(np.argsort(-a, kind="stable")[:k].tolist())
-    top_b = set(np.argsort(-b, kind="stable")[:k].tolist())
-    return len(top_a & top_b) / k
 
 
 def _timed(fn, *args, **kwargs) -> tuple[np.ndarray, float]:

@@ -58,6 +58,8 @@ from spare_tl.evaluation import (
     EvaluationResult,
     check_held_out,
     evaluation_demonstrations,
+    features_summary,
+    prediction_records,
     summarise,
 )
 from spare_tl.generation import (
@@ -687,18 +689,7 @@ def evaluate_method(
             if cond == "no_steering" and shared_no_steering is not None:
                 shared_no_steering[seed] = (list(answers[cond]), spent)
             labels[cond][seed] = [behaviour_label(a, it) for a, it in zip(answers[cond], items)]
-        for i, it in enumerate(items):
-            predictions.append(
-                {
-                    "seed": seed,
-                    "question": it.question,
-                    "relation": it.relation,
-                    "sub_answer": list(it.sub_answer),
-                    "org_answer": list(it.org_answer),
-                    **{f"{c}.prediction": answers[c][i] for c in conditions},
-                    **{f"{c}.label": labels[c][seed][i] for c in conditions},
-                }
-            )
+        predictions += prediction_records(seed, items, answers, labels, conditions)
     summary = summarise(labels, [it.relation for it in items], list(config.seeds))
     n = len(items) * len(config.seeds)
     base = max(seconds["no_steering"], 1e-9)
@@ -714,13 +705,7 @@ def evaluate_method(
     }
     features = getattr(method, "features", None)
     if features is not None:
-        summary["features"] = {
-            "layers": sorted(features.layers),
-            "proportion": features.proportion,
-            "edit_strength": features.edit_strength,
-            "edit_strength_to_memory": features.edit_strength_to_memory,
-            "counts": {str(k): list(v) for k, v in features.counts().items()},
-        }
+        summary["features"] = features_summary(features)
     summary["protocol"] = {
         "n_shots": config.n_shots,
         "max_new_tokens": config.max_new_tokens,

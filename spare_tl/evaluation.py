@@ -157,6 +157,39 @@ def evaluation_demonstrations(
     ]
 
 
+def prediction_records(
+    seed: int,
+    items: Sequence[ConflictItem],
+    answers: Mapping[str, Sequence[str]],
+    labels: Mapping[str, Mapping[int, Sequence[str]]],
+    conditions: Sequence[str],
+) -> list[dict[str, Any]]:
+    """One record per item of one seed: the item, each condition's prediction and label."""
+    return [
+        {
+            "seed": seed,
+            "question": it.question,
+            "relation": it.relation,
+            "sub_answer": list(it.sub_answer),
+            "org_answer": list(it.org_answer),
+            **{f"{c}.prediction": answers[c][i] for c in conditions},
+            **{f"{c}.label": labels[c][seed][i] for c in conditions},
+        }
+        for i, it in enumerate(items)
+    ]
+
+
+def features_summary(features: FunctionalFeatures) -> dict[str, Any]:
+    """The feature set's settings as stored beside evaluation results."""
+    return {
+        "layers": sorted(features.layers),
+        "proportion": features.proportion,
+        "edit_strength": features.edit_strength,
+        "edit_strength_to_memory": features.edit_strength_to_memory,
+        "counts": {str(k): list(v) for k, v in features.counts().items()},
+    }
+
+
 def evaluate(
     model,
     items: Sequence[ConflictItem],
@@ -207,27 +240,10 @@ def evaluate(
                     desc=f"seed {seed}: {cond}",
                 )
             labels[cond][seed] = [behaviour_label(a, it) for a, it in zip(answers[cond], items)]
-        for i, it in enumerate(items):
-            predictions.append(
-                {
-                    "seed": seed,
-                    "question": it.question,
-                    "relation": it.relation,
-                    "sub_answer": list(it.sub_answer),
-                    "org_answer": list(it.org_answer),
-                    **{f"{c}.prediction": answers[c][i] for c in config.conditions},
-                    **{f"{c}.label": labels[c][seed][i] for c in config.conditions},
-                }
-            )
+        predictions += prediction_records(seed, items, answers, labels, config.conditions)
     summary = summarise(labels, [it.relation for it in items], list(config.seeds))
     if features is not None:
-        summary["features"] = {
-            "layers": sorted(features.layers),
-            "proportion": features.proportion,
-            "edit_strength": features.edit_strength,
-            "edit_strength_to_memory": features.edit_strength_to_memory,
-            "counts": {str(k): list(v) for k, v in features.counts().items()},
-        }
+        summary["features"] = features_summary(features)
     return EvaluationResult(
         model=model.cfg.model_name,
         dataset=dataset_name,
