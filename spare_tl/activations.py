@@ -3,8 +3,8 @@
 * **Activations**: the residual stream ``blocks.{l}.hook_resid_post`` at the last prompt
   position of every kept grouped prompt, for the chosen layers, in one forward pass that
   stops after the deepest one (``stop_at_layer``).
-* **Feature statistics** per layer: SAE codes (the SAE's own ``encode``: post-top-k for
-  TopK SAEs), mutual information with the behaviour label (k-NN estimator, 3 neighbours, on
+* **Feature statistics** per layer: SAE codes (``latent_code``: the SAE's own ``encode``,
+  or for TopK SAEs the ReLU code before the top-k cut), mutual information with the behaviour label (k-NN estimator, 3 neighbours, on
   min-max-normalised codes), the expectation difference E, and the confidence-weighted
   mean codes z̄_C and z̄_M.
 * **Functional features**: selection at proportion K (see :mod:`spare_tl.features`).
@@ -33,7 +33,14 @@ from spare_tl.features import (
 )
 from spare_tl.generation import _tokenize, left_pad
 from spare_tl.mutual_info import expectation_difference, mutual_information
-from spare_tl.saes import encode_latents, hook_name, sae_identity, validate_sae
+from spare_tl.saes import (
+    check_latent_code,
+    encode_latents,
+    hook_name,
+    is_topk,
+    sae_identity,
+    validate_sae,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +162,7 @@ class LayerStatistics:
     memory_activations: Float[Tensor, " d_sae"]  # z̄_M
     n_context: int
     n_memory: int
+    latent_code: str = "encode"  # the SAE code the statistics were computed on
 
     def save(self, directory: Path) -> None:
         cache.write_tensors(
@@ -171,6 +179,7 @@ class LayerStatistics:
                 "sae_id": self.sae_id,
                 "n_context": str(self.n_context),
                 "n_memory": str(self.n_memory),
+                "latent_code": self.latent_code,
             },
         )
 
@@ -187,6 +196,7 @@ class LayerStatistics:
             sae_id=meta["sae_id"],
             n_context=int(meta["n_context"]),
             n_memory=int(meta["n_memory"]),
+            latent_code=meta.get("latent_code", "encode"),
             **t,
         )
 
@@ -200,6 +210,7 @@ def layer_statistics(
     hook: str,
     sae_id: str,
     seed: int = 0,
+    latent_code: str = "encode",
     progress: bool = False,
 ) -> LayerStatistics:
     """MI, E and the confidence-weighted group means from one layer's SAE codes."""
@@ -214,6 +225,7 @@ def layer_statistics(
         memory_activations=confidence_weighted_mean(codes[mem], weights[mem]).float(),
         n_context=int(ctx.sum()),
         n_memory=int(mem.sum()),
+        latent_code=latent_code,
     )
 
 
@@ -223,11 +235,14 @@ def feature_statistics(
     saes: Mapping[int, Any],
     *,
     seed: int = 0,
+    latent_code: str = "encode",
     cache_root: Path | None = None,
     use_cache: bool = True,
     progress: bool = True,
 ) -> dict[int, LayerStatistics]:
-    """Stage 3: per-layer statistics (cached per layer under ``mutual_information/``)."""
+    """Stage 3: per-layer statistics (cached per layer under ``mutual_information/``) on the
+    SAE code ``latent_code`` (``"encode"`` or ``"relu_pre"``, see :mod:`spare_tl.saes`)."""
+    check_latent_code(latent_code)
     directory = cache.stage_dir(model.cfg.model_name, "mutual_information", cache_root)
     out: dict[int, LayerStatistics] = {}
     for layer in tqdm(sorted(saes), desc="feature statistics", disable=not progress):
@@ -247,12 +262,18 @@ def feature_statistics(
             "activations": activations.config.get("grouped_hash"),
             "estimator": "kNN (Ross 2014), 3 neighbours, min-max normalised",
             "seed": seed,
+            "latent_code": latent_code,
         }
         layer_dir = directory / f"layer{layer}"
         if use_cache and cache.is_fresh(layer_dir, config):
             out[layer] = LayerStatistics.load(layer_dir / f"layer{layer}.safetensors")
             continue
-        codes = encode_latents(sae, activations.resid[layer]).float().cpu()
+        if latent_code != "encode" and not is_topk(sae):
+            raise ValueError(
+                f"layer {layer}: latent code {latent_code!r} needs a TopK SAE, got "
+                f"{type(sae).__name__}; use latent_code='encode'"
+            )
+        codes = encode_latents(sae, activations.resid[layer], latent_code).float().cpu()
         stats = layer_statistics(
             codes,
             activations.labels,
@@ -261,6 +282,7 @@ def feature_statistics(
             hook=hook_name(sae),
             sae_id=sae_identity(sae),
             seed=seed,
+            latent_code=latent_code,
         )
         if use_cache:
             stats.save(layer_dir)
@@ -298,6 +320,7 @@ def functional_features(
             memory_features=mem,
             context_activations=s.context_activations,
             memory_activations=s.memory_activations,
+            latent_code=s.latent_code,
         )
     return FunctionalFeatures(
         model_name=model_name,

@@ -206,6 +206,7 @@ class SpareMethod(PromptMethod):
             "layers": sorted(self.features.layers),
             "proportion": self.features.proportion,
             "edit_strength": self.features.strength(direction) if alpha is None else alpha,
+            "latent_code": self.features.latent_code,
         }
 
     def steering(self, model, direction: Direction) -> AbstractContextManager[Any]:

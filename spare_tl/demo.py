@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"Functional features: layers {sorted(features.layers)}, K = {features.proportion}, "
         f"α = {features.strength('context')} (to context) / {features.strength('memory')} "
-        f"(to memory); (context, memory) features per layer: {features.counts()}\n"
+        f"(to memory); SAE code {features.latent_code!r}; (context, memory) features per "
+        f"layer: {features.counts()}\n"
     )
     split = memorised_split(model, features, "builtin", progress=False)
     held_out = split.evaluation

@@ -186,6 +186,7 @@ def features_summary(features: FunctionalFeatures) -> dict[str, Any]:
         "proportion": features.proportion,
         "edit_strength": features.edit_strength,
         "edit_strength_to_memory": features.edit_strength_to_memory,
+        "latent_code": features.latent_code,
         "counts": {str(k): list(v) for k, v in features.counts().items()},
     }
 

@@ -19,6 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from spare_tl.cache import read_json, read_tensors, write_json, write_tensors
+from spare_tl.saes import check_latent_code
 
 FORMAT_VERSION = 1
 
@@ -79,12 +80,14 @@ class LayerFeatures:
     context_activations: Float[Tensor, " d_sae"]  # z̄_C
     memory_activations: Float[Tensor, " d_sae"]  # z̄_M
     sae_id: str = ""
+    latent_code: str = "encode"  # which SAE code the statistics and the edit use (spare_tl.saes)
 
     @property
     def d_sae(self) -> int:
         return int(self.context_activations.shape[0])
 
     def __post_init__(self) -> None:
+        check_latent_code(self.latent_code)
         self.context_features = torch.as_tensor(self.context_features, dtype=torch.long)
         self.memory_features = torch.as_tensor(self.memory_features, dtype=torch.long)
         if self.context_activations.shape != self.memory_activations.shape:
@@ -119,6 +122,14 @@ class FunctionalFeatures:
             return self.edit_strength_to_memory
         return self.edit_strength
 
+    @property
+    def latent_code(self) -> str:
+        """The latent code of the set ("encode" or "relu_pre"; see :mod:`spare_tl.saes`)."""
+        codes = {f.latent_code for f in self.layers.values()}
+        if len(codes) > 1:
+            raise ValueError(f"layers use different latent codes: {sorted(codes)}")
+        return codes.pop() if codes else "encode"
+
     def counts(self) -> dict[int, tuple[int, int]]:
         """(context features, memory features) per layer."""
         return {
@@ -136,7 +147,11 @@ class FunctionalFeatures:
             tensors[f"layer{layer}.memory_features"] = f.memory_features
             tensors[f"layer{layer}.context_activations"] = f.context_activations.float()
             tensors[f"layer{layer}.memory_activations"] = f.memory_activations.float()
-            layer_meta[str(layer)] = {"hook_name": f.hook_name, "sae_id": f.sae_id}
+            layer_meta[str(layer)] = {
+                "hook_name": f.hook_name,
+                "sae_id": f.sae_id,
+                "latent_code": f.latent_code,
+            }
         write_tensors(directory / "features.safetensors", tensors)
         write_json(
             directory / "features.json",
@@ -174,6 +189,7 @@ class FunctionalFeatures:
                 layer=layer,
                 hook_name=info["hook_name"],
                 sae_id=info.get("sae_id", ""),
+                latent_code=info.get("latent_code", "encode"),
                 context_features=tensors[f"layer{layer}.context_features"],
                 memory_features=tensors[f"layer{layer}.memory_features"],
                 context_activations=tensors[f"layer{layer}.context_activations"],

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from spare_tl.cache import mark_complete, write_json, write_jsonl, write_tensors
 from spare_tl.features import FunctionalFeatures, LayerFeatures, select_functional_features
+from spare_tl.saes import check_latent_code
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,14 @@ PAPER_SETTINGS: dict[str, PaperSetting] = {
     "Meta-Llama-3-8B": PaperSetting((13, 14, 15, 16), 0.07, 2.0),
     "Llama-2-7b-hf": PaperSetting((12, 13, 14, 15), 0.07, 2.0),  # paper text: K=0.06, α=2.2
     "gemma-2-9b": PaperSetting((23, 24, 25, 29, 30, 31), 0.01, 3.0, 1.8),
+}
+
+# The SAE code the original statistics and z̄ were computed on: ReLU pre-activations before the
+# top-k cut for the TopK SAEs of the Llama models, the post-JumpReLU code for Gemma Scope.
+ORIGINAL_LATENT_CODES: dict[str, str] = {
+    "Meta-Llama-3-8B": "relu_pre",
+    "Llama-2-7b-hf": "relu_pre",
+    "gemma-2-9b": "encode",
 }
 
 
@@ -509,8 +518,13 @@ def import_original(
     hook_template: str = DEFAULT_HOOK_TEMPLATE,
     sae_ids: Mapping[int, str] | None = None,
     model_name: str | None = None,
+    latent_code: str | None = None,
 ) -> FunctionalFeatures:
     """The paper's functional features at ``layers`` and proportion K, as spare-tl features.
+
+    ``latent_code`` defaults to the code the original statistics were computed on
+    (:data:`ORIGINAL_LATENT_CODES`: ``"relu_pre"`` for the Llama TopK SAEs, ``"encode"`` for
+    Gemma Scope), so spare-tl's edit encodes as the original code did.
 
     Selection uses :func:`select_functional_features` on the cached MI and expectation;
     z̄_C / z̄_M come from ``func_weights``. ``hook_template`` names each layer's hook
@@ -522,6 +536,7 @@ def import_original(
         raise ValueError(
             f"proportion K must be in (0, 1], got {proportion}; the paper uses 0.01-0.10"
         )
+    code = check_latent_code(latent_code or ORIGINAL_LATENT_CODES.get(cache.model_name, "encode"))
     layers = [int(layer) for layer in layers]
     if not layers:
         raise ValueError("give at least one layer to import")
@@ -567,6 +582,7 @@ def import_original(
             context_activations=context_mean.float(),
             memory_activations=memory_mean.float(),
             sae_id=sae_ids.get(layer, ""),
+            latent_code=code,
         )
         selected[str(layer)] = int(context_ids.numel() + memory_ids.numel())
         logger.info(

@@ -16,6 +16,7 @@ import tomllib
 from spare_tl import cache
 from spare_tl.behaviours import BehaviourConfig
 from spare_tl.evaluation import EvaluationConfig
+from spare_tl.saes import check_latent_code
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class PipelineConfig:
     cache_root: str = ""
     batch_size: int = 16
     mi_seed: int = 0
+    latent_code: str = "encode"  # "encode" (the SAE's own) or "relu_pre" (TopK, before the cut)
 
     def __post_init__(self) -> None:
         if isinstance(self.behaviours, dict):
@@ -62,6 +64,7 @@ class PipelineConfig:
             raise ValueError(f"proportion K must be in (0, 1], got {self.proportion}")
         if self.edit_strength < 0 or (self.edit_strength_to_memory or 0) < 0:
             raise ValueError("edit strength α must be >= 0")
+        check_latent_code(self.latent_code)
         if self.pool_size < 2:
             raise ValueError("pool_size must be at least 2")
         for t in self.behaviours.demo_types:
@@ -169,7 +172,13 @@ def run_pipeline(
     if stop == 2:
         return out
     out.statistics = feature_statistics(
-        model, out.activations, saes, seed=config.mi_seed, cache_root=root, progress=progress
+        model,
+        out.activations,
+        saes,
+        seed=config.mi_seed,
+        latent_code=config.latent_code,
+        cache_root=root,
+        progress=progress,
     )
     if stop == 3:
         return out

@@ -4,18 +4,24 @@ Sources: a SAELens pretrained release + id (hub), a local SAELens folder (``cfg.
 ``sae_weights.safetensors``), or an EleutherAI ``sparsify`` folder (``cfg.json`` +
 ``sae.safetensors``, e.g. the paper's Llama-3-8B SAEs) through SAELens's converter.
 
-SAE codes: spare-tl uses the SAE's own ``encode`` everywhere, i.e. the **post-top-k** code
-for TopK SAEs and the post-JumpReLU code for JumpReLU SAEs (Gemma Scope). The same
-definition feeds the statistics (mutual information, expectation) and the edit.
+SAE codes (the *latent code*), chosen per feature set and used for both the statistics
+(mutual information, expectation, z̄) and the edit:
+
+- ``"encode"``: the SAE's own ``encode``, i.e. the **post-top-k** code for TopK SAEs and the
+  post-JumpReLU code for JumpReLU SAEs (Gemma Scope);
+- ``"relu_pre"``: for TopK SAEs, ReLU of the encoder pre-activations *before* the top-k cut
+  (scaled by the decoder norms where the SAE does so), as SpARE's released code does for
+  its TopK SAEs. Dense enough for the k-NN mutual information to rank latents reliably.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Float
@@ -24,6 +30,9 @@ from torch import Tensor
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 CFG = "cfg.json"
+
+LatentCode = Literal["encode", "relu_pre"]
+LATENT_CODES: tuple[str, ...] = ("encode", "relu_pre")
 
 
 class SAEError(ValueError):
@@ -248,8 +257,50 @@ def sae_layer_from_folder(path: Path) -> int:
     return int(m.group(1) or m.group(2))
 
 
-def encode_latents(sae, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_sae"]:
-    """SAE codes of residual activations (the SAE's own ``encode``; post-top-k for TopK)."""
+def check_latent_code(code: str) -> str:
+    if code not in LATENT_CODES:
+        raise ValueError(f"latent code must be one of {LATENT_CODES}, got {code!r}")
+    return code
+
+
+def is_topk(sae: Any) -> bool:
+    """Whether ``sae`` selects its code with a top-k cut (SAELens TopK, sparsify)."""
+    fn = getattr(sae, "activation_fn", None)
+    return type(fn).__name__ == "TopK" or getattr(sae.cfg, "architecture", None) == "topk"
+
+
+@contextmanager
+def _without_topk(sae: Any) -> Iterator[None]:
+    """Swap the SAE's top-k activation for a ReLU inside the block (restored on exit)."""
+    original = sae.activation_fn
+    sae.activation_fn = torch.nn.ReLU()
+    try:
+        yield
+    finally:
+        sae.activation_fn = original
+
+
+def encode_with(sae: Any, resid: Tensor, code: str = "encode") -> Tensor:
+    """``sae``'s latent code ``code`` of ``resid`` in the SAE's dtype and device (autograd as
+    the caller set it)."""
+    check_latent_code(code)
+    if code == "encode":
+        return sae.encode(resid)
+    if not is_topk(sae) or not hasattr(sae, "activation_fn"):
+        raise ValueError(
+            f"latent code 'relu_pre' (ReLU before the top-k cut) needs a TopK SAE, got "
+            f"{type(sae).__name__}; use code 'encode' for JumpReLU/ReLU SAEs"
+        )
+    with _without_topk(sae):
+        return sae.encode(resid)
+
+
+def encode_latents(
+    sae, resid: Float[Tensor, "... d_model"], code: str = "encode"
+) -> Float[Tensor, "... d_sae"]:
+    """SAE codes of residual activations, without gradients (see the module's latent codes:
+    ``"encode"`` is the SAE's own ``encode``, post-top-k for TopK; ``"relu_pre"`` the ReLU
+    pre-activations before the top-k cut)."""
     dtype = sae.W_enc.dtype
     with torch.no_grad():
-        return sae.encode(resid.to(device=sae.W_enc.device, dtype=dtype))
+        return encode_with(sae, resid.to(device=sae.W_enc.device, dtype=dtype), code)

@@ -8,8 +8,10 @@ The edit is a pure function of (residual activations, SAE, functional features, 
 - h' = h + decode(z − r + a) − decode(z), so decoder biases cancel and the SAE's run-time
   input/output normalisation is respected.
 
-z is the SAE's own ``encode`` output (post-top-k for TopK SAEs, post-JumpReLU for JumpReLU
-SAEs), the same definition used for the feature statistics.
+z is the feature set's latent code (``LayerFeatures.latent_code``, the definition its
+statistics were computed with): the SAE's own ``encode`` (post-top-k for TopK SAEs,
+post-JumpReLU for JumpReLU SAEs) or, for TopK SAEs, the ReLU pre-activations before the top-k
+cut (``"relu_pre"``, SpARE's released code).
 
 :func:`steer` applies the edit at ``blocks.{l}.hook_resid_post`` of each edited layer, at the
 last prompt position only, once before decoding: with the KV cache the edit is carried to
@@ -35,6 +37,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from spare_tl.features import FunctionalFeatures, LayerFeatures
+from spare_tl.saes import encode_with
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -190,7 +193,8 @@ def spare_edit(
     edit_strength: float,
     stats: EditStats | None = None,
 ) -> Float[Tensor, "*batch d_model"]:
-    """SpARE-edit residual activations: h + decode(z − r + a) − decode(z), z = sae.encode(h).
+    """SpARE-edit residual activations: h + decode(z − r + a) − decode(z), z the SAE code of h
+    (``features.latent_code``: ``sae.encode(h)`` or the pre-top-k ReLU code).
 
     Computed in the SAE's dtype and cast back to ``resid``'s. With α = 0 or no features, or
     in rows where the edit removes and adds nothing, ``resid`` comes back bitwise unchanged.
@@ -201,7 +205,7 @@ def spare_edit(
     _check_widths(resid, sae, features)
     if _is_noop(features, alpha) or resid.numel() == 0:
         return resid
-    z = sae.encode(resid)
+    z = encode_with(sae, resid, features.latent_code)
     removed, added = spare_edit_latents(z, features, direction, alpha)
     # One decode call for both codes: SAELens keeps the input-normalisation state of the last
     # `encode` for exactly one `decode`, and it broadcasts over the new leading dimension.

@@ -146,7 +146,6 @@ def _display_path(path: Path) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``python -m spare_tl.sweep CONFIG``: sweep on the pool, save, write the best features."""
     import argparse
-    import json
     import time
 
     import torch
@@ -160,6 +159,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strengths", type=float, nargs="+", default=[1.0, 2.0, 3.0])
     parser.add_argument("--n-items", type=int, default=48)
     parser.add_argument("--write-features", action="store_true", help="save the best setting")
+    parser.add_argument(
+        "--output",
+        default=None,
+        help="folder for sweep.json (default: cache_data/<model>/sweep/); parallel runs of "
+        "parts of a grid write to separate folders and are joined with --combine",
+    )
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        default=None,
+        metavar="SWEEP_JSON",
+        help="join these sweep.json files (same dev set) instead of running a sweep",
+    )
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     start = time.time()
@@ -170,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(config.model)
     saes = load_saes_for_layers(model, config.saes, config.layers)
     result = run_pipeline(config, until="statistics", model=model, saes=saes)
+    directory = Path(args.output) if args.output else cache.stage_dir(model.cfg.model_name, "sweep")
+    if args.combine:
+        records, sweep_config = combine_sweeps([Path(p) for p in args.combine])
+        save_sweep(records, directory, sweep_config)
+        return _report(records, result, config, model, directory, args.write_features)
     layer_sets = (
         [list(range(int(a), int(b) + 1)) for a, b in (s.split("-") for s in args.layer_sets)]
         if args.layer_sets
@@ -185,19 +202,61 @@ def main(argv: list[str] | None = None) -> int:
         strengths=args.strengths,
         n_items=args.n_items,
     )
-    directory = cache.stage_dir(model.cfg.model_name, "sweep")
     sweep_config = {
         "layer_sets": layer_sets,
         "proportions": args.proportions,
         "strengths": args.strengths,
         "n_items": args.n_items,
+        "latent_code": config.latent_code,
         "dev_set": "pool questions, demonstrations from the rest of the pool (doo, 3 shots, seed 0)",
         "seconds": round(time.time() - start),
     }
     save_sweep(records, directory, sweep_config)
+    return _report(records, result, config, model, directory, args.write_features)
+
+
+def combine_sweeps(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Join sweep.json files of parts of one grid: one no-steering record (they must agree:
+    same dev set), every steered record once; the grid lists and seconds are merged."""
+    if not paths:
+        raise ValueError("nothing to combine: pass sweep.json files")
+    parts = [cache.read_json(p) for p in paths]
+    base = parts[0]["records"][0]
+    for path, part in zip(paths, parts):
+        first = part["records"][0]
+        if first["direction"] != "none" or first != base:
+            raise ValueError(
+                f"{path}: its no-steering record differs from {paths[0]}'s; the parts were "
+                "not run on the same dev set and model"
+            )
+    records = [base]
+    seen = set()
+    for part in parts:
+        for rec in part["records"][1:]:
+            key = (rec["direction"], tuple(rec["layers"]), rec["proportion"], rec["edit_strength"])
+            if key not in seen:
+                seen.add(key)
+                records.append(rec)
+    config = dict(parts[0]["config"])
+    for key in ("layer_sets", "proportions", "strengths"):
+        merged: list[Any] = []
+        for part in parts:
+            for value in part["config"].get(key, []):
+                if value not in merged:
+                    merged.append(value)
+        config[key] = merged
+    config["seconds"] = sum(part["config"].get("seconds", 0) for part in parts)
+    config["combined_from"] = [_display_path(p) for p in paths]
+    return records, config
+
+
+def _report(records, result, config, model, directory: Path, write_features: bool) -> int:
+    """Print the best settings; with ``write_features``, save the chosen feature set."""
+    import json
+
     best = best_settings(records)
     print(json.dumps({"no_steering": records[0], **best}, indent=1))
-    if args.write_features:
+    if write_features:
         ctx, mem = best["context"], best["memory"]
         layers = sorted(set(ctx["layers"]) | set(mem["layers"]))
         if ctx["layers"] != mem["layers"] or ctx["proportion"] != mem["proportion"]:

@@ -120,6 +120,8 @@ def test_import_reproduces_paper_counts(reference_cache: Path, model, expected, 
     assert features.counts() == expected
     assert features.model_name == model
     assert features.metadata["source"] == "spare-original-cache"
+    # the original statistics: pre-top-k ReLU codes for the Llama TopK SAEs
+    assert features.latent_code == ("encode" if model == "gemma-2-9b" else "relu_pre")
     for layer, f in features.layers.items():
         assert f.hook_name == f"blocks.{layer}.hook_resid_post"
         assert f.d_sae == 131072
@@ -476,6 +478,7 @@ def _remap(features: FunctionalFeatures, mapping: dict[int, int]) -> FunctionalF
             memory_features=f.memory_features,
             context_activations=f.context_activations,
             memory_activations=f.memory_activations,
+            latent_code=f.latent_code,
         )
     return FunctionalFeatures(
         model_name="tiny-llama",
