@@ -1184,6 +1184,7 @@ def run_probe_study(
     top_n: int = 20,
     conditional: bool = True,
     n_items: int = 100,
+    probe_items: int = 0,
     eval_seeds: Sequence[int] = (0, 1, 2),
     direction: Literal["memory", "context"] = "memory",
     batch_size: int = 16,
@@ -1191,19 +1192,31 @@ def run_probe_study(
     use_cache: bool = True,
     progress: bool = True,
 ) -> ProbeStudy:
-    """The whole study: probe data from the pool (development) questions, residual and SAE
+    """The whole study: probe data from the pool (development) questions (plus ``probe_items``), residual and SAE
     probes per layer, the deployed probe (best residual layer ≤ the first edited layer,
-    refitted on every pool question), conflict latents at the feature layers, and
+    refitted on every probe question), conflict latents at the feature layers, and
     conditional steering on held-out questions. Stages are cached under
     ``cache_data/<model>/probes/``.
+
+    ``probe_items`` adds that many held-out questions to the probe data, taken from the
+    *end* of ``evaluation``; the conditional-steering items are its first ``n_items``, and
+    the two never overlap (demonstrations always come from the pool).
     """
     directory = cache.stage_dir(model.cfg.model_name, STAGE, cache_root)
     layers = check_layers(model, layers)
+    if probe_items < 0:
+        raise ValueError(f"probe_items must be >= 0, got {probe_items}")
+    if probe_items and n_items + probe_items > len(evaluation):
+        raise ValueError(
+            f"{n_items} conditional-steering items + {probe_items} probe items exceed the "
+            f"{len(evaluation)} held-out questions; lower --probe-items or --n-items"
+        )
+    probe_questions = list(pool) + (list(evaluation[-probe_items:]) if probe_items else [])
     first_edit = min(features.layers)
     sae_layers = sorted(k for k in saes if k in layers)
     dataset = build_probe_dataset(
         model,
-        pool,
+        probe_questions,
         pool,
         layers,
         n_shots=n_shots,
@@ -1385,6 +1398,7 @@ def _run(args: argparse.Namespace) -> int:
         top_n=args.top_n,
         conditional=not args.no_conditional,
         n_items=args.n_items,
+        probe_items=args.probe_items,
         eval_seeds=args.eval_seeds,
         direction=args.direction,
         batch_size=args.batch_size,
@@ -1394,7 +1408,8 @@ def _run(args: argparse.Namespace) -> int:
     layer_text = " ".join(args.layers)
     table += (
         f"\nRegenerate: `python -m spare_tl.probes run --layers {layer_text} --seeds "
-        f"{' '.join(map(str, args.seeds))} --n-items {args.n_items} --eval-seeds "
+        f"{' '.join(map(str, args.seeds))} --n-items {args.n_items} "
+        f"--probe-items {args.probe_items} --eval-seeds "
         f"{' '.join(map(str, args.eval_seeds))}` ({time.time() - start:.0f} s on the 2-core CPU)."
     )
     (study.directory / "probes.md").write_text(table + "\n")
@@ -1424,6 +1439,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--threshold", type=float, default=0.5)
     run.add_argument("--top-n", type=int, default=20)
     run.add_argument("--n-items", type=int, default=100)
+    run.add_argument(
+        "--probe-items",
+        type=int,
+        default=0,
+        help="held-out questions (from the end of the held-out list) added to the probe data",
+    )
     run.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1, 2])
     run.add_argument("--direction", default="memory", choices=["memory", "context"])
     run.add_argument("--no-conditional", action="store_true")

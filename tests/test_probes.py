@@ -524,3 +524,27 @@ def test_probe_quality_figure_structure():
     assert layout.title.text
     only = probe_quality_by_layer(resid)
     assert len(only.data) == 2
+
+
+def test_probe_items_add_held_out_questions_disjoint_from_the_steering_items(model, tmp_path):
+    features, saes = make_features(), make_saes()
+    pool, evaluation = make_items(12, start=100), make_items(3)
+    kwargs = dict(layers=[0, 1], seeds=(0,), n_shots=1, top_n=5, cache_root=tmp_path)
+    with pytest.raises(ValueError, match="exceed the 3 held-out questions"):
+        run_probe_study(model, features, saes, pool, evaluation, n_items=2, probe_items=2, **kwargs)
+    study = run_probe_study(
+        model,
+        features,
+        saes,
+        pool,
+        evaluation,
+        n_items=1,
+        probe_items=2,
+        conditional=False,
+        progress=False,
+        **kwargs,
+    )
+    asked = set(study.dataset.questions)
+    assert {it.question for it in pool} <= asked
+    assert {it.question for it in evaluation[-2:]} <= asked  # the last two held-out items
+    assert evaluation[0].question not in asked  # the conditional-steering item stays unseen
