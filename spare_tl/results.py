@@ -72,6 +72,24 @@ def update_readme(table: str, readme: Path, *, start: str = START, end: str = EN
     readme.write_text(text)
 
 
+def reusable(
+    path: Path, features: dict[str, Any], n_items: int, seeds: list[int], demo_type: str
+) -> dict[str, Any] | None:
+    """The saved results of case ``demo_type`` at ``path`` when they were made with the same
+    feature set (its summary), number of questions and seeds; otherwise None."""
+    if not Path(path).exists():
+        return None
+    data = cache.read_json(path)
+    same = (
+        data.get("features") == features
+        and data.get("n_items") == n_items
+        and data.get("seeds") == list(seeds)
+        and data.get("demo_type", demo_type) == demo_type
+        and all(c in data for c in CASES[demo_type])
+    )
+    return data if same else None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n-items", type=int, default=200)
@@ -79,12 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--readme", default=str(cache.REPO_ROOT / "README.md"))
     parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take a case's saved results when they were made with the same features, "
+        "questions and seeds (e.g. after running the cases in parallel processes)",
+    )
     args = parser.parse_args(argv)
 
     import torch
 
     from spare_tl.embedded import load_steering_setup, memorised_split
-    from spare_tl.evaluation import EvaluationConfig, evaluate
+    from spare_tl.evaluation import EvaluationConfig, evaluate, features_summary
 
     torch.set_grad_enabled(False)
     start = time.time()
@@ -94,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = EMBEDDED_DIR / "results"
     results: dict[str, dict[str, Any]] = {}
     for demo_type in args.cases:
+        saved = out_dir / f"{demo_type}.json"
+        data = reusable(saved, features_summary(features), len(eval_items), args.seeds, demo_type)
+        if args.reuse and data is not None:
+            print(f"{demo_type}: reusing {saved}")
+            results[demo_type] = data
+            continue
         result = evaluate(
             model,
             eval_items,

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import json
+
 from spare_tl.evaluation import summarise
-from spare_tl.results import END, START, results_table, update_readme
+from spare_tl.results import END, START, results_table, reusable, update_readme
 
 
 def _result(conditions, labels_by_cond):
@@ -33,3 +35,19 @@ def test_table_and_readme_block(tmp_path):
     update_readme(table, readme)
     text = readme.read_text()
     assert "old" not in text and "after" in text and text.count(START) == 1
+
+
+def test_saved_results_are_reused_only_for_the_same_features_items_and_seeds(tmp_path):
+    labels = {
+        c: {0: ["context"] * 4, 1: ["memory"] * 4} for c in ("no_steering", "steer_to_memory")
+    }
+    saved = {**_result(None, labels), "demo_type": "dss"}
+    path = tmp_path / "dss.json"
+    path.write_text(json.dumps(saved))
+    features = saved["features"]
+    assert reusable(path, features, 4, [0, 1], "dss") == saved
+    assert reusable(tmp_path / "missing.json", features, 4, [0, 1], "dss") is None
+    assert reusable(path, {**features, "latent_code": "relu_pre"}, 4, [0, 1], "dss") is None
+    assert reusable(path, features, 8, [0, 1], "dss") is None
+    assert reusable(path, features, 4, [0, 1, 2], "dss") is None
+    assert reusable(path, features, 4, [0, 1], "doo") is None  # needs steer_to_context too
