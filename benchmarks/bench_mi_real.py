@@ -46,6 +46,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--top", type=int, default=100)
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--latent-code",
+        default="encode",
+        choices=["encode", "relu_pre"],
+        help="SAE code: post-top-k 'encode' or the denser pre-top-k 'relu_pre'",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -75,7 +81,7 @@ def main() -> None:
     )
     print(header)
     for layer in layers:
-        codes = encode_latents(saes[layer], acts.resid[layer]).float()
+        codes = encode_latents(saes[layer], acts.resid[layer], args.latent_code).float()
         y = acts.labels
         n_active = int((codes.amax(0) != codes.amin(0)).sum())
 
