@@ -87,7 +87,9 @@ def split_pool(
     """Hold out ``pool_size`` distinct questions (seeded) as the demonstration pool.
 
     Items sharing a question go to the same side, so a pool question never appears as an
-    evaluation item.
+    evaluation item. The evaluation items are interleaved across relations (round-robin over
+    the relations, each in question order), so its first n items, the usual held-out slice,
+    span every relation instead of the alphabetically first ones.
     """
     groups: dict[str, list[ConflictItem]] = {}
     for item in items:
@@ -99,5 +101,12 @@ def split_pool(
         )
     chosen = set(random.Random(seed).sample(keys, pool_size))
     pool = [groups[k][0] for k in keys if k in chosen]
-    evaluation = [it for k in keys if k not in chosen for it in groups[k]]
+    by_relation: dict[str, list[str]] = {}
+    for k in keys:
+        if k not in chosen:
+            by_relation.setdefault(groups[k][0].relation, []).append(k)
+    queues = [by_relation[r] for r in sorted(by_relation)]
+    depth = max((len(q) for q in queues), default=0)
+    order = [q[i] for i in range(depth) for q in queues if i < len(q)]
+    evaluation = [it for k in order for it in groups[k]]
     return PoolSplit(pool=pool, evaluation=evaluation, seed=seed)
