@@ -80,8 +80,9 @@ def reusable(
     if not Path(path).exists():
         return None
     data = cache.read_json(path)
+    saved = {"latent_code": "encode", **data.get("features", {})}  # files before latent codes
     same = (
-        data.get("features") == features
+        saved == features
         and data.get("n_items") == n_items
         and data.get("seeds") == list(seeds)
         and data.get("demo_type", demo_type) == demo_type

@@ -44,7 +44,8 @@ def test_saved_results_are_reused_only_for_the_same_features_items_and_seeds(tmp
     saved = {**_result(None, labels), "demo_type": "dss"}
     path = tmp_path / "dss.json"
     path.write_text(json.dumps(saved))
-    features = saved["features"]
+    # saved before latent codes existed: made with the SAE's own encode
+    features = {**saved["features"], "latent_code": "encode"}
     assert reusable(path, features, 4, [0, 1], "dss") == saved
     assert reusable(tmp_path / "missing.json", features, 4, [0, 1], "dss") is None
     assert reusable(path, {**features, "latent_code": "relu_pre"}, 4, [0, 1], "dss") is None
