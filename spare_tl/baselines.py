@@ -60,6 +60,7 @@ from spare_tl.evaluation import (
     evaluation_demonstrations,
     features_summary,
     prediction_records,
+    saved_questions,
     summarise,
 )
 from spare_tl.generation import (
@@ -1092,7 +1093,12 @@ def run_table(
         settings = {} if name == "none" else {d: method.hyperparameters(d) for d in DIRECTIONS}
         if reuse and path.exists():
             saved = cache.read_json(path)
-            if _same_protocol(saved, protocol) and saved["method"]["hyperparameters"] == settings:
+            asked = saved_questions(Path(out_dir) / f"{name}-predictions.jsonl")
+            if (
+                _same_protocol(saved, protocol)
+                and saved["method"]["hyperparameters"] == settings
+                and asked == [it.question for it in items]
+            ):
                 logger.info("%s: reusing %s", name, path)
                 results[name] = saved
                 continue

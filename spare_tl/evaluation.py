@@ -179,6 +179,17 @@ def prediction_records(
     ]
 
 
+def saved_questions(predictions: Path) -> list[str] | None:
+    """The questions, in order, of a saved predictions file (its first seed's records)."""
+    if not Path(predictions).exists():
+        return None
+    records = cache.read_jsonl(predictions)
+    if not records:
+        return []
+    first = records[0]["seed"]
+    return [r["question"] for r in records if r["seed"] == first]
+
+
 def features_summary(features: FunctionalFeatures) -> dict[str, Any]:
     """The feature set's settings as stored beside evaluation results."""
     return {

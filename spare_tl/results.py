@@ -20,6 +20,7 @@ from typing import Any
 
 from spare_tl import cache
 from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, EMBEDDED_DIR
+from spare_tl.evaluation import saved_questions
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 CASES = {
@@ -73,17 +74,25 @@ def update_readme(table: str, readme: Path, *, start: str = START, end: str = EN
 
 
 def reusable(
-    path: Path, features: dict[str, Any], n_items: int, seeds: list[int], demo_type: str
+    path: Path,
+    features: dict[str, Any],
+    questions: list[str],
+    seeds: list[int],
+    demo_type: str,
 ) -> dict[str, Any] | None:
     """The saved results of case ``demo_type`` at ``path`` when they were made with the same
-    feature set (its summary), number of questions and seeds; otherwise None."""
-    if not Path(path).exists():
+    feature set (its summary), the same questions in the same order (read from the
+    predictions file beside it) and the same seeds; otherwise None."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    if saved_questions(path.with_name(f"{path.stem}-predictions.jsonl")) != list(questions):
         return None
     data = cache.read_json(path)
     saved = {"latent_code": "encode", **data.get("features", {})}  # files before latent codes
     same = (
         saved == features
-        and data.get("n_items") == n_items
+        and data.get("n_items") == len(questions)
         and data.get("seeds") == list(seeds)
         and data.get("demo_type", demo_type) == demo_type
         and all(c in data for c in CASES[demo_type])
@@ -120,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     for demo_type in args.cases:
         saved = out_dir / f"{demo_type}.json"
-        data = reusable(saved, features_summary(features), len(eval_items), args.seeds, demo_type)
+        questions = [it.question for it in eval_items]
+        data = reusable(saved, features_summary(features), questions, args.seeds, demo_type)
         if args.reuse and data is not None:
             print(f"{demo_type}: reusing {saved}")
             results[demo_type] = data

@@ -414,6 +414,11 @@ def test_table_json_and_readme(setup, tmp_path):
     (out / "cad.json").write_text(json.dumps(results["cad"] | {"seeds": [7]}))
     bl.run_table(setup, ["cad"], config=config, n_items=2, out_dir=out, reuse=True)
     assert json.loads((out / "cad.json").read_text())["seeds"] == [0]  # stale: re-run
+    predictions = out / "icl-predictions.jsonl"
+    real = predictions.read_text()
+    predictions.write_text(real.replace('"question": "', '"question": "other '))
+    bl.run_table(setup, ["icl"], config=config, n_items=2, out_dir=out, reuse=True)
+    assert predictions.read_text() == real  # saved for other questions: re-run
     from spare_tl.results import update_readme
 
     readme = tmp_path / "README.md"

@@ -37,18 +37,24 @@ def test_table_and_readme_block(tmp_path):
     assert "old" not in text and "after" in text and text.count(START) == 1
 
 
-def test_saved_results_are_reused_only_for_the_same_features_items_and_seeds(tmp_path):
+def test_saved_results_are_reused_only_for_the_same_features_questions_and_seeds(tmp_path):
     labels = {
         c: {0: ["context"] * 4, 1: ["memory"] * 4} for c in ("no_steering", "steer_to_memory")
     }
     saved = {**_result(None, labels), "demo_type": "dss"}
     path = tmp_path / "dss.json"
     path.write_text(json.dumps(saved))
+    questions = [f"q{i}?" for i in range(4)]
+    records = [{"seed": s, "question": q} for s in (0, 1) for q in questions]
+    (tmp_path / "dss-predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     # saved before latent codes existed: made with the SAE's own encode
     features = {**saved["features"], "latent_code": "encode"}
-    assert reusable(path, features, 4, [0, 1], "dss") == saved
-    assert reusable(tmp_path / "missing.json", features, 4, [0, 1], "dss") is None
-    assert reusable(path, {**features, "latent_code": "relu_pre"}, 4, [0, 1], "dss") is None
-    assert reusable(path, features, 8, [0, 1], "dss") is None
-    assert reusable(path, features, 4, [0, 1, 2], "dss") is None
-    assert reusable(path, features, 4, [0, 1], "doo") is None  # needs steer_to_context too
+    assert reusable(path, features, questions, [0, 1], "dss") == saved
+    assert reusable(tmp_path / "missing.json", features, questions, [0, 1], "dss") is None
+    assert reusable(path, {**features, "latent_code": "relu_pre"}, questions, [0, 1], "dss") is None
+    assert reusable(path, features, questions[::-1], [0, 1], "dss") is None  # other order
+    assert reusable(path, features, questions[:3] + ["other?"], [0, 1], "dss") is None
+    assert reusable(path, features, questions, [0, 1, 2], "dss") is None
+    assert reusable(path, features, questions, [0, 1], "doo") is None  # needs steer_to_context
+    (tmp_path / "dss-predictions.jsonl").unlink()
+    assert reusable(path, features, questions, [0, 1], "dss") is None
