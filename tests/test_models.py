@@ -109,3 +109,32 @@ def test_embedded_model_matches_transformers_and_knows_paris(embedded_model):
     )
     assert "Paris" in out
     assert embedded_model.cfg.n_layers == 30 and embedded_model.cfg.d_model == 576
+
+
+def test_grouped_attention_equals_repeated_keys_and_values_with_and_without_the_cache():
+    from spare_tl.generation import greedy_generate
+    from spare_tl.models import use_grouped_attention
+    from spare_tl.testing import tiny_model
+
+    plain, grouped = tiny_model(seed=5), use_grouped_attention(tiny_model(seed=5))
+    assert plain.cfg.n_key_value_heads < plain.cfg.n_heads  # a GQA model
+    assert "calculate_z_scores" in vars(grouped.blocks[0].attn)  # patched per instance
+    prompts = ["hello world", "the cat sat on", "a"]
+    tokens = plain.to_tokens(prompts, padding_side="left")
+    seen = {}
+
+    def keep(name):
+        def hook(x, hook):
+            seen.setdefault(name, []).append(x.clone())
+
+        return hook
+
+    for name, model in (("plain", plain), ("grouped", grouped)):
+        with model.hooks(fwd_hooks=[("blocks.1.attn.hook_pattern", keep(name))]):
+            seen[name + "_logits"] = model(tokens)
+    torch.testing.assert_close(seen["grouped_logits"], seen["plain_logits"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(seen["grouped"][0], seen["plain"][0], rtol=1e-5, atol=1e-6)
+    # batched greedy decoding with the KV cache (left padding) gives the same tokens
+    assert greedy_generate(grouped, prompts, max_new_tokens=6, progress=False) == greedy_generate(
+        plain, prompts, max_new_tokens=6, progress=False
+    )
