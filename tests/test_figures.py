@@ -496,7 +496,8 @@ def write_baselines(directory) -> dict[str, dict]:
             },
         }
         summary["protocol"] = {"n_shots": 3, "max_new_tokens": 12, "batch_size": 16}
-        result = EvaluationResult("tiny-llama", "builtin", 4, [0, 1], "doo", summary)
+        records = [{"seed": s, "question": f"question {i}?"} for s in (0, 1) for i in range(4)]
+        result = EvaluationResult("tiny-llama", "builtin", 4, [0, 1], "doo", summary, records)
         result.save(directory / f"{name}.json", directory / f"{name}-predictions.jsonl")
     sweep = [
         {"method": "cad", "direction": d, "hyperparameters": {"alpha": a}, "n": 4}
@@ -505,7 +506,7 @@ def write_baselines(directory) -> dict[str, dict]:
     ]
     bl.save_method_sweep(sweep, directory / "sweep-cad.json", {"method": "cad"})
     setup = SimpleNamespace(  # answers only with the saved settings: run_table reuses them all
-        evaluation=[None] * 4,
+        evaluation=[SimpleNamespace(question=f"question {i}?") for i in range(4)],
         pool=[],
         model=None,
         dataset="builtin",
