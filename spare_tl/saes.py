@@ -11,7 +11,8 @@ SAE codes (the *latent code*), chosen per feature set and used for both the stat
   post-JumpReLU code for JumpReLU SAEs (Gemma Scope);
 - ``"relu_pre"``: for TopK SAEs, ReLU of the encoder pre-activations *before* the top-k cut
   (scaled by the decoder norms where the SAE does so), as SpARE's released code does for
-  its TopK SAEs. Dense enough for the k-NN mutual information to rank latents reliably.
+  its TopK SAEs. Denser, so the k-NN mutual information ranks more latents, and more
+  steadily across its noise seeds (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -258,6 +259,7 @@ def sae_layer_from_folder(path: Path) -> int:
 
 
 def check_latent_code(code: str) -> str:
+    """``code`` if it names a latent code, else a ValueError listing the known ones."""
     if code not in LATENT_CODES:
         raise ValueError(f"latent code must be one of {LATENT_CODES}, got {code!r}")
     return code
@@ -280,7 +282,7 @@ def _without_topk(sae: Any) -> Iterator[None]:
         sae.activation_fn = original
 
 
-def encode_with(sae: Any, resid: Tensor, code: str = "encode") -> Tensor:
+def encode_with(sae: Any, resid: Tensor, code: LatentCode | str = "encode") -> Tensor:
     """``sae``'s latent code ``code`` of ``resid`` in the SAE's dtype and device (autograd as
     the caller set it)."""
     check_latent_code(code)
@@ -296,7 +298,7 @@ def encode_with(sae: Any, resid: Tensor, code: str = "encode") -> Tensor:
 
 
 def encode_latents(
-    sae, resid: Float[Tensor, "... d_model"], code: str = "encode"
+    sae, resid: Float[Tensor, "... d_model"], code: LatentCode | str = "encode"
 ) -> Float[Tensor, "... d_sae"]:
     """SAE codes of residual activations, without gradients (see the module's latent codes:
     ``"encode"`` is the SAE's own ``encode``, post-top-k for TopK; ``"relu_pre"`` the ReLU

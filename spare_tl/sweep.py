@@ -250,7 +250,14 @@ def combine_sweeps(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], dict[st
     return records, config
 
 
-def _report(records, result, config, model, directory: Path, write_features: bool) -> int:
+def _report(
+    records: Sequence[dict[str, Any]],
+    result: Any,
+    config: Any,
+    model: Any,
+    directory: Path,
+    write_features: bool,
+) -> int:
     """Print the best settings; with ``write_features``, save the chosen feature set."""
     import json
 
