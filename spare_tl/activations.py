@@ -37,7 +37,6 @@ from spare_tl.saes import (
     check_latent_code,
     encode_latents,
     hook_name,
-    is_topk,
     sae_identity,
     validate_sae,
 )
@@ -268,11 +267,6 @@ def feature_statistics(
         if use_cache and cache.is_fresh(layer_dir, config):
             out[layer] = LayerStatistics.load(layer_dir / f"layer{layer}.safetensors")
             continue
-        if latent_code != "encode" and not is_topk(sae):
-            raise ValueError(
-                f"layer {layer}: latent code {latent_code!r} needs a TopK SAE, got "
-                f"{type(sae).__name__}; use latent_code='encode'"
-            )
         codes = encode_latents(sae, activations.resid[layer], latent_code).float().cpu()
         stats = layer_statistics(
             codes,

@@ -78,7 +78,7 @@ from spare_tl.steering import (
     resid_post_hook_name,
     steer,
 )
-from spare_tl.sweep import best_settings, dev_demonstrations
+from spare_tl.sweep import answer_shares, best_settings, dev_demonstrations
 
 logger = logging.getLogger(__name__)
 
@@ -724,16 +724,6 @@ def evaluate_method(
     )
 
 
-def _shares(answers: Sequence[str], items: Sequence[ConflictItem]) -> dict[str, float]:
-    labels = [behaviour_label(a, it) for a, it in zip(answers, items)]
-    n = max(len(labels), 1)
-    return {
-        "EM_C": 100.0 * labels.count("context") / n,
-        "EM_M": 100.0 * labels.count("memory") / n,
-        "neither": 100.0 * labels.count("neither") / n,
-    }
-
-
 def sweep_method(
     model,
     candidates: Sequence[SteeringMethod],
@@ -764,7 +754,7 @@ def sweep_method(
     base = NoSteering().answer(model, items, demos, None, **gen)
     records: list[dict[str, Any]] = [
         {"method": name, "direction": "none", "hyperparameters": {}, "n": len(items)}
-        | _shares(base, items)
+        | answer_shares(base, items)
     ]
     grid = [(c, d) for c in candidates for d in directions]
     for candidate, direction in tqdm(grid, desc=f"sweep {name}", disable=not progress):
@@ -774,7 +764,7 @@ def sweep_method(
             "direction": direction,
             "hyperparameters": candidate.hyperparameters(direction),
             "n": len(items),
-        } | _shares(answers, items)
+        } | answer_shares(answers, items)
         logger.info("sweep %s", rec)
         records.append(rec)
     return records

@@ -267,8 +267,7 @@ def check_latent_code(code: str) -> str:
 
 def is_topk(sae: Any) -> bool:
     """Whether ``sae`` selects its code with a top-k cut (SAELens TopK, sparsify)."""
-    fn = getattr(sae, "activation_fn", None)
-    return type(fn).__name__ == "TopK" or getattr(sae.cfg, "architecture", None) == "topk"
+    return type(getattr(sae, "activation_fn", None)).__name__ == "TopK"
 
 
 @contextmanager
@@ -288,7 +287,7 @@ def encode_with(sae: Any, resid: Tensor, code: LatentCode | str = "encode") -> T
     check_latent_code(code)
     if code == "encode":
         return sae.encode(resid)
-    if not is_topk(sae) or not hasattr(sae, "activation_fn"):
+    if not is_topk(sae):
         raise ValueError(
             f"latent code 'relu_pre' (ReLU before the top-k cut) needs a TopK SAE, got "
             f"{type(sae).__name__}; use code 'encode' for JumpReLU/ReLU SAEs"

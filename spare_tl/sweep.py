@@ -25,7 +25,8 @@ from spare_tl.steering import steer
 logger = logging.getLogger(__name__)
 
 
-def _shares(answers: list[str], items: Sequence[ConflictItem]) -> dict[str, float]:
+def answer_shares(answers: Sequence[str], items: Sequence[ConflictItem]) -> dict[str, float]:
+    """EM_C, EM_M and neither (%) of greedy answers to ``items``."""
     labels = [behaviour_label(a, it) for a, it in zip(answers, items)]
     n = max(len(labels), 1)
     return {
@@ -82,7 +83,7 @@ def sweep(
             "proportion": 0.0,
             "edit_strength": 0.0,
             "n": len(items),
-            **_shares(base, items),
+            **answer_shares(base, items),
         }
     ]
     grid = [
@@ -111,7 +112,7 @@ def sweep(
             "edit_strength": alpha,
             "n": len(items),
             "n_features": sum(c + m for c, m in features.counts().values()),
-            **_shares(answers, items),
+            **answer_shares(answers, items),
         }
         logger.info("sweep %s", rec)
         records.append(rec)

@@ -9,6 +9,18 @@ from spare_tl.cache import REPO_ROOT
 REFERENCE_CACHE = REPO_ROOT.parent / "shared" / "reference" / "spare-original-cache"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one torch thread is fastest and robust to other processes on shared
+    cores. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     from spare_tl.testing import tiny_model as build

@@ -34,12 +34,7 @@ EDIT_LAYERS = (1, 2)
 PROMPTS = ["hello world", "the cat sat on", "a", "question: who?\nanswer:"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
