@@ -13,8 +13,11 @@ from spare_tl.testing import tiny_model
 from spare_tl.train_saes import (
     METRICS_FILE,
     SAETrainingConfig,
+    _runner_config,
+    activation_moments,
     evaluate_saes,
     format_metrics_table,
+    initial_training_saes,
     load_metrics,
     pack_prompt_aligned,
     prompt_texts,
@@ -159,6 +162,30 @@ def test_tiny_training_run_writes_loadable_saes(tmp_path):
     cfg.layers = (2,)
     record2 = train_saes(model, _items(24), cfg, out, progress=False)
     assert set(record2["layers"]) == {"1", "2"} and len(record2["runs"]) == 2
+
+
+def test_decoder_bias_starts_at_the_scaled_activation_mean(tmp_path):
+    model = tiny_model()
+    rows = [[int(t) for t in torch.randint(0, model.cfg.d_vocab, (12,))] for _ in range(3)]
+    cfg = SAETrainingConfig(layers=(1, 2), d_sae=32, k=4, n_rows_for_bias_init=2)
+    hooks = [cfg.hook_name(1), cfg.hook_name(2)]
+    moments = activation_moments(model, rows[:2], hooks, skip_first_positions=1)
+    _, cache = model.run_with_cache(torch.tensor(rows[:2]), names_filter=hooks)
+    sae_cfgs = _runner_config(model, cfg, "tiny", tmp_path).saes
+    saes = initial_training_saes(model, cfg, sae_cfgs, rows)
+    for h in hooks:
+        x = cache[h][:, 1:].reshape(-1, model.cfg.d_model)  # position 0 left out
+        mean, mean_norm = moments[h]
+        torch.testing.assert_close(mean, x.mean(0), rtol=1e-5, atol=1e-5)
+        assert mean_norm == pytest.approx(float(x.norm(dim=-1).mean()), rel=1e-5)
+        scaled = x * (math.sqrt(model.cfg.d_model) / mean_norm)
+        torch.testing.assert_close(saes[h].b_dec.detach(), scaled.mean(0), rtol=1e-4, atol=1e-5)
+    zero = initial_training_saes(
+        model, SAETrainingConfig(layers=(1, 2), decoder_bias_init="zero"), sae_cfgs, rows
+    )
+    assert all(float(s.b_dec.detach().abs().max()) == 0 for s in zero.values())
+    with pytest.raises(ValueError, match="decoder_bias_init"):
+        SAETrainingConfig(decoder_bias_init="median")
 
 
 def test_cli_registration():
