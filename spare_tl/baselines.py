@@ -204,8 +204,8 @@ class SpareMethod(PromptMethod):
     def hyperparameters(self, direction: Direction) -> dict[str, Any]:
         alpha = self.edit_strength
         return {
-            "layers": sorted(self.features.layers),
-            "proportion": self.features.proportion,
+            "layers": self.features.edit_layers(direction),
+            "proportion": self.features.for_direction(direction).proportion,
             "edit_strength": self.features.strength(direction) if alpha is None else alpha,
             "latent_code": self.features.latent_code,
         }
@@ -1195,7 +1195,13 @@ def _table_command(args: argparse.Namespace, setup: BaselineSetup) -> int:
     seeds = " ".join(map(str, args.seeds))
     table += (
         f"\nRegenerate: `python -m spare_tl.baselines table --methods {' '.join(args.methods)} "
-        f"--n-items {args.n_items} --seeds {seeds}` ({time.time() - start:.0f} s)."
+        f"--n-items {args.n_items} --seeds {seeds}` ({time.time() - start:.0f} s"
+        + (
+            " with `--reuse`, which re-ran only the methods whose saved results were made "
+            "with other settings or questions)."
+            if args.reuse
+            else ")."
+        )
     )
     print(table)
     if not args.no_readme:

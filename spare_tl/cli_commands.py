@@ -121,8 +121,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     model, features, saes = load_steering_setup(args.features, args.saes)
     if args.edit_strength is not None:
-        features.edit_strength = args.edit_strength
-        features.edit_strength_to_memory = None
+        features = features.with_edit_strength(args.edit_strength)
     if args.pool_size:
         features.metadata["pool_size"] = args.pool_size
     split = memorised_split(model, features, args.dataset)
@@ -166,8 +165,7 @@ def _steer(args: argparse.Namespace) -> int:
 
     model, features, saes = load_steering_setup(args.features, args.saes)
     if args.edit_strength is not None:
-        features.edit_strength = args.edit_strength
-        features.edit_strength_to_memory = None
+        features = features.with_edit_strength(args.edit_strength)
     head = ""
     if args.demonstrations:
         from spare_tl.data.datasets import load_dataset

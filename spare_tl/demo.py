@@ -63,12 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     from spare_tl.steering import steer
 
     model, features, saes = load_steering_setup(str(DEFAULT_FEATURES), str(DEFAULT_SAES), model)
-    print(
-        f"Functional features: layers {sorted(features.layers)}, K = {features.proportion}, "
-        f"α = {features.strength('context')} (to context) / {features.strength('memory')} "
-        f"(to memory); SAE code {features.latent_code!r}; (context, memory) features per "
-        f"layer: {features.counts()}\n"
-    )
+    for direction in ("context", "memory"):
+        f = features.for_direction(direction)
+        print(
+            f"Steering to {direction}: layers {sorted(f.layers)}, K = {f.proportion}, "
+            f"α = {features.strength(direction)}, SAE code {f.latent_code!r}, "
+            f"(context, memory) features per layer {f.counts()}"
+        )
+    print()
     split = memorised_split(model, features, "builtin", progress=False)
     held_out = split.evaluation
     examples = held_out[:: max(1, len(held_out) // args.examples)][: args.examples]

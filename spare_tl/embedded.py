@@ -24,7 +24,7 @@ def load_steering_setup(
 
     features = FunctionalFeatures.load(features_dir)
     model = model if model is not None else load_model(features.model_name)
-    saes = load_saes_for_layers(model, saes_dir, sorted(features.layers))
+    saes = load_saes_for_layers(model, saes_dir, features.all_layers)
     return model, features, saes
 
 

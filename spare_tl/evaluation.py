@@ -191,8 +191,9 @@ def saved_questions(predictions: Path) -> list[str] | None:
 
 
 def features_summary(features: FunctionalFeatures) -> dict[str, Any]:
-    """The feature set's settings as stored beside evaluation results."""
-    return {
+    """The feature set's settings as stored beside evaluation results (with ``to_memory``,
+    the memory set's own, when the directions have separate sets)."""
+    out = {
         "layers": sorted(features.layers),
         "proportion": features.proportion,
         "edit_strength": features.edit_strength,
@@ -200,6 +201,9 @@ def features_summary(features: FunctionalFeatures) -> dict[str, Any]:
         "latent_code": features.latent_code,
         "counts": {str(k): list(v) for k, v in features.counts().items()},
     }
+    if features.to_memory is not None:
+        out["to_memory"] = features_summary(features.to_memory)
+    return out
 
 
 def evaluate(

@@ -10,7 +10,8 @@ the confidence-weighted mean SAE codes of the use-context and use-memory groups.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from spare_tl.cache import read_json, read_tensors, write_json, write_tensors
 from spare_tl.saes import check_latent_code
 
 FORMAT_VERSION = 1
+TO_MEMORY_DIR = "to_memory"
 
 
 def select_functional_features(
@@ -109,15 +111,57 @@ class FunctionalFeatures:
     edit_strength: float = 1.0
     edit_strength_to_memory: float | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: A separate set (its own layers, K and α) for steering to memory, when the two
+    #: directions were tuned apart; None: this set steers both ways. (The paper's Gemma-2-9B
+    #: code steers to context at layers 23-26 and to memory at 23-25 + 29-31.)
+    to_memory: FunctionalFeatures | None = None
 
     def __post_init__(self) -> None:
         if self.edit_strength < 0 or (
             self.edit_strength_to_memory is not None and self.edit_strength_to_memory < 0
         ):
             raise ValueError("edit strength α must be >= 0")
+        mem = self.to_memory
+        if mem is not None:
+            if mem.to_memory is not None:
+                raise ValueError("to_memory must be a plain feature set (no to_memory of its own)")
+            if mem.model_name != self.model_name:
+                raise ValueError(
+                    f"to_memory is for {mem.model_name!r}, this set for {self.model_name!r}"
+                )
+            if mem.layers and self.layers and mem.latent_code != self.latent_code:
+                raise ValueError(
+                    f"to_memory uses the {mem.latent_code!r} code, this set {self.latent_code!r}"
+                )
+
+    def for_direction(self, direction: str) -> FunctionalFeatures:
+        """The set that steers to ``direction``: :attr:`to_memory` for memory when it is
+        set, this set otherwise."""
+        if direction == "memory" and self.to_memory is not None:
+            return self.to_memory
+        return self
+
+    def edit_layers(self, direction: str) -> list[int]:
+        """The layers steering to ``direction`` edits."""
+        return sorted(self.for_direction(direction).layers)
+
+    def with_edit_strength(self, edit_strength: float) -> FunctionalFeatures:
+        """A copy that steers both ways (and its :attr:`to_memory` set) with ``edit_strength``."""
+        mem = self.to_memory.with_edit_strength(edit_strength) if self.to_memory else None
+        return replace(
+            self, edit_strength=edit_strength, edit_strength_to_memory=None, to_memory=mem
+        )
+
+    @property
+    def all_layers(self) -> list[int]:
+        """Every layer either direction edits (the layers whose SAEs steering needs)."""
+        mem = self.to_memory.layers if self.to_memory is not None else {}
+        return sorted(set(self.layers) | set(mem))
 
     def strength(self, direction: str) -> float:
         """α for ``direction`` ('context' or 'memory')."""
+        if direction == "memory" and self.to_memory is not None:
+            return self.to_memory.strength("memory")
         if direction == "memory" and self.edit_strength_to_memory is not None:
             return self.edit_strength_to_memory
         return self.edit_strength
@@ -138,8 +182,12 @@ class FunctionalFeatures:
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``features.safetensors`` + ``features.json`` into ``directory``."""
+        """Write ``features.safetensors`` + ``features.json`` into ``directory`` (and
+        :attr:`to_memory`, if set, into its ``to_memory/`` subfolder, written first)."""
         directory = Path(directory)
+        sub = directory / TO_MEMORY_DIR
+        if self.to_memory is not None:
+            self.to_memory.save(sub)
         tensors: dict[str, Tensor] = {}
         layer_meta = {}
         for layer, f in self.layers.items():
@@ -163,9 +211,12 @@ class FunctionalFeatures:
                 "edit_strength_to_memory": self.edit_strength_to_memory,
                 "layers": layer_meta,
                 "counts": {str(k): list(v) for k, v in self.counts().items()},
+                "to_memory": TO_MEMORY_DIR if self.to_memory is not None else None,
                 "metadata": self.metadata,
             },
         )
+        if self.to_memory is None and sub.exists():
+            shutil.rmtree(sub)  # a stale set from an earlier save
         return directory
 
     @classmethod
@@ -202,4 +253,5 @@ class FunctionalFeatures:
             edit_strength=meta["edit_strength"],
             edit_strength_to_memory=meta.get("edit_strength_to_memory"),
             metadata=meta.get("metadata", {}),
+            to_memory=cls.load(directory / meta["to_memory"]) if meta.get("to_memory") else None,
         )

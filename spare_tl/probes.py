@@ -913,10 +913,11 @@ def evaluate_conditional(
     leaked = [it.question for it in items if _question_key(it) in pool_q]
     if leaked:
         raise ValueError(f"{len(leaked)} evaluation item(s) are pool questions, e.g. {leaked[0]!r}")
-    if probe.layer > min(features.layers):
+    first_edit = min(features.edit_layers(direction))
+    if probe.layer > first_edit:
         raise ValueError(
             f"the probe reads layer {probe.layer}, after the first edited layer "
-            f"{min(features.layers)}; train it at a layer <= {min(features.layers)}"
+            f"{first_edit}; train it at a layer <= {first_edit}"
         )
 
     def context_for(cond: str):
@@ -995,7 +996,7 @@ def evaluate_conditional(
         "demo_type": demo_type,
         "n_shots": n_shots,
         "edit_strength": features.strength(direction) if edit_strength is None else edit_strength,
-        "feature_layers": sorted(features.layers),
+        "feature_layers": features.edit_layers(direction),
         "probe": {"layer": probe.layer, "threshold": probe.threshold, "C": probe.C},
     }
     for rt in ROW_TYPES:
@@ -1212,7 +1213,7 @@ def run_probe_study(
             f"{len(evaluation)} held-out questions; lower --probe-items or --n-items"
         )
     probe_questions = list(pool) + (list(evaluation[-probe_items:]) if probe_items else [])
-    first_edit = min(features.layers)
+    first_edit = min(features.edit_layers(direction))
     sae_layers = sorted(k for k in saes if k in layers)
     dataset = build_probe_dataset(
         model,
@@ -1261,9 +1262,10 @@ def run_probe_study(
     probe.save(directory / "conflict_probe")
     logger.info("conflict probe at layer %d (C %s)", probe.layer, probe.C)
 
+    steered = features.for_direction(direction)  # the set conditional steering uses
     latents = {
-        layer: conflict_latents(dataset, layer, features, top_n=top_n)
-        for layer in sorted(features.layers)
+        layer: conflict_latents(dataset, layer, steered, top_n=top_n)
+        for layer in sorted(steered.layers)
         if layer in dataset.sae_layers
     }
     cache.write_json(directory / "latents.json", {str(k): v.to_json() for k, v in latents.items()})
@@ -1281,11 +1283,11 @@ def run_probe_study(
             ),
             "features": cache.fingerprint(
                 {
-                    "layers": features.counts(),
+                    "layers": steered.counts(),
                     "alpha": features.strength(direction),
                     "ids": {
                         k: f.context_features.tolist() + f.memory_features.tolist()
-                        for k, f in features.layers.items()
+                        for k, f in steered.layers.items()
                     },
                 }
             ),
@@ -1377,7 +1379,7 @@ def _run(args: argparse.Namespace) -> int:
     start = time.time()
     layers = parse_layers(args.layers)
     model, features, saes = load_steering_setup(args.features, args.saes)
-    wanted = sorted(set(layers) | set(features.layers))
+    wanted = sorted(set(layers) | set(features.all_layers))
     have = [k for k in _available_sae_layers(Path(args.saes)) if k in wanted and k not in saes]
     saes = {**load_saes_for_layers(model, args.saes, have), **saes}
     split = memorised_split(model, features, args.dataset, progress=not args.quiet)

@@ -367,6 +367,12 @@ def _evaluation_table(name: str, data: Mapping[str, Any]) -> str:
         )
         if feats.get("edit_strength_to_memory") is not None:
             meta += f" (to memory: {e(str(feats['edit_strength_to_memory']))})"
+        mem = feats.get("to_memory")
+        if isinstance(mem, Mapping):
+            meta += (
+                f" (to context); to memory: layers {e(str(mem.get('layers')))}, K = "
+                f"{e(str(mem.get('proportion')))}, α = {e(str(mem.get('edit_strength')))}"
+            )
     out = (
         f"<h3>{e(name)}</h3><p class='meta'>{meta}</p>"
         "<table><tr><th>condition</th><th>EM_C (%)</th><th>EM_M (%)</th><th>neither (%)</th>"
@@ -498,6 +504,13 @@ def _counts_table(features: Any) -> str:
     strength = f"{features.edit_strength:g}" + (
         f" (to memory: {a_mem:g})" if a_mem is not None else ""
     )
+    if features.to_memory is not None:
+        m = features.to_memory
+        strength += (
+            f" (to context); steering to memory uses its own set: layers {sorted(m.layers)}, "
+            f"K = {m.proportion:g}, α = {m.strength('memory'):g}, features per layer "
+            f"{m.counts()}"
+        )
     return (
         f"<p class='meta'>model {html.escape(features.model_name)}, proportion K = "
         f"{features.proportion:g}, edit strength α = {strength}</p>"

@@ -48,12 +48,23 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
             )
     first = next(iter(results.values()))
     feats = first.get("features", {})
+    mem = feats.get("to_memory")
+    a_mem = feats.get("edit_strength_to_memory") or feats.get("edit_strength")
+    if mem:
+        setting = (
+            f"to context layers {feats.get('layers')}, K = {feats.get('proportion')}, "
+            f"α = {feats.get('edit_strength')}; to memory layers {mem.get('layers')}, "
+            f"K = {mem.get('proportion')}, α = {mem.get('edit_strength')}."
+        )
+    else:
+        setting = (
+            f"layers {feats.get('layers')}, K = {feats.get('proportion')}, "
+            f"α = {feats.get('edit_strength')} to context / {a_mem} to memory."
+        )
     lines += [
         "",
         f"{first['model']}, built-in dataset: {first['n_items']} held-out memorised questions, "
-        f"seeds {first['seeds']}, mean ± std over seeds (%). Features: layers {feats.get('layers')}, "
-        f"K = {feats.get('proportion')}, α = {feats.get('edit_strength')} to context / "
-        f"{feats.get('edit_strength_to_memory') or feats.get('edit_strength')} to memory.",
+        f"seeds {first['seeds']}, mean ± std over seeds (%). Features: {setting}",
     ]
     if "transitions" in results.get("doo", {}):
         t = results["doo"]["transitions"]

@@ -636,7 +636,7 @@ def steer(
     """Steer ``model`` towards ``direction`` with SpARE inside the ``with`` block.
 
     Adds one forward hook per edited layer at ``blocks.{l}.hook_resid_post`` (layers: all of
-    ``features.layers`` unless ``layers`` is given) and removes exactly those hooks on exit,
+    ``features.for_direction(direction).layers`` unless ``layers`` is given) and removes exactly those hooks on exit,
     also after an exception; hooks the user added stay. Works around ``model.generate(...)``
     (left-padded batches, KV cache on or off) and ``model(...)``; pass ``positions`` for
     right-padded ``model(...)`` calls. ``edit_strength`` defaults to
@@ -660,6 +660,7 @@ def steer(
         yield Steering(direction=None, edit_strength=0.0)
         return
     direction = _check_direction(direction)
+    features = features.for_direction(direction)
     alpha = _check_strength(
         features.strength(direction) if edit_strength is None else edit_strength
     )

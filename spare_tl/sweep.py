@@ -9,6 +9,7 @@ reports can show it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from spare_tl.activations import LayerStatistics, functional_features
 from spare_tl.data.prompts import conflict_prompt, sample_demonstrations
 from spare_tl.data.schema import ConflictItem
 from spare_tl.data.scoring import behaviour_label
+from spare_tl.features import FunctionalFeatures
 from spare_tl.generation import greedy_generate
 from spare_tl.steering import steer
 
@@ -127,6 +129,40 @@ def best_settings(records: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]
         if cands:
             out[direction] = max(cands, key=lambda r: (r[key], -r["neither"]))
     return out
+
+
+def features_from_sweep(
+    records: Sequence[dict[str, Any]],
+    statistics: Mapping[int, LayerStatistics],
+    model_name: str,
+    *,
+    metadata: dict[str, Any] | None = None,
+) -> FunctionalFeatures:
+    """The feature set of the sweep's best setting per direction.
+
+    When both directions' best records share layers and K, one set with an α per
+    direction; otherwise a set for context with a separate :attr:`~FunctionalFeatures.to_memory`
+    set, each exactly the setting measured on the development set.
+    """
+    best = best_settings(records)
+    if "context" not in best or "memory" not in best:
+        raise ValueError("the sweep has no steered records for both directions")
+    ctx, mem = best["context"], best["memory"]
+
+    def feature_set(rec: dict[str, Any], alpha_to_memory: float | None = None):
+        return functional_features(
+            statistics,
+            model_name=model_name,
+            proportion=rec["proportion"],
+            edit_strength=rec["edit_strength"],
+            edit_strength_to_memory=alpha_to_memory,
+            layers=rec["layers"],
+            metadata=dict(metadata or {}),
+        )
+
+    if (ctx["layers"], ctx["proportion"]) == (mem["layers"], mem["proportion"]):
+        return feature_set(ctx, mem["edit_strength"])
+    return dataclasses.replace(feature_set(ctx), to_memory=feature_set(mem))
 
 
 def save_sweep(records: Sequence[dict[str, Any]], directory: Path, config: dict[str, Any]) -> None:
@@ -265,28 +301,23 @@ def _report(
     best = best_settings(records)
     print(json.dumps({"no_steering": records[0], **best}, indent=1))
     if write_features:
-        ctx, mem = best["context"], best["memory"]
-        layers = sorted(set(ctx["layers"]) | set(mem["layers"]))
-        if ctx["layers"] != mem["layers"] or ctx["proportion"] != mem["proportion"]:
-            # one feature set per run: take the memory setting's layers/K (the harder direction)
-            layers = mem["layers"]
-        features = functional_features(
-            result.statistics,
-            model_name=model.cfg.model_name,
-            proportion=mem["proportion"],
-            edit_strength=ctx["edit_strength"],
-            edit_strength_to_memory=mem["edit_strength"],
-            layers=layers,
-            metadata={
-                "dataset": config.dataset,
-                "pool_size": config.pool_size,
-                "pool_seed": config.pool_seed,
-                "saes": config.saes,
-                "chosen_by": _display_path(directory / "sweep.json"),
-            },
+        metadata = {
+            "dataset": config.dataset,
+            "pool_size": config.pool_size,
+            "pool_seed": config.pool_seed,
+            "saes": config.saes,
+            "chosen_by": _display_path(directory / "sweep.json"),
+        }
+        features = features_from_sweep(
+            records, result.statistics, model.cfg.model_name, metadata=metadata
         )
         features.save(Path(config.features_dir))
-        print(f"wrote {config.features_dir}: {features.counts()}")
+        for direction in ("context", "memory"):
+            f = features.for_direction(direction)
+            print(
+                f"wrote {config.features_dir}: to {direction} layers {sorted(f.layers)}, "
+                f"K {f.proportion}, α {features.strength(direction)}, features {f.counts()}"
+            )
     return 0
 
 

@@ -179,7 +179,7 @@ def test_evaluate_both_directions(tiny_model, tmp_path):
 
 
 def test_sweep_on_the_development_set(tiny_model, tmp_path):
-    from spare_tl.sweep import best_settings, save_sweep, sweep
+    from spare_tl.sweep import best_settings, features_from_sweep, save_sweep, sweep
 
     grouped = _synthetic_grouped("tiny-llama")
     acts = collect_activations(tiny_model, grouped, [1, 2], cache_root=tmp_path, progress=False)
@@ -205,3 +205,21 @@ def test_sweep_on_the_development_set(tiny_model, tmp_path):
     assert best["memory"]["EM_M"] == max(r["EM_M"] for r in records if r["direction"] == "memory")
     save_sweep(records, tmp_path / "sweep", {"k": 1})
     assert (tmp_path / "sweep" / "sweep.json").exists()
+
+    # the feature set of the best settings: one set when they agree, else one per direction
+    def rec(direction, layers, k, alpha, em):
+        return dict(direction=direction, layers=layers, proportion=k, edit_strength=alpha,
+                    EM_C=em, EM_M=em, neither=0.0)  # fmt: skip
+
+    same = [rec("none", [], 0, 0, 0), rec("context", [1], 0.2, 4.0, 50),
+            rec("memory", [1], 0.2, 1.0, 50)]  # fmt: skip
+    one = features_from_sweep(same, stats, "tiny-llama")
+    assert one.to_memory is None and sorted(one.layers) == [1]
+    assert one.strength("context") == 4.0 and one.strength("memory") == 1.0
+    apart = [*same[:2], rec("memory", [1, 2], 0.5, 1.0, 60)]
+    two = features_from_sweep(apart, stats, "tiny-llama")
+    assert sorted(two.layers) == [1] and two.proportion == 0.2 and two.strength("context") == 4.0
+    assert two.to_memory is not None and sorted(two.to_memory.layers) == [1, 2]
+    assert two.to_memory.proportion == 0.5 and two.strength("memory") == 1.0
+    with pytest.raises(ValueError, match="both directions"):
+        features_from_sweep(same[:2], stats, "tiny-llama")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import pytest
@@ -389,3 +390,39 @@ def test_pipeline_generation_under_steering_batch_equals_single(model, architect
         singles = [greedy_generate(model, [p], batch_size=1, **kwargs)[0] for p in PROMPTS]
     assert batched == singles
     assert batched != unsteered
+
+
+def test_a_separate_memory_set_steers_to_memory(model, tmp_path):
+    memory_set = make_features(layers=(2,), edit_strength=1.5)
+    features = dataclasses.replace(make_features(layers=(1,)), to_memory=memory_set)
+    assert features.edit_layers("context") == [1] and features.edit_layers("memory") == [2]
+    assert features.all_layers == [1, 2] and features.strength("memory") == 1.5
+    assert features.for_direction("memory") is memory_set
+    both = features.with_edit_strength(0.5)
+    assert both.strength("context") == both.strength("memory") == 0.5
+    assert features.strength("memory") == 1.5  # a copy: the original keeps its α
+    loaded = FunctionalFeatures.load(features.save(tmp_path / "f"))
+    assert loaded.to_memory is not None and sorted(loaded.to_memory.layers) == [2]
+    assert loaded.strength("context") == 3.0 and loaded.strength("memory") == 1.5
+    assert torch.equal(
+        loaded.to_memory.layers[2].memory_features, memory_set.layers[2].memory_features
+    )
+    saes = make_saes()
+    tokens = model.to_tokens(PROMPTS[1])
+    with steer(model, loaded, "context", saes) as s:
+        assert sorted(s.hooks) == [1] and s.edit_strength == 3.0 and not _fwd_hooks(model, 2)
+    with steer(model, loaded, "memory", saes) as s:
+        assert sorted(s.hooks) == [2] and s.edit_strength == 1.5 and not _fwd_hooks(model, 1)
+        via_set = model(tokens)
+    with steer(model, memory_set, "memory", saes):
+        assert torch.equal(model(tokens), via_set)  # the same as steering with the memory set
+    assert not _fwd_hooks(model, 1) and not _fwd_hooks(model, 2)
+    # saving a plain set over it removes the stale memory set
+    make_features().save(tmp_path / "f")
+    assert FunctionalFeatures.load(tmp_path / "f").to_memory is None
+    assert not (tmp_path / "f" / "to_memory").exists()
+    other = dataclasses.replace(make_features(), model_name="other")
+    with pytest.raises(ValueError, match="to_memory is for"):
+        dataclasses.replace(make_features(), to_memory=other)
+    with pytest.raises(ValueError, match="plain feature set"):
+        dataclasses.replace(make_features(), to_memory=features)
