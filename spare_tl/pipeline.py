@@ -7,9 +7,10 @@ model + SAEs → dataset → memorised set → pool split → grouped prompts �
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import tomllib
 
@@ -17,6 +18,9 @@ from spare_tl import cache
 from spare_tl.behaviours import BehaviourConfig
 from spare_tl.evaluation import EvaluationConfig
 from spare_tl.saes import check_latent_code
+
+if TYPE_CHECKING:
+    from spare_tl.features import FunctionalFeatures
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +50,12 @@ class PipelineConfig:
     batch_size: int = 16
     mi_seed: int = 0
     latent_code: str = "encode"  # "encode" (the SAE's own) or "relu_pre" (TopK, before the cut)
+    #: the layers the feature set edits (default: every layer of ``layers``, which are the
+    #: candidate layers whose activations and statistics are computed)
+    feature_layers: list[int] = field(default_factory=list)
+    #: a separate set for steering to memory: ``{layers, proportion, edit_strength}``
+    #: (FunctionalFeatures.to_memory); None: one set steers both ways
+    to_memory: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.behaviours, dict):
@@ -65,6 +75,27 @@ class PipelineConfig:
         if self.edit_strength < 0 or (self.edit_strength_to_memory or 0) < 0:
             raise ValueError("edit strength α must be >= 0")
         check_latent_code(self.latent_code)
+        outside = sorted(set(self.feature_layers) - set(self.layers)) if self.layers else []
+        if outside:
+            raise ValueError(
+                f"feature_layers {outside} are not among the candidate layers {self.layers}"
+            )
+        if self.to_memory is not None:
+            unknown = sorted(set(self.to_memory) - {"layers", "proportion", "edit_strength"})
+            if unknown or not self.to_memory.get("layers"):
+                raise ValueError(
+                    "to_memory needs 'layers' (and may set 'proportion', 'edit_strength'); "
+                    f"got keys {sorted(self.to_memory)}"
+                )
+            outside = sorted(set(self.to_memory["layers"]) - set(self.layers or []))
+            if self.layers and outside:
+                raise ValueError(
+                    f"to_memory layers {outside} are not among the candidate layers {self.layers}"
+                )
+            if not 0 < self.to_memory.get("proportion", self.proportion) <= 1:
+                raise ValueError("to_memory proportion K must be in (0, 1]")
+            if self.to_memory.get("edit_strength", 0) < 0:
+                raise ValueError("to_memory edit strength α must be >= 0")
         if self.pool_size < 2:
             raise ValueError("pool_size must be at least 2")
         for t in self.behaviours.demo_types:
@@ -93,6 +124,13 @@ class PipelineConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def strength_to_memory(self) -> float:
+        """α steering to memory when no separate value is given for the memory set."""
+        if self.edit_strength_to_memory is not None:
+            return self.edit_strength_to_memory
+        return self.edit_strength
+
 
 @dataclass
 class PipelineResult:
@@ -105,6 +143,41 @@ class PipelineResult:
     evaluation: Any = None
 
 
+def features_from_config(
+    config: PipelineConfig, statistics: Mapping[int, Any], model_name: str
+) -> FunctionalFeatures:
+    """The functional-feature set ``config`` describes, from per-layer ``statistics``."""
+    from spare_tl.activations import functional_features
+
+    metadata = {
+        "dataset": config.dataset,
+        "pool_size": config.pool_size,
+        "pool_seed": config.pool_seed,
+        "saes": config.saes,
+    }
+    features = functional_features(
+        statistics,
+        model_name=model_name,
+        proportion=config.proportion,
+        edit_strength=config.edit_strength,
+        edit_strength_to_memory=config.edit_strength_to_memory,
+        layers=config.feature_layers or config.layers or None,
+        metadata=metadata,
+    )
+    if config.to_memory is not None:
+        mem = config.to_memory
+        memory_set = functional_features(
+            statistics,
+            model_name=model_name,
+            proportion=mem.get("proportion", config.proportion),
+            edit_strength=mem.get("edit_strength", config.strength_to_memory),
+            layers=mem["layers"],
+            metadata=metadata,
+        )
+        features = replace(features, to_memory=memory_set)
+    return features
+
+
 def run_pipeline(
     config: PipelineConfig,
     *,
@@ -114,7 +187,7 @@ def run_pipeline(
     progress: bool = True,
 ) -> PipelineResult:
     """Run the stages up to ``until`` (one of :data:`STAGES`), reusing cached results."""
-    from spare_tl.activations import collect_activations, feature_statistics, functional_features
+    from spare_tl.activations import collect_activations, feature_statistics
     from spare_tl.behaviours import group_prompts
     from spare_tl.data.datasets import load_dataset
     from spare_tl.data.prompts import split_pool
@@ -182,15 +255,7 @@ def run_pipeline(
     )
     if stop == 3:
         return out
-    out.features = functional_features(
-        out.statistics,
-        model_name=model.cfg.model_name,
-        proportion=config.proportion,
-        edit_strength=config.edit_strength,
-        edit_strength_to_memory=config.edit_strength_to_memory,
-        layers=config.layers,
-        metadata={"dataset": config.dataset, "pool_size": config.pool_size, "saes": config.saes},
-    )
+    out.features = features_from_config(config, out.statistics, model.cfg.model_name)
     features_dir = (
         Path(config.features_dir)
         if config.features_dir

@@ -79,3 +79,41 @@ def test_sae_of_another_width_or_hook_is_refused(tmp_path, monkeypatch):
         run_pipeline(
             PipelineConfig(model=str(folder), layers=[0], saes=str(saes)), until="features"
         )
+
+
+def test_config_reproduces_the_committed_features():
+    """`spare-tl run configs/smollm2.toml` rebuilds the committed, sweep-chosen feature set
+    (the features stage must not overwrite it with another setting)."""
+    import torch
+
+    from spare_tl.activations import LayerStatistics
+    from spare_tl.cache import REPO_ROOT
+    from spare_tl.embedded import DEFAULT_FEATURES, EMBEDDED_DIR
+    from spare_tl.features import FunctionalFeatures
+    from spare_tl.pipeline import features_from_config
+
+    config = PipelineConfig.from_file(REPO_ROOT / "configs" / "smollm2.toml")
+    stats = {
+        int(p.parent.name[5:]): LayerStatistics.load(p)
+        for p in sorted((EMBEDDED_DIR / "mutual_information").glob("layer*/layer*.safetensors"))
+    }
+    built = features_from_config(config, stats, config.model)
+    committed = FunctionalFeatures.load(DEFAULT_FEATURES)
+    for direction in ("context", "memory"):
+        b, c = built.for_direction(direction), committed.for_direction(direction)
+        assert sorted(b.layers) == sorted(c.layers) and b.proportion == c.proportion
+        assert built.strength(direction) == committed.strength(direction)
+        for layer in c.layers:
+            assert torch.equal(b.layers[layer].context_features, c.layers[layer].context_features)
+            assert torch.equal(b.layers[layer].memory_features, c.layers[layer].memory_features)
+
+
+def test_config_checks_feature_layers_and_memory_set():
+    with pytest.raises(ValueError, match="not among the candidate layers"):
+        PipelineConfig(layers=[1, 2], feature_layers=[3])
+    with pytest.raises(ValueError, match="to_memory needs 'layers'"):
+        PipelineConfig(layers=[1, 2], to_memory={"proportion": 0.1})
+    with pytest.raises(ValueError, match="to_memory layers"):
+        PipelineConfig(layers=[1, 2], to_memory={"layers": [5]})
+    with pytest.raises(ValueError, match="proportion"):
+        PipelineConfig(layers=[1, 2], to_memory={"layers": [1], "proportion": 2.0})
