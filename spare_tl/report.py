@@ -495,6 +495,16 @@ def _note_absent(notes: list[str], keyword: str, text: str) -> None:
         notes.append(text)
 
 
+def _layer_features(features: Any, layer: int) -> Any:
+    """A layer's functional features: the main (to context) set's, else the memory set's."""
+    if features is None:
+        return None
+    found = features.layers.get(layer)
+    if found is None and features.to_memory is not None:
+        found = features.to_memory.layers.get(layer)
+    return found
+
+
 def _counts_table(features: Any) -> str:
     rows = "".join(
         f"<tr><td>{layer}</td><td>{c}</td><td>{m}</td></tr>"
@@ -607,7 +617,7 @@ def build_report(
         _note_absent(notes, "functional features", "functional features: none given")
     if statistics:
         proportion = features.proportion if features is not None else DEFAULT_PROPORTION
-        steered = sorted(features.layers) if features is not None else []
+        steered = features.all_layers if features is not None else []
         page.attempt(
             "mutual information per layer",
             lambda: F.layerwise_mutual_information(
@@ -616,7 +626,7 @@ def build_report(
             notes,
         )
         layer = _focus_layer(statistics, steered)
-        layer_features = features.layers.get(layer) if features is not None else None
+        layer_features = _layer_features(features, layer)
         page.attempt(
             f"MI against expectation at layer {layer}",
             lambda: F.mutual_information_scatter(
@@ -634,7 +644,7 @@ def build_report(
                     layer_drivers(
                         statistics[lay],
                         layer=lay,
-                        features=features.layers.get(lay) if features is not None else None,
+                        features=_layer_features(features, lay),
                         proportion=None if features is not None else proportion,
                     ).to_html()
                 )

@@ -367,6 +367,22 @@ def test_report_is_self_contained(statistics, features):
     assert "what drives context" in page and "EM_C (%)" in page and "70.0 ± 3.0" in page
 
 
+def test_report_shows_the_memory_sets_layers(statistics):
+    import dataclasses
+
+    from spare_tl.activations import functional_features
+
+    main = functional_features(statistics, model_name="tiny-llama", proportion=0.2, layers=[1])
+    memory_set = functional_features(
+        statistics, model_name="tiny-llama", proportion=0.5, edit_strength=1.5, layers=[3]
+    )
+    features = dataclasses.replace(main, to_memory=memory_set)
+    page = build_report(features=features, statistics=statistics)
+    assert "Layer 1: what drives context" in page and "Layer 3: what drives context" in page
+    assert "Layer 2: what drives context" not in page
+    assert "steering to memory uses its own set: layers [3], K = 0.5, α = 1.5" in page
+
+
 def test_report_lists_missing_parts(tmp_path):
     inputs = load_report_inputs(
         features=tmp_path / "nope",
