@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -324,3 +324,38 @@ def functional_features(
         edit_strength_to_memory=edit_strength_to_memory,
         metadata=dict(metadata or {}),
     )
+
+
+def directional_features(
+    statistics: Mapping[int, LayerStatistics],
+    *,
+    model_name: str,
+    context: Mapping[str, Any],
+    memory: Mapping[str, Any],
+    metadata: dict[str, Any] | None = None,
+) -> FunctionalFeatures:
+    """The feature set steering to context with ``context`` and to memory with ``memory``
+    (each a mapping with ``layers``, ``proportion`` and ``edit_strength``).
+
+    When both name the same layers and K, one set with an α per direction; otherwise the
+    context set carries a separate :attr:`~FunctionalFeatures.to_memory` set.
+    """
+
+    def feature_set(setting: Mapping[str, Any], alpha_to_memory: float | None = None):
+        return functional_features(
+            statistics,
+            model_name=model_name,
+            proportion=setting["proportion"],
+            edit_strength=setting["edit_strength"],
+            edit_strength_to_memory=alpha_to_memory,
+            layers=setting["layers"],
+            metadata=metadata,
+        )
+
+    if (sorted(context["layers"] or []), context["proportion"]) == (
+        sorted(memory["layers"] or []),
+        memory["proportion"],
+    ):
+        alpha_mem = memory["edit_strength"]
+        return feature_set(context, None if alpha_mem == context["edit_strength"] else alpha_mem)
+    return replace(feature_set(context), to_memory=feature_set(memory))

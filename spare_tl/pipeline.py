@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -124,12 +124,14 @@ class PipelineConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @property
-    def strength_to_memory(self) -> float:
-        """α steering to memory when no separate value is given for the memory set."""
-        if self.edit_strength_to_memory is not None:
-            return self.edit_strength_to_memory
-        return self.edit_strength
+    def features_metadata(self) -> dict[str, Any]:
+        """What the functional features record about the run that made them."""
+        return {
+            "dataset": self.dataset,
+            "pool_size": self.pool_size,
+            "pool_seed": self.pool_seed,
+            "saes": self.saes,
+        }
 
 
 @dataclass
@@ -147,35 +149,26 @@ def features_from_config(
     config: PipelineConfig, statistics: Mapping[int, Any], model_name: str
 ) -> FunctionalFeatures:
     """The functional-feature set ``config`` describes, from per-layer ``statistics``."""
-    from spare_tl.activations import functional_features
+    from spare_tl.activations import directional_features
 
-    metadata = {
-        "dataset": config.dataset,
-        "pool_size": config.pool_size,
-        "pool_seed": config.pool_seed,
-        "saes": config.saes,
+    context = {
+        "layers": config.feature_layers or config.layers or None,
+        "proportion": config.proportion,
+        "edit_strength": config.edit_strength,
     }
-    features = functional_features(
+    alpha_mem = config.edit_strength_to_memory
+    memory = {
+        **context,
+        "edit_strength": config.edit_strength if alpha_mem is None else alpha_mem,
+        **(config.to_memory or {}),
+    }
+    return directional_features(
         statistics,
         model_name=model_name,
-        proportion=config.proportion,
-        edit_strength=config.edit_strength,
-        edit_strength_to_memory=config.edit_strength_to_memory,
-        layers=config.feature_layers or config.layers or None,
-        metadata=metadata,
+        context=context,
+        memory=memory,
+        metadata=config.features_metadata(),
     )
-    if config.to_memory is not None:
-        mem = config.to_memory
-        memory_set = functional_features(
-            statistics,
-            model_name=model_name,
-            proportion=mem.get("proportion", config.proportion),
-            edit_strength=mem.get("edit_strength", config.strength_to_memory),
-            layers=mem["layers"],
-            metadata=metadata,
-        )
-        features = replace(features, to_memory=memory_set)
-    return features
 
 
 def run_pipeline(

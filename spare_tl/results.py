@@ -49,7 +49,6 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
     first = next(iter(results.values()))
     feats = first.get("features", {})
     mem = feats.get("to_memory")
-    a_mem = feats.get("edit_strength_to_memory") or feats.get("edit_strength")
     if mem:
         setting = (
             f"to context layers {feats.get('layers')}, K = {feats.get('proportion')}, "
@@ -57,6 +56,7 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
             f"K = {mem.get('proportion')}, α = {mem.get('edit_strength')}."
         )
     else:
+        a_mem = feats.get("edit_strength_to_memory") or feats.get("edit_strength")
         setting = (
             f"layers {feats.get('layers')}, K = {feats.get('proportion')}, "
             f"α = {feats.get('edit_strength')} to context / {a_mem} to memory."

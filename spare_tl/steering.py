@@ -636,8 +636,8 @@ def steer(
     """Steer ``model`` towards ``direction`` with SpARE inside the ``with`` block.
 
     Adds one forward hook per edited layer at ``blocks.{l}.hook_resid_post`` (layers: all of
-    ``features.for_direction(direction).layers`` unless ``layers`` is given) and removes exactly those hooks on exit,
-    also after an exception; hooks the user added stay. Works around ``model.generate(...)``
+    ``features.for_direction(direction).layers`` unless ``layers`` is given) and removes
+    exactly those hooks on exit, also after an exception; hooks the user added stay. Works around ``model.generate(...)``
     (left-padded batches, KV cache on or off) and ``model(...)``; pass ``positions`` for
     right-padded ``model(...)`` calls. ``edit_strength`` defaults to
     ``features.strength(direction)``. ``direction`` None or ``"none"`` steers nothing.

@@ -9,14 +9,13 @@ reports can show it.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from spare_tl import cache
-from spare_tl.activations import LayerStatistics, functional_features
+from spare_tl.activations import LayerStatistics, directional_features, functional_features
 from spare_tl.data.prompts import conflict_prompt, sample_demonstrations
 from spare_tl.data.schema import ConflictItem
 from spare_tl.data.scoring import behaviour_label
@@ -138,31 +137,18 @@ def features_from_sweep(
     *,
     metadata: dict[str, Any] | None = None,
 ) -> FunctionalFeatures:
-    """The feature set of the sweep's best setting per direction.
-
-    When both directions' best records share layers and K, one set with an α per
-    direction; otherwise a set for context with a separate :attr:`~FunctionalFeatures.to_memory`
-    set, each exactly the setting measured on the development set.
-    """
+    """The feature set of the sweep's best setting per direction, each exactly the setting
+    measured on the development set (:func:`~spare_tl.activations.directional_features`)."""
     best = best_settings(records)
     if "context" not in best or "memory" not in best:
         raise ValueError("the sweep has no steered records for both directions")
-    ctx, mem = best["context"], best["memory"]
-
-    def feature_set(rec: dict[str, Any], alpha_to_memory: float | None = None):
-        return functional_features(
-            statistics,
-            model_name=model_name,
-            proportion=rec["proportion"],
-            edit_strength=rec["edit_strength"],
-            edit_strength_to_memory=alpha_to_memory,
-            layers=rec["layers"],
-            metadata=dict(metadata or {}),
-        )
-
-    if (ctx["layers"], ctx["proportion"]) == (mem["layers"], mem["proportion"]):
-        return feature_set(ctx, mem["edit_strength"])
-    return dataclasses.replace(feature_set(ctx), to_memory=feature_set(mem))
+    return directional_features(
+        statistics,
+        model_name=model_name,
+        context=best["context"],
+        memory=best["memory"],
+        metadata=metadata,
+    )
 
 
 def save_sweep(records: Sequence[dict[str, Any]], directory: Path, config: dict[str, Any]) -> None:
@@ -302,10 +288,7 @@ def _report(
     print(json.dumps({"no_steering": records[0], **best}, indent=1))
     if write_features:
         metadata = {
-            "dataset": config.dataset,
-            "pool_size": config.pool_size,
-            "pool_seed": config.pool_seed,
-            "saes": config.saes,
+            **config.features_metadata(),
             "chosen_by": _display_path(directory / "sweep.json"),
         }
         features = features_from_sweep(
