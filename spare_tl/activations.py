@@ -25,10 +25,13 @@ from tqdm.auto import tqdm
 
 from spare_tl import cache
 from spare_tl.behaviours import GroupedPrompts, require_groups
+from spare_tl.checks import finite_non_negative
+from spare_tl.errors import CacheError
 from spare_tl.features import (
     FunctionalFeatures,
     LayerFeatures,
     confidence_weighted_mean,
+    sae_fingerprint,
     select_functional_features,
 )
 from spare_tl.generation import _tokenize, left_pad
@@ -102,15 +105,21 @@ class Activations:
     config: dict[str, Any] = field(default_factory=dict)
 
     def save(self, directory: Path) -> None:
+        directory = Path(directory)
         tensors = {f"layer{k}": v for k, v in self.resid.items()}
         tensors.update(labels=self.labels, weights=self.weights)
-        cache.write_tensors(Path(directory) / "activations.safetensors", tensors)
-        cache.mark_complete(directory, self.config, layers=sorted(self.resid))
+        cache.begin_stage(directory)
+        cache.write_tensors(directory / "activations.safetensors", tensors)
+        cache.mark_complete(
+            directory, self.config, files=["activations.safetensors"], layers=sorted(self.resid)
+        )
 
     @classmethod
     def load(cls, directory: Path) -> Activations:
-        t = cache.read_tensors(Path(directory) / "activations.safetensors")
-        meta = cache.read_json(Path(directory) / "config.json")
+        """Load a completed stage, its file checked against the manifest first."""
+        directory = Path(directory)
+        meta = cache.verify_stage(directory)
+        t = cache.read_tensors(directory / "activations.safetensors")
         resid = {int(k[5:]): v for k, v in t.items() if k.startswith("layer")}
         return cls(meta["config"]["model"], resid, t["labels"], t["weights"], meta["config"])
 
@@ -162,8 +171,10 @@ class LayerStatistics:
     n_context: int
     n_memory: int
     latent_code: str = "encode"  # the SAE code the statistics were computed on
+    sae_fingerprint: str = ""  # spare_tl.features.sae_fingerprint of the SAE
 
     def save(self, directory: Path) -> None:
+        """Write ``layer<L>.safetensors`` (the caller marks the stage begun and complete)."""
         cache.write_tensors(
             Path(directory) / f"layer{self.layer}.safetensors",
             {
@@ -179,16 +190,25 @@ class LayerStatistics:
                 "n_context": str(self.n_context),
                 "n_memory": str(self.n_memory),
                 "latent_code": self.latent_code,
+                "sae_fingerprint": self.sae_fingerprint,
             },
         )
 
     @classmethod
     def load(cls, path: Path) -> LayerStatistics:
-        from safetensors import safe_open
+        """Load one layer's file, checked against its stage manifest first. Statistics
+        saved before SAE fingerprints take the one their stage config records."""
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-            t = {k: f.get_tensor(k) for k in f.keys()}
+        path = Path(path)
+        cache.verify_file(path)
+        stage = cache.read_json(path.parent / cache.CONFIG)["config"]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata()
+                t = {k: f.get_tensor(k) for k in f.keys()}
+        except SafetensorError as e:
+            raise CacheError(f"{path} is not a readable safetensors file ({e})") from e
         return cls(
             layer=int(meta["layer"]),
             hook_name=meta["hook_name"],
@@ -196,6 +216,7 @@ class LayerStatistics:
             n_context=int(meta["n_context"]),
             n_memory=int(meta["n_memory"]),
             latent_code=meta.get("latent_code", "encode"),
+            sae_fingerprint=meta.get("sae_fingerprint") or stage.get("sae_fingerprint", ""),
             **t,
         )
 
@@ -210,6 +231,7 @@ def layer_statistics(
     sae_id: str,
     seed: int = 0,
     latent_code: str = "encode",
+    sae_fingerprint: str = "",
     progress: bool = False,
 ) -> LayerStatistics:
     """MI, E and the confidence-weighted group means from one layer's SAE codes."""
@@ -225,6 +247,7 @@ def layer_statistics(
         n_context=int(ctx.sum()),
         n_memory=int(mem.sum()),
         latent_code=latent_code,
+        sae_fingerprint=sae_fingerprint,
     )
 
 
@@ -262,6 +285,7 @@ def feature_statistics(
             "estimator": "kNN (Ross 2014), 3 neighbours, min-max normalised",
             "seed": seed,
             "latent_code": latent_code,
+            "sae_fingerprint": sae_fingerprint(sae),
         }
         layer_dir = directory / f"layer{layer}"
         if use_cache and cache.is_fresh(layer_dir, config):
@@ -277,10 +301,12 @@ def feature_statistics(
             sae_id=sae_identity(sae),
             seed=seed,
             latent_code=latent_code,
+            sae_fingerprint=config["sae_fingerprint"],
         )
         if use_cache:
+            cache.begin_stage(layer_dir)
             stats.save(layer_dir)
-            cache.mark_complete(layer_dir, config)
+            cache.mark_complete(layer_dir, config, files=[f"layer{layer}.safetensors"])
         out[layer] = stats
     return out
 
@@ -296,8 +322,9 @@ def functional_features(
     metadata: dict[str, Any] | None = None,
 ) -> FunctionalFeatures:
     """Stage 4: select context/memory features per layer at proportion K."""
-    if edit_strength < 0:
-        raise ValueError(f"edit strength α must be >= 0, got {edit_strength}")
+    finite_non_negative(edit_strength, "edit strength α")
+    if edit_strength_to_memory is not None:
+        finite_non_negative(edit_strength_to_memory, "edit strength α to memory")
     chosen = sorted(layers) if layers is not None else sorted(statistics)
     missing = [layer for layer in chosen if layer not in statistics]
     if missing:
@@ -315,6 +342,7 @@ def functional_features(
             context_activations=s.context_activations,
             memory_activations=s.memory_activations,
             latent_code=s.latent_code,
+            sae_fingerprint=s.sae_fingerprint,
         )
     return FunctionalFeatures(
         model_name=model_name,

@@ -5,13 +5,15 @@ answered greedily and labelled **context** (EM with C = ``sub_answer``), **memor
 M = ``org_answer``) or **neither** (dropped later). The teacher-forced NLL of both answers
 (``nll_context`` = the paper's ``ss_loss``, ``nll_memory`` = ``so_loss``) gives the
 confidence weights. Work is done in units of (shots, seed, type); each finished unit is
-appended to ``records.jsonl``, so a killed run resumes where it stopped.
+appended to a resume log (``partial.jsonl``), so a killed run resumes where it stopped. On
+resume a unit counts as done only when the log holds exactly one record for every pool
+question; a unit a crash cut short is redone, and the finished records come out in the
+same order as an uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,8 +25,9 @@ from tqdm.auto import tqdm
 
 from spare_tl import cache
 from spare_tl.data.prompts import conflict_prompt, sample_demonstrations
-from spare_tl.data.schema import ConflictItem
+from spare_tl.data.schema import ConflictItem, items_hash
 from spare_tl.data.scoring import behaviour_label
+from spare_tl.errors import CacheError
 from spare_tl.generation import generate_and_score
 
 logger = logging.getLogger(__name__)
@@ -86,13 +89,16 @@ class GroupedPrompts:
         return [r["prompt"] for r in kept], labels, weights
 
     def save(self, directory: Path) -> None:
-        cache.write_jsonl(Path(directory) / "records.jsonl", self.records)
-        cache.mark_complete(directory, self.config, counts=self.counts())
+        directory = Path(directory)
+        cache.begin_stage(directory)
+        cache.write_jsonl(directory / "records.jsonl", self.records)
+        cache.mark_complete(directory, self.config, files=["records.jsonl"], counts=self.counts())
 
     @classmethod
     def load(cls, directory: Path) -> GroupedPrompts:
+        """Load a completed stage, its files checked against the manifest first."""
         directory = Path(directory)
-        meta = cache.read_json(directory / "config.json")
+        meta = cache.verify_stage(directory)
         return cls(
             model_name=meta["config"]["model"],
             records=cache.read_jsonl(directory / "records.jsonl"),
@@ -114,6 +120,50 @@ def _unit_key(shots: int, seed: int, demo_type: str) -> str:
     return f"{shots}shot-seed{seed}-{demo_type}"
 
 
+def complete_units(
+    records: Sequence[dict[str, Any]], n_pool: int
+) -> tuple[list[dict[str, Any]], set[str]]:
+    """The records of the units a resume log holds in full (one record per pool question,
+    each once) and the set of those units; a unit cut short by a crash is left out."""
+    by_unit: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by_unit.setdefault(r.get("unit", ""), []).append(r)
+    done = {
+        unit
+        for unit, rows in by_unit.items()
+        if sorted(r.get("pool_index", -1) for r in rows) == list(range(n_pool))
+    }
+    return [r for r in records if r.get("unit") in done], done
+
+
+def _resume(
+    partial: Path, progress_cfg: Path, run_fingerprint: str, n_pool: int
+) -> tuple[list[dict[str, Any]], set[str]]:
+    """Finished units from an earlier, interrupted run of the same config; the log is
+    rewritten to hold only those, so appending the next unit cannot follow a torn one."""
+    marker = None
+    if progress_cfg.is_file():
+        try:
+            marker = cache.read_json(progress_cfg).get("fingerprint")
+        except (CacheError, AttributeError):
+            marker = None
+    if marker != run_fingerprint:
+        partial.unlink(missing_ok=True)
+        cache.write_json(progress_cfg, {"fingerprint": run_fingerprint})
+        return [], set()
+    if not partial.exists():
+        return [], set()
+    logged = cache.read_jsonl(partial, allow_torn_tail=True)
+    records, done = complete_units(logged, n_pool)
+    if len(records) != len(logged) or partial.read_bytes()[-1:] not in (b"", b"\n"):
+        logger.info(
+            "grouped prompts: dropping %d records of unfinished units", len(logged) - len(records)
+        )
+        cache.write_jsonl(partial, records)
+    logger.info("grouped prompts: resuming, %d units already done", len(done))
+    return records, done
+
+
 def group_prompts(
     model,
     pool: Sequence[ConflictItem],
@@ -133,6 +183,7 @@ def group_prompts(
         "stage": STAGE,
         "model": model.cfg.model_name,
         "pool_hash": cache.fingerprint({"q": [it.question for it in pool]}),
+        "pool_items_hash": items_hash(pool),
         "n_pool": len(pool),
         **asdict(config),
     }
@@ -146,16 +197,8 @@ def group_prompts(
     partial = directory / "partial.jsonl"
     progress_cfg = directory / "partial_config.json"
     if use_cache:
-        if progress_cfg.exists() and cache.read_json(progress_cfg).get(
-            "fingerprint"
-        ) == cache.fingerprint(full_config):
-            if partial.exists():
-                records = cache.read_jsonl(partial)
-                done = {r["unit"] for r in records}
-                logger.info("grouped prompts: resuming, %d units already done", len(done))
-        else:
-            shutil.rmtree(directory, ignore_errors=True)
-            cache.write_json(progress_cfg, {"fingerprint": cache.fingerprint(full_config)})
+        cache.begin_stage(directory)
+        records, done = _resume(partial, progress_cfg, cache.fingerprint(full_config), len(pool))
 
     units = [u for u in config.units() if _unit_key(*u) not in done]
     for shots, seed, demo_type in tqdm(units, desc="grouping prompts", disable=not progress):
@@ -198,6 +241,8 @@ def group_prompts(
         if use_cache:
             cache.append_jsonl(partial, unit_records)
 
+    order = {_unit_key(*u): i for i, u in enumerate(config.units())}
+    records.sort(key=lambda r: (order[r["unit"]], r["pool_index"]))  # as uninterrupted
     result = GroupedPrompts(model_name=model.cfg.model_name, records=records, config=full_config)
     if use_cache:
         result.save(directory)

@@ -3,6 +3,11 @@
 Each subcommand lives beside the code it drives; this module only wires them. A registrar
 is ``register(subparsers)`` that adds one or more parsers whose ``func(args) -> int`` runs
 the command. Imports stay lazy so ``spare-tl --help`` is fast.
+
+Every anticipated failure (a bad argument or config, a damaged or truncated cache file, an
+SAE that does not fit, a path that is a directory or a file where the other is wanted) is
+printed as one line, ``spare-tl <command>: error: <what, which file, the fix>``, with exit
+code 2; ``--debug`` prints the traceback instead.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ REGISTRARS: list[str] = [
     "spare_tl.data.cli:register",
     "spare_tl.train_saes:register",
     "spare_tl.report:register",
+    "spare_tl.cache:register",
 ]
 
 
@@ -32,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (and log at DEBUG)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for spec in REGISTRARS:
         module, func = spec.split(":")
@@ -43,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     if not getattr(args, "func", None):
@@ -51,9 +60,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"spare-tl {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        message = error_line(e)
+        if message is None or args.debug:
+            raise
+        print(f"spare-tl {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def error_line(e: BaseException) -> str | None:
+    """The one-line message for an anticipated failure, or None for a bug (re-raised)."""
+    from safetensors import SafetensorError
+
+    text = " ".join(str(e).split())
+    if isinstance(e, SafetensorError):
+        return (
+            f"a safetensors file is truncated or damaged ({text}); run `spare-tl cache verify` "
+            "to find it, then restore or delete it"
+        )
+    if isinstance(e, RecursionError):
+        return (
+            "a file refers to itself (e.g. features.json whose to_memory is '.'): fix the "
+            "reference or re-create the file (--debug shows where)"
+        )
+    if isinstance(e, IsADirectoryError):
+        return f"{_path_of(e)} is a directory, but a file is needed there; give a file path"
+    if isinstance(e, NotADirectoryError):
+        return f"{_path_of(e)}: a file is in the way of a folder; give a folder path"
+    if isinstance(e, FileExistsError):
+        return f"{_path_of(e)} already exists and is in the way; remove it or choose another path"
+    if isinstance(e, PermissionError):
+        return f"{_path_of(e)} cannot be written or read (permission denied)"
+    if isinstance(e, RuntimeError) and (
+        "size mismatch" in text or "Error(s) in loading state_dict" in text
+    ):
+        return (
+            "an SAE's weights do not match its cfg.json (d_in / d_sae): "
+            f"{text.split(' size mismatch ')[0][:300]}; fix cfg.json or use the matching weights"
+        )
+    if isinstance(e, KeyError):
+        return f"missing key {text}"
+    if isinstance(e, (ValueError, FileNotFoundError, OSError)):
+        return text
+    return None
+
+
+def _path_of(e: OSError) -> str:
+    return str(e.filename) if e.filename else str(e)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from spare_tl import checks
 from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, load_steering_setup
 
 # spare_tl.baselines.METHODS, spelled out so that building the parser imports no torch.
@@ -75,7 +76,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--saes", default=str(DEFAULT_SAES))
     p.add_argument("--edit-strength", type=float, default=None)
     p.add_argument(
-        "--demonstrations", type=int, default=0, help="prepend N doo demonstrations from the pool"
+        "--demonstrations",
+        type=int,
+        default=None,
+        help="prepend N (>= 1) doo demonstrations from the pool",
     )
     p.set_defaults(func=_steer)
 
@@ -84,6 +88,10 @@ def _run(args: argparse.Namespace) -> int:
     from spare_tl.pipeline import PipelineConfig, run_pipeline
 
     config = PipelineConfig.from_file(args.config)
+    if args.output:
+        checks.output_file(args.output)
+    if config.features_dir:
+        checks.output_dir(config.features_dir, "features_dir")
     result = run_pipeline(config, until=args.until)
     if result.features is not None:
         print(json.dumps({"counts": {str(k): v for k, v in result.features.counts().items()}}))
@@ -115,14 +123,50 @@ def _format_summary(data: dict) -> str:
     return "\n".join(lines)
 
 
+def _check_steering_args(args: argparse.Namespace) -> None:
+    """--edit-strength, --features and --saes, before the model is loaded."""
+    if args.edit_strength is not None:
+        checks.finite_non_negative(args.edit_strength, "--edit-strength α")
+    if not (Path(args.features) / "features.json").is_file():
+        raise checks.ArgumentError(
+            f"--features {args.features} holds no features.json: give a functional-feature "
+            "folder (made by `spare-tl features` or `spare-tl import-original`)"
+        )
+    checks.sae_folders(args.saes)
+
+
+def _check_evaluate_args(args: argparse.Namespace) -> None:
+    """Every argument and output path of ``evaluate``, before any work."""
+    checks.output_file(args.output)
+    if args.predictions:
+        checks.output_file(args.predictions, "--predictions")
+    if not args.seeds:
+        raise checks.ArgumentError("--seeds needs at least one seed")
+    if args.n_items is not None:
+        checks.at_least(args.n_items, 1, "--n-items")
+    if args.pool_size is not None:
+        checks.at_least(args.pool_size, 2, "--pool-size")
+    checks.at_least(args.shots, 0, "--shots")
+    checks.non_empty(args.dataset, "--dataset")
+    if Path(args.dataset).is_dir():
+        raise checks.ArgumentError(f"--dataset {args.dataset} is a directory, not a .jsonl file")
+    if args.hyperparameters:
+        try:
+            json.loads(args.hyperparameters)
+        except json.JSONDecodeError as e:
+            raise checks.ArgumentError(f"--hyperparameters is not valid JSON: {e}") from e
+    _check_steering_args(args)
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from spare_tl.embedded import memorised_split
     from spare_tl.evaluation import EvaluationConfig, evaluate
 
+    _check_evaluate_args(args)
     model, features, saes = load_steering_setup(args.features, args.saes)
     if args.edit_strength is not None:
         features = features.with_edit_strength(args.edit_strength)
-    if args.pool_size:
+    if args.pool_size is not None:
         features.metadata["pool_size"] = args.pool_size
     split = memorised_split(model, features, args.dataset)
     eval_items = split.evaluation[: args.n_items] if args.n_items else split.evaluation
@@ -163,6 +207,11 @@ def _steer(args: argparse.Namespace) -> int:
     from spare_tl.generation import greedy_generate
     from spare_tl.steering import steer
 
+    checks.non_empty(args.context, "--context")
+    checks.non_empty(args.question, "--question")
+    if args.demonstrations is not None:
+        checks.at_least(args.demonstrations, 1, "--demonstrations (leave it out for none)")
+    _check_steering_args(args)
     model, features, saes = load_steering_setup(args.features, args.saes)
     if args.edit_strength is not None:
         features = features.with_edit_strength(args.edit_strength)

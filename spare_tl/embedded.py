@@ -40,6 +40,7 @@ def memorised_split(model, features, dataset: str = "builtin", *, progress: bool
         model, items, dataset_name=Path(dataset).stem.replace("/", "_"), progress=progress
     )
     meta = features.metadata
+    memorised.require(meta.get("pool_size", DEFAULT_POOL_SIZE))
     return split_pool(
         memorised.filter(items),
         meta.get("pool_size", DEFAULT_POOL_SIZE),

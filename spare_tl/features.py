@@ -5,12 +5,21 @@ information, take the smallest k whose cumulative MI exceeds a proportion K of t
 total, keep the first k latents with a non-zero expectation difference E; E > 0 marks a
 **context feature**, E < 0 a **memory feature**. The functional activations z̄_C and z̄_M are
 the confidence-weighted mean SAE codes of the use-context and use-memory groups.
+
+A saved set records, per layer, the fingerprint of the SAE it was found with
+(:func:`sae_fingerprint`: a hash of the weights and the cfg), and ``features.json`` lists
+the size and SHA-256 of ``features.safetensors``; loading checks them, and steering refuses
+an SAE whose fingerprint differs (:mod:`spare_tl.steering`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import math
 import shutil
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,11 +28,52 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from spare_tl.cache import read_json, read_tensors, write_json, write_tensors
+from spare_tl.cache import (
+    MANIFEST,
+    check_manifest,
+    manifest,
+    read_json,
+    read_tensors,
+    write_json,
+    write_tensors,
+)
+from spare_tl.errors import CacheError
 from spare_tl.saes import check_latent_code
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 TO_MEMORY_DIR = "to_memory"
+FEATURES_JSON = "features.json"
+FEATURES_TENSORS = "features.safetensors"
+
+#: cfg fields that do not change what an SAE computes (where it sits, its label)
+_CFG_IGNORED = ("device", "dtype", "metadata")
+_FINGERPRINTS: weakref.WeakKeyDictionary[Any, tuple[tuple, str]] = weakref.WeakKeyDictionary()
+
+
+def sae_fingerprint(sae: Any) -> str:
+    """A hash of an SAE's weights (as float32, by parameter name) and of the cfg fields that
+    change what it computes (widths, architecture, k, normalisation, hook); not of its
+    device, dtype or path. Computed once per SAE until its weights change in place."""
+    state = sae.state_dict()
+    version = tuple(
+        (k, v.data_ptr(), v._version, str(v.dtype), tuple(v.shape)) for k, v in state.items()
+    )
+    cached = _FINGERPRINTS.get(sae)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    cfg = sae.cfg.to_dict() if hasattr(sae.cfg, "to_dict") else dict(vars(sae.cfg))
+    cfg = {k: v for k, v in cfg.items() if k not in _CFG_IGNORED}
+    cfg["hook_name"] = getattr(getattr(sae.cfg, "metadata", None), "hook_name", None)
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    for name in sorted(state):
+        t = state[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    digest = h.hexdigest()[:16]
+    _FINGERPRINTS[sae] = (version, digest)
+    return digest
 
 
 def select_functional_features(
@@ -83,6 +133,7 @@ class LayerFeatures:
     memory_activations: Float[Tensor, " d_sae"]  # z̄_M
     sae_id: str = ""
     latent_code: str = "encode"  # which SAE code the statistics and the edit use (spare_tl.saes)
+    sae_fingerprint: str = ""  # sae_fingerprint() of the SAE the features were found with
 
     @property
     def d_sae(self) -> int:
@@ -117,10 +168,19 @@ class FunctionalFeatures:
     to_memory: FunctionalFeatures | None = None
 
     def __post_init__(self) -> None:
-        if self.edit_strength < 0 or (
-            self.edit_strength_to_memory is not None and self.edit_strength_to_memory < 0
+        for name, alpha in (
+            ("edit strength α", self.edit_strength),
+            ("edit strength α to memory", self.edit_strength_to_memory),
         ):
-            raise ValueError("edit strength α must be >= 0")
+            if alpha is not None and not (
+                isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0
+            ):
+                raise ValueError(
+                    f"{name} must be a finite number >= 0, got {alpha}; the paper uses "
+                    "1.0-3.0, and 0 turns steering off"
+                )
+        if not (isinstance(self.proportion, (int, float)) and 0 < self.proportion <= 1):
+            raise ValueError(f"proportion K must be in (0, 1], got {self.proportion}")
         mem = self.to_memory
         if mem is not None:
             if mem.to_memory is not None:
@@ -183,8 +243,18 @@ class FunctionalFeatures:
 
     def save(self, directory: str | Path) -> Path:
         """Write ``features.safetensors`` + ``features.json`` into ``directory`` (and
-        :attr:`to_memory`, if set, into its ``to_memory/`` subfolder, written first)."""
+        :attr:`to_memory`, if set, into its ``to_memory/`` subfolder, written first).
+
+        ``features.json`` goes first out and last in: removed before anything is written,
+        written at the end with the manifest of ``features.safetensors``; a crash in
+        between leaves a folder that does not load, never a mixed set."""
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise FileExistsError(
+                f"{directory} is an existing file; give a folder for the feature set"
+            )
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / FEATURES_JSON).unlink(missing_ok=True)
         sub = directory / TO_MEMORY_DIR
         if self.to_memory is not None:
             self.to_memory.save(sub)
@@ -199,10 +269,11 @@ class FunctionalFeatures:
                 "hook_name": f.hook_name,
                 "sae_id": f.sae_id,
                 "latent_code": f.latent_code,
+                "sae_fingerprint": f.sae_fingerprint,
             }
-        write_tensors(directory / "features.safetensors", tensors)
+        write_tensors(directory / FEATURES_TENSORS, tensors)
         write_json(
-            directory / "features.json",
+            directory / FEATURES_JSON,
             {
                 "format_version": FORMAT_VERSION,
                 "model_name": self.model_name,
@@ -213,6 +284,7 @@ class FunctionalFeatures:
                 "counts": {str(k): list(v) for k, v in self.counts().items()},
                 "to_memory": TO_MEMORY_DIR if self.to_memory is not None else None,
                 "metadata": self.metadata,
+                MANIFEST: manifest(directory, [FEATURES_TENSORS]),
             },
         )
         if self.to_memory is None and sub.exists():
@@ -220,19 +292,56 @@ class FunctionalFeatures:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path) -> FunctionalFeatures:
+    def load(cls, directory: str | Path, *, _nested: bool = False) -> FunctionalFeatures:
+        """Load a saved set; its files are checked against the manifest in features.json,
+        and a malformed features.json is a :class:`~spare_tl.errors.CacheError` naming it."""
         directory = Path(directory)
-        meta_path = directory / "features.json"
-        if not meta_path.exists():
+        meta_path = directory / FEATURES_JSON
+        if directory.is_file():
+            raise CacheError(
+                f"{directory} is a file; pass the folder holding {FEATURES_JSON} and "
+                f"{FEATURES_TENSORS}"
+            )
+        if not meta_path.is_file():
             raise FileNotFoundError(
-                f"no functional-feature set in {directory} (features.json missing); "
+                f"no functional-feature set in {directory} ({FEATURES_JSON} missing); "
                 "create one with `spare-tl features` or `spare-tl import-original`"
             )
+        meta = read_json(meta_path)
         try:
-            meta = read_json(meta_path)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{meta_path} is not valid JSON: {e}") from e
-        tensors = read_tensors(directory / "features.safetensors")
+            return cls._from_meta(directory, meta, nested=_nested)
+        except CacheError:
+            raise
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise CacheError(
+                f"{meta_path} is malformed ({type(e).__name__}: {e}); re-create the set with "
+                "`spare-tl features` or `spare-tl import-original`"
+            ) from e
+
+    @classmethod
+    def _from_meta(cls, directory: Path, meta: dict[str, Any], nested: bool) -> FunctionalFeatures:
+        meta_path = directory / FEATURES_JSON
+        if MANIFEST in meta:
+            check_manifest(directory, meta[MANIFEST], meta_path)
+        else:
+            logger.warning(
+                "%s has no file manifest (written by an older spare-tl): its tensors are not "
+                "checked; save the set again to add one",
+                meta_path,
+            )
+        to_memory = None
+        if meta.get("to_memory"):
+            if nested:
+                raise CacheError(
+                    f"{meta_path}: a to_memory set cannot have a to_memory set of its own"
+                )
+            if meta["to_memory"] != TO_MEMORY_DIR:
+                raise CacheError(
+                    f"{meta_path}: to_memory must be {TO_MEMORY_DIR!r} (the subfolder), got "
+                    f"{meta['to_memory']!r}"
+                )
+            to_memory = cls.load(directory / TO_MEMORY_DIR, _nested=True)
+        tensors = read_tensors(directory / FEATURES_TENSORS)
         layers = {}
         for key, info in meta["layers"].items():
             layer = int(key)
@@ -241,6 +350,7 @@ class FunctionalFeatures:
                 hook_name=info["hook_name"],
                 sae_id=info.get("sae_id", ""),
                 latent_code=info.get("latent_code", "encode"),
+                sae_fingerprint=info.get("sae_fingerprint", ""),
                 context_features=tensors[f"layer{layer}.context_features"],
                 memory_features=tensors[f"layer{layer}.memory_features"],
                 context_activations=tensors[f"layer{layer}.context_activations"],
@@ -253,5 +363,5 @@ class FunctionalFeatures:
             edit_strength=meta["edit_strength"],
             edit_strength_to_memory=meta.get("edit_strength_to_memory"),
             metadata=meta.get("metadata", {}),
-            to_memory=cls.load(directory / meta["to_memory"]) if meta.get("to_memory") else None,
+            to_memory=to_memory,
         )

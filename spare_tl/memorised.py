@@ -3,13 +3,16 @@
 Only for these is there a real conflict between context and memory. Each question is asked
 closed-book with k demonstrations of the same relation (other questions, seeded), greedy,
 and scored by exact match against ``org_answer``. Cached under
-``cache_data/<model>/memorised/`` with the config that produced it.
+``cache_data/<model>/memorised/<name>-<items hash>/`` with the config that produced it: the
+folder is named by the dataset's *content* (:func:`dataset_key`), so a user's file called
+``builtin.jsonl`` can never land in, or overwrite, the built-in dataset's folder.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +22,9 @@ from tqdm.auto import tqdm
 
 from spare_tl import cache
 from spare_tl.data.prompts import closed_book_prompt
-from spare_tl.data.schema import ConflictItem
+from spare_tl.data.schema import ConflictItem, items_hash
 from spare_tl.data.scoring import exact_match
+from spare_tl.errors import CacheError
 from spare_tl.generation import greedy_generate
 
 logger = logging.getLogger(__name__)
@@ -48,7 +52,30 @@ class MemorisedSet:
         known = Counter(p["relation"] for p in self.predictions if p["memorised"])
         return {r: (known[r], total[r]) for r in sorted(total)}
 
+    @property
+    def n_items(self) -> int:
+        return len(self.predictions)
+
+    def require(self, pool_size: int = 0) -> None:
+        """Fail clearly when too few questions are memorised to split off a pool of
+        ``pool_size`` and keep evaluation items."""
+        n = len(self.questions)
+        if n == 0:
+            raise ValueError(
+                f"0 of {self.n_items} questions of dataset {self.dataset!r} are memorised by "
+                f"{self.model_name} (no closed-book exact match): SpARE needs questions the "
+                "model knows; use a dataset it knows, or a larger model"
+            )
+        if pool_size and n <= pool_size:
+            raise ValueError(
+                f"only {n} of {self.n_items} questions of dataset {self.dataset!r} are "
+                f"memorised by {self.model_name}: a pool of {pool_size} leaves no evaluation "
+                f"items; use a pool size below {n}"
+            )
+
     def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        cache.begin_stage(directory)
         cache.write_jsonl(directory / "predictions.jsonl", self.predictions)
         cache.write_json(
             directory / "summary.json",
@@ -60,13 +87,20 @@ class MemorisedSet:
                 "per_relation": {r: list(v) for r, v in self.per_relation().items()},
             },
         )
-        cache.mark_complete(directory, self.config)
+        cache.mark_complete(directory, self.config, files=["predictions.jsonl", "summary.json"])
 
     @classmethod
     def load(cls, directory: Path) -> MemorisedSet:
+        """Load a completed stage, its files checked against the manifest first."""
+        directory = Path(directory)
+        cfg = cache.verify_stage(directory)["config"]
         preds = cache.read_jsonl(directory / "predictions.jsonl")
         summary = cache.read_json(directory / "summary.json")
-        cfg = cache.read_json(directory / "config.json")["config"]
+        if len(preds) != summary["n_items"]:
+            raise CacheError(
+                f"{directory / 'predictions.jsonl'} holds {len(preds)} records, "
+                f"summary.json says {summary['n_items']}; delete {directory} to recompute it"
+            )
         return cls(
             model_name=summary["model"],
             dataset=summary["dataset"],
@@ -74,6 +108,14 @@ class MemorisedSet:
             predictions=preds,
             config=cfg,
         )
+
+
+def dataset_key(dataset_name: str, items: list[ConflictItem] | str) -> str:
+    """The cache folder of a dataset: a readable name plus the hash of its items (or the
+    hash itself), so two datasets share a folder only when their items are identical."""
+    digest = items if isinstance(items, str) else items_hash(items)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(dataset_name)).stem or "dataset")
+    return f"{name.strip('._') or 'dataset'}-{digest}"
 
 
 def closed_book_demonstrations(
@@ -121,18 +163,24 @@ def find_memorised(
     tokens hold all but 13 of the built-in set's 2,585 answers; a closed-book answer still
     running after eight tokens is almost never an exact match.
     """
+    if not items:
+        raise ValueError(f"dataset {dataset_name!r} holds no items")
+    content = items_hash(items)
     config = {
         "stage": STAGE,
         "model": model.cfg.model_name,
         "dataset": dataset_name,
         "n_items": len(items),
         "questions_hash": cache.fingerprint({"q": [it.question for it in items]}),
+        "items_hash": content,
         "n_shots": n_shots,
         "seed": seed,
         "max_new_tokens": max_new_tokens,
         "demonstrations": "same relation, drawn once per relation, shared prefix",
     }
-    directory = cache.stage_dir(model.cfg.model_name, f"{STAGE}/{dataset_name}", cache_root)
+    directory = cache.stage_dir(
+        model.cfg.model_name, f"{STAGE}/{dataset_key(dataset_name, content)}", cache_root
+    )
     if use_cache and cache.is_fresh(directory, config):
         logger.info("memorised set: cached in %s", directory)
         return MemorisedSet.load(directory)

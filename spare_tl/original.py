@@ -38,7 +38,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from spare_tl.cache import mark_complete, write_json, write_jsonl, write_tensors
+from spare_tl.cache import begin_stage, mark_complete, write_json, write_jsonl, write_tensors
+from spare_tl.checks import finite_non_negative
+from spare_tl.checks import output_dir as check_output_dir
 from spare_tl.features import FunctionalFeatures, LayerFeatures, select_functional_features
 from spare_tl.saes import check_latent_code
 
@@ -531,11 +533,14 @@ def import_original(
     (``{layer}`` is filled in); ``sae_ids`` records which SAE each layer needs.
     ``PAPER_SETTINGS[model].as_kwargs()`` gives the paper's layers, K and α.
     """
-    cache = _as_cache(model_dir)
-    if not 0.0 < proportion <= 1.0:
+    finite_non_negative(edit_strength, "edit strength α")
+    if edit_strength_to_memory is not None:
+        finite_non_negative(edit_strength_to_memory, "edit strength α to memory")
+    if not 0.0 < proportion <= 1.0:  # also refuses NaN
         raise ValueError(
             f"proportion K must be in (0, 1], got {proportion}; the paper uses 0.01-0.10"
         )
+    cache = _as_cache(model_dir)
     code = check_latent_code(latent_code or ORIGINAL_LATENT_CODES.get(cache.model_name, "encode"))
     layers = [int(layer) for layer in layers]
     if not layers:
@@ -638,6 +643,7 @@ def export_statistics(
             "positive_expectation": int((stats.expectation > 0).sum()),
             "negative_expectation": int((stats.expectation < 0).sum()),
         }
+    begin_stage(output_dir)
     write_tensors(output_dir / "statistics.safetensors", tensors, {"source": SOURCE})
     write_json(
         output_dir / "statistics.json",
@@ -704,6 +710,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_import(args: argparse.Namespace) -> int:
+    finite_non_negative(args.edit_strength, "--edit-strength α")
+    if args.edit_strength_to_memory is not None:
+        finite_non_negative(args.edit_strength_to_memory, "--edit-strength-to-memory α")
+    check_output_dir(args.output)
     features = import_original(
         args.model_dir,
         layers=args.layers,

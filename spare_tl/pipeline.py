@@ -16,6 +16,7 @@ import tomllib
 
 from spare_tl import cache
 from spare_tl.behaviours import BehaviourConfig
+from spare_tl.checks import at_least, finite_non_negative
 from spare_tl.evaluation import EvaluationConfig
 from spare_tl.saes import check_latent_code
 
@@ -70,10 +71,32 @@ class PipelineConfig:
 
     def validate(self) -> None:
         """Catch a wrong configuration before any long work."""
-        if not 0 < self.proportion <= 1:
+        if not isinstance(self.proportion, (int, float)) or not 0 < self.proportion <= 1:
             raise ValueError(f"proportion K must be in (0, 1], got {self.proportion}")
-        if self.edit_strength < 0 or (self.edit_strength_to_memory or 0) < 0:
-            raise ValueError("edit strength α must be >= 0")
+        finite_non_negative(self.edit_strength, "edit_strength α")
+        if self.edit_strength_to_memory is not None:
+            finite_non_negative(self.edit_strength_to_memory, "edit_strength_to_memory α")
+        for name in ("memorised_shots", "memorised_seed", "pool_seed", "mi_seed"):
+            at_least(getattr(self, name), 0, name)
+        at_least(self.batch_size, 1, "batch_size")
+        if self.n_eval_items is not None:
+            at_least(self.n_eval_items, 1, "n_eval_items")
+        if not isinstance(self.dataset, str) or not self.dataset.strip():
+            raise ValueError("dataset is empty: 'builtin', 'nqswap', 'macnoise' or a .jsonl path")
+        b = self.behaviours
+        for name in ("shots", "seeds", "demo_types"):
+            if not getattr(b, name):
+                raise ValueError(f"behaviours.{name} is empty: give at least one")
+        for k in b.shots:
+            at_least(k, 1, "behaviours.shots")
+        at_least(b.max_new_tokens, 1, "behaviours.max_new_tokens")
+        at_least(b.batch_size, 1, "behaviours.batch_size")
+        e = self.evaluation
+        if not e.seeds:
+            raise ValueError("evaluation.seeds is empty: give at least one seed")
+        at_least(e.n_shots, 0, "evaluation.n_shots")
+        at_least(e.max_new_tokens, 1, "evaluation.max_new_tokens")
+        at_least(e.batch_size, 1, "evaluation.batch_size")
         check_latent_code(self.latent_code)
         outside = sorted(set(self.feature_layers) - set(self.layers)) if self.layers else []
         if outside:
@@ -92,12 +115,11 @@ class PipelineConfig:
                 raise ValueError(
                     f"to_memory layers {outside} are not among the candidate layers {self.layers}"
                 )
-            if not 0 < self.to_memory.get("proportion", self.proportion) <= 1:
+            proportion = self.to_memory.get("proportion", self.proportion)
+            if not isinstance(proportion, (int, float)) or not 0 < proportion <= 1:
                 raise ValueError("to_memory proportion K must be in (0, 1]")
-            if self.to_memory.get("edit_strength", 0) < 0:
-                raise ValueError("to_memory edit strength α must be >= 0")
-        if self.pool_size < 2:
-            raise ValueError("pool_size must be at least 2")
+            finite_non_negative(self.to_memory.get("edit_strength", 0), "to_memory edit_strength α")
+        at_least(self.pool_size, 2, "pool_size")
         for t in self.behaviours.demo_types:
             if t not in ("dss", "dso", "doo"):
                 raise ValueError(f"behaviours.demo_types: unknown type {t!r} (dss, dso, doo)")
@@ -107,19 +129,32 @@ class PipelineConfig:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no config file at {path}")
+        if path.is_dir():
+            raise ValueError(f"config {path} is a directory; give a .toml or .yaml file")
         if path.suffix == ".toml":
-            raw = tomllib.loads(path.read_text())
+            try:
+                raw = tomllib.loads(path.read_text())
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"config {path} is not valid TOML: {e}") from e
         elif path.suffix in (".yaml", ".yml"):
             import yaml
 
-            raw = yaml.safe_load(path.read_text()) or {}
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"config {path} is not valid YAML: {e}") from e
         else:
             raise ValueError(f"config {path} must be .toml or .yaml")
+        if not isinstance(raw, dict):
+            raise ValueError(f"config {path} must be a mapping of keys to values")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"unknown config key(s) {unknown} in {path}; known: {sorted(known)}")
-        return cls(**raw)
+        try:
+            return cls(**raw)
+        except TypeError as e:  # e.g. an unknown key inside [behaviours] or [evaluation]
+            raise ValueError(f"config {path}: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -221,6 +256,7 @@ def run_pipeline(
     logger.info("memorised: %d of %d items", len(known), len(items))
     if stop == 0:
         return out
+    out.memorised.require(config.pool_size)
     out.split = split_pool(known, config.pool_size, config.pool_seed)
     out.grouped = group_prompts(
         model, out.split.pool, config.behaviours, cache_root=root, progress=progress

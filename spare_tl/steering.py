@@ -36,7 +36,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from spare_tl.features import FunctionalFeatures, LayerFeatures
+from spare_tl.errors import SAEMismatchError
+from spare_tl.features import FunctionalFeatures, LayerFeatures, sae_fingerprint
 from spare_tl.saes import encode_with
 
 if TYPE_CHECKING:
@@ -466,6 +467,7 @@ class LastPromptPositionEdit:
                 context_activations=f.context_activations.to(device),
                 memory_activations=f.memory_activations.to(device),
                 sae_id=f.sae_id,
+                sae_fingerprint=f.sae_fingerprint,
             )
         return self._prepared[device]
 
@@ -569,6 +571,24 @@ def _validate_layer(
         raise ValueError(
             f"the model has no hook point {hook_name!r} (is an SAE spliced in there with "
             "add_sae? remove it before steering)"
+        )
+    _check_same_sae(layer, sae, layer_features)
+
+
+def _check_same_sae(layer: int, sae: SAE, layer_features: LayerFeatures) -> None:
+    """Refuse an SAE other than the one the features were found with (same width is not
+    enough: permuted or retrained latents would be edited by the wrong ids)."""
+    expected = layer_features.sae_fingerprint
+    if not expected:
+        return  # a set made before fingerprints: nothing to compare
+    got = sae_fingerprint(sae)
+    if got != expected:
+        where = f" ({layer_features.sae_id})" if layer_features.sae_id else ""
+        raise SAEMismatchError(
+            f"layer {layer}: {_sae_label(sae)} is not the SAE the functional features were "
+            f"found with{where}: its fingerprint (weights + cfg) is {got}, the feature set "
+            f"records {expected}; pass the SAEs the features were made with, or rebuild the "
+            "features for these SAEs (`spare-tl features CONFIG`)"
         )
 
 

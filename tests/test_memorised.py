@@ -3,7 +3,12 @@ from __future__ import annotations
 from spare_tl import memorised as memorised_mod
 from spare_tl.conflict_table import to_markdown
 from spare_tl.data.schema import ConflictItem
-from spare_tl.memorised import MemorisedSet, closed_book_demonstrations, find_memorised
+from spare_tl.memorised import (
+    MemorisedSet,
+    closed_book_demonstrations,
+    dataset_key,
+    find_memorised,
+)
 
 
 def _items(n: int) -> list[ConflictItem]:
@@ -38,9 +43,8 @@ def test_find_memorised_scores_cached_and_filters(tiny_model, tmp_path, monkeypa
     monkeypatch.setattr(memorised_mod, "greedy_generate", None)  # cached: no generation
     again = find_memorised(tiny_model, items, n_shots=2, cache_root=tmp_path, progress=False)
     assert again.questions == result.questions
-    assert isinstance(
-        MemorisedSet.load(tmp_path / "tiny-llama" / "memorised" / "builtin"), MemorisedSet
-    )
+    folder = tmp_path / "tiny-llama" / "memorised" / dataset_key("builtin", items)
+    assert isinstance(MemorisedSet.load(folder), MemorisedSet)
 
 
 def test_real_generation_runs_on_the_tiny_model(tiny_model):

@@ -95,6 +95,13 @@ def split_pool(
     for item in items:
         groups.setdefault(_key(item), []).append(item)
     keys = sorted(groups)
+    if pool_size < 1:
+        raise ValueError(f"pool size must be >= 1, got {pool_size}")
+    if not keys:
+        raise ValueError(
+            "no items to split into a pool and evaluation items: 0 questions are memorised "
+            "(or the dataset is empty)"
+        )
     if pool_size >= len(keys):
         raise ValueError(
             f"pool size {pool_size} leaves no evaluation items ({len(keys)} distinct questions)"

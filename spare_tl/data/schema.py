@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import Counter
@@ -52,6 +53,13 @@ class ConflictItem:
             relation=d.get("relation", ""),
             extra=dict(d.get("extra", {})),
         )
+
+
+def items_hash(items: Iterable[ConflictItem]) -> str:
+    """A short hash of the items' whole content (questions, contexts, answers, relations,
+    extra fields) and order: a dataset's identity in the cache, whatever its file is called."""
+    text = json.dumps([it.to_dict() for it in items], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------
@@ -216,6 +224,8 @@ def validate_conflict_jsonl(path: str | os.PathLike[str]) -> ValidationReport:
     Raises ``FileNotFoundError`` only when the file is missing.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a JSONL file of conflict items")
     raw = path.read_bytes()
     items: list[ConflictItem] = []
     errors: list[ValidationIssue] = []
