@@ -39,10 +39,10 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar
 
 import torch
 from jaxtyping import Float
@@ -52,31 +52,32 @@ from tqdm.auto import tqdm
 from spare_tl import cache
 from spare_tl.data.prompts import conflict_prompt, sample_demonstrations
 from spare_tl.data.schema import ConflictItem
-from spare_tl.data.scoring import behaviour_label
 from spare_tl.evaluation import (
+    CONDITION_OF,
     EvaluationConfig,
     EvaluationResult,
-    check_held_out,
-    evaluation_demonstrations,
-    features_summary,
-    prediction_records,
+    evaluate,
     saved_questions,
-    summarise,
 )
 from spare_tl.generation import (
     _last_logits,
     _tokenize,
-    greedy_generate,
     left_pad,
     newline_token_ids,
 )
+from spare_tl.harness import (
+    NoSteering,
+    PromptMethod,
+    SpareMethod,
+    SteeringMethod,
+)
+from spare_tl.harness import check_direction as _check_direction
 from spare_tl.steering import (
     DIRECTIONS,
     Direction,
     LastPromptPositionHook,
     attach_hooks,
     resid_post_hook_name,
-    steer,
 )
 from spare_tl.sweep import answer_shares, best_settings, dev_demonstrations
 
@@ -88,130 +89,6 @@ START, END = "<!-- baselines:start -->", "<!-- baselines:end -->"
 DEFAULT_COEFFICIENTS = (0.5, 1.0, 2.0, 4.0, 8.0)
 DEFAULT_ALPHAS = (0.25, 0.5, 1.0, 2.0)
 TASK_VECTOR_PROMPTS = 16
-CONDITION_OF = {None: "no_steering", "context": "steer_to_context", "memory": "steer_to_memory"}
-
-
-def _check_direction(direction: object) -> Direction:
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be 'context' or 'memory', got {direction!r}")
-    return direction  # type: ignore[return-value]
-
-
-# ---------------------------------------------------------------------------------------
-# The one interface
-# ---------------------------------------------------------------------------------------
-
-
-@runtime_checkable
-class SteeringMethod(Protocol):
-    """A way to answer conflict items, steered to context or memory (None: unsteered)."""
-
-    name: str
-    extra_forward_passes_per_token: float
-    inference_time: bool
-
-    def hyperparameters(self, direction: Direction) -> dict[str, Any]: ...
-
-    def answer(
-        self,
-        model,
-        items: Sequence[ConflictItem],
-        demonstrations: Sequence[Sequence[ConflictItem]],
-        direction: Direction | None,
-        *,
-        demo_type: str = "doo",
-        max_new_tokens: int = 12,
-        batch_size: int = 16,
-        progress: bool = False,
-        desc: str = "generating",
-    ) -> list[str]: ...
-
-
-class PromptMethod:
-    """Base of the methods: the evaluation's prompts, greedy decoding inside ``steering``.
-
-    Subclasses change the prompts (:meth:`prompts`), add hooks (:meth:`steering`) or decode
-    differently (:meth:`answer`). With ``direction=None`` every method answers unsteered.
-    """
-
-    name: ClassVar[str] = "none"
-    extra_forward_passes_per_token: ClassVar[float] = 0.0
-    inference_time: ClassVar[bool] = True
-
-    def hyperparameters(self, direction: Direction) -> dict[str, Any]:
-        return {}
-
-    def prompts(
-        self,
-        items: Sequence[ConflictItem],
-        demonstrations: Sequence[Sequence[ConflictItem]],
-        direction: Direction | None,
-        demo_type: str,
-    ) -> list[str]:
-        return [conflict_prompt(it, d, demo_type) for it, d in zip(items, demonstrations)]
-
-    def steering(self, model, direction: Direction) -> AbstractContextManager[Any]:
-        return nullcontext()
-
-    def answer(
-        self,
-        model,
-        items: Sequence[ConflictItem],
-        demonstrations: Sequence[Sequence[ConflictItem]],
-        direction: Direction | None,
-        *,
-        demo_type: str = "doo",
-        max_new_tokens: int = 12,
-        batch_size: int = 16,
-        progress: bool = False,
-        desc: str = "generating",
-    ) -> list[str]:
-        if len(items) != len(demonstrations):
-            raise ValueError("give one list of demonstrations per item")
-        if direction is None:
-            prompts = PromptMethod.prompts(self, items, demonstrations, None, demo_type)
-            context: AbstractContextManager[Any] = nullcontext()
-        else:
-            direction = _check_direction(direction)
-            prompts = self.prompts(items, demonstrations, direction, demo_type)
-            context = self.steering(model, direction)
-        with context:
-            return greedy_generate(
-                model,
-                prompts,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                progress=progress,
-                desc=desc,
-            )
-
-
-class NoSteering(PromptMethod):
-    """Answer the evaluation's prompts as they are."""
-
-    name = "none"
-
-
-@dataclass
-class SpareMethod(PromptMethod):
-    """SpARE's edit with a saved feature set (``edit_strength`` None: the features' α)."""
-
-    features: Any
-    saes: Mapping[Any, Any]
-    edit_strength: float | None = None
-    name: ClassVar[str] = "spare"
-
-    def hyperparameters(self, direction: Direction) -> dict[str, Any]:
-        alpha = self.edit_strength
-        return {
-            "layers": self.features.edit_layers(direction),
-            "proportion": self.features.for_direction(direction).proportion,
-            "edit_strength": self.features.strength(direction) if alpha is None else alpha,
-            "latent_code": self.features.latent_code,
-        }
-
-    def steering(self, model, direction: Direction) -> AbstractContextManager[Any]:
-        return steer(model, self.features, direction, self.saes, self.edit_strength)
 
 
 class ICL(PromptMethod):
@@ -434,6 +311,7 @@ class CAD(PromptMethod):
     alpha: float
     name: ClassVar[str] = "cad"
     extra_forward_passes_per_token: ClassVar[float] = 1.0
+    shares_prefix: ClassVar[bool] = False  # a second, context-free prompt pass of its own
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.alpha) and self.alpha >= 0):
@@ -515,9 +393,21 @@ class PerDirection:
     def hyperparameters(self, direction: Direction) -> dict[str, Any]:
         return getattr(self, _check_direction(direction)).hyperparameters(direction)
 
+    @property
+    def shares_prefix(self) -> bool:
+        return self.context.shares_prefix and self.memory.shares_prefix
+
+    def _for(self, direction: Direction | None) -> SteeringMethod:
+        return self.context if direction in (None, "context") else self.memory
+
+    def prompts(self, items, demonstrations, direction, demo_type) -> list[str]:
+        return self._for(direction).prompts(items, demonstrations, direction, demo_type)
+
+    def steering(self, model, direction: Direction) -> AbstractContextManager[Any]:
+        return self._for(direction).steering(model, direction)
+
     def answer(self, model, items, demonstrations, direction, **kwargs) -> list[str]:
-        method = self.context if direction in (None, "context") else self.memory
-        return method.answer(model, items, demonstrations, direction, **kwargs)
+        return self._for(direction).answer(model, items, demonstrations, direction, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -646,81 +536,16 @@ def evaluate_method(
     progress: bool = True,
     shared_no_steering: dict[int, tuple[list[str], float]] | None = None,
 ) -> EvaluationResult:
-    """:func:`spare_tl.evaluation.evaluate` for any method: same items, demonstrations (per
-    seed), decoding and summary, plus the method's settings and measured cost.
-
-    The no-steering condition is always part of the result; it is the time reference (wall
-    time per item of each condition relative to no steering). ``none`` runs only that
-    condition. ``shared_no_steering`` (seed -> (answers, seconds)), filled by the first
-    method and reused by the next ones of the same run, saves re-running it: greedy
-    no-steering answers do not depend on the method.
-    """
-    config = config or EvaluationConfig()
-    check_held_out(items, pool)
-    conditions = ["no_steering"]
-    if method.name != "none":
-        conditions += [c for c in config.conditions if c != "no_steering"]
-    directions: dict[str, Direction | None] = {c: d for d, c in CONDITION_OF.items()}
-    newline_token_ids(model)  # warm the tokenizer lookup outside the timed region
-    labels: dict[str, dict[int, list[str]]] = {c: {} for c in conditions}
-    seconds = dict.fromkeys(conditions, 0.0)
-    predictions: list[dict[str, Any]] = []
-    for seed in config.seeds:
-        demos = evaluation_demonstrations(items, pool, config.n_shots, seed)
-        answers: dict[str, list[str]] = {}
-        for cond in conditions:
-            if cond == "no_steering" and shared_no_steering and seed in shared_no_steering:
-                answers[cond], spent = shared_no_steering[seed]
-                seconds[cond] += spent
-                labels[cond][seed] = [behaviour_label(a, it) for a, it in zip(answers[cond], items)]
-                continue
-            start = time.perf_counter()
-            answers[cond] = method.answer(
-                model,
-                items,
-                demos,
-                directions[cond],
-                demo_type=config.demo_type,
-                max_new_tokens=config.max_new_tokens,
-                batch_size=config.batch_size,
-                progress=progress,
-                desc=f"{method.name} seed {seed}: {cond}",
-            )
-            spent = time.perf_counter() - start
-            seconds[cond] += spent
-            if cond == "no_steering" and shared_no_steering is not None:
-                shared_no_steering[seed] = (list(answers[cond]), spent)
-            labels[cond][seed] = [behaviour_label(a, it) for a, it in zip(answers[cond], items)]
-        predictions += prediction_records(seed, items, answers, labels, conditions)
-    summary = summarise(labels, [it.relation for it in items], list(config.seeds))
-    n = len(items) * len(config.seeds)
-    base = max(seconds["no_steering"], 1e-9)
-    summary["method"] = {
-        "name": method.name,
-        "hyperparameters": {
-            d: method.hyperparameters(d) for d in DIRECTIONS if CONDITION_OF[d] in conditions
-        },
-        "inference_time": method.inference_time,
-        "extra_forward_passes_per_token": method.extra_forward_passes_per_token,
-        "seconds_per_item": {c: s / n for c, s in seconds.items()},
-        "time_relative_to_no_steering": {c: s / base for c, s in seconds.items()},
-    }
-    features = getattr(method, "features", None)
-    if features is not None:
-        summary["features"] = features_summary(features)
-    summary["protocol"] = {
-        "n_shots": config.n_shots,
-        "max_new_tokens": config.max_new_tokens,
-        "batch_size": config.batch_size,
-    }
-    return EvaluationResult(
-        model=model.cfg.model_name,
-        dataset=dataset_name,
-        n_items=len(items),
-        seeds=list(config.seeds),
-        demo_type=config.demo_type,
-        summary=summary,
-        predictions=predictions,
+    """:func:`spare_tl.evaluation.evaluate` with ``method`` (the one evaluation harness)."""
+    return evaluate(
+        model,
+        items,
+        pool,
+        method=method,
+        config=config,
+        dataset_name=dataset_name,
+        progress=progress,
+        shared_no_steering=shared_no_steering,
     )
 
 

@@ -3,31 +3,42 @@
 For each demonstration seed, every evaluation item (memorised, never in the pool) gets
 ``n_shots`` demonstrations of one type (default ``doo``) from the pool, and is answered
 greedily (≤ 12 tokens, cut at the newline) without steering, steered to context and
-steered to memory. Reported: EM_C and EM_M (percent, mean ± std over seeds) per condition,
-the transitions EM_C→M, EM_M→C, EM_C→C, EM_M→M, a per-relation breakdown, and every
-prediction.
+steered to memory, through the one harness (:func:`spare_tl.harness.answer_conditions`).
+Reported: EM_C, EM_M and neither (percent, mean ± std over seeds) per condition, each with a
+95 % bootstrap interval over questions and, for the steered conditions, a paired test against
+no steering (:mod:`spare_tl.stats`); the transitions EM_C→M, EM_M→C, EM_C→C, EM_M→M, a
+per-relation breakdown, and every prediction.
 """
 
 from __future__ import annotations
 
 import logging
 import statistics as st
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from spare_tl import cache
-from spare_tl.data.prompts import conflict_prompt, sample_demonstrations
+from spare_tl.data.prompts import sample_demonstrations
 from spare_tl.data.schema import ConflictItem
 from spare_tl.data.scoring import behaviour_label
 from spare_tl.features import FunctionalFeatures
-from spare_tl.generation import greedy_generate
+from spare_tl.generation import newline_token_ids
+from spare_tl.harness import (
+    Condition,
+    NoSteering,
+    SpareMethod,
+    SteeringMethod,
+    answer_conditions,
+)
+from spare_tl.stats import condition_intervals
+from spare_tl.steering import DIRECTIONS
 
 logger = logging.getLogger(__name__)
 
 CONDITIONS = ("no_steering", "steer_to_context", "steer_to_memory")
+CONDITION_OF = {None: "no_steering", "context": "steer_to_context", "memory": "steer_to_memory"}
 
 
 @dataclass(frozen=True)
@@ -104,6 +115,12 @@ def summarise(
             "EM_M_std": _mean_std(em_m)["std"],
             "neither": _mean_std(neither)["mean"],
             "per_seed": {"EM_C": em_c, "EM_M": em_m, "neither": neither},
+            "intervals": condition_intervals(
+                [per_seed[s] for s in seeds],
+                None
+                if cond == "no_steering" or "no_steering" not in labels
+                else [labels["no_steering"][s] for s in seeds],
+            ),
         }
     if "no_steering" in labels:
         base = labels["no_steering"]
@@ -206,6 +223,35 @@ def features_summary(features: FunctionalFeatures) -> dict[str, Any]:
     return out
 
 
+def _method_summary(
+    method: SteeringMethod,
+    conditions: Sequence[str],
+    seconds: Mapping[str, float],
+    n_answers: int,
+) -> dict[str, Any]:
+    """The method's settings and measured cost. A condition's time is what it would cost on
+    its own: the shared prompt prefix (when it shares one) plus its own last-token pass and
+    decoding; relative times are against no steering's."""
+    prefix = seconds.get("prefix", 0.0)
+
+    def alone(cond: str) -> float:
+        shared = cond == "no_steering" or method.shares_prefix
+        return seconds.get(cond, 0.0) + (prefix if shared else 0.0)
+
+    base = max(alone("no_steering"), 1e-9)
+    return {
+        "name": method.name,
+        "hyperparameters": {
+            d: method.hyperparameters(d) for d in DIRECTIONS if CONDITION_OF[d] in conditions
+        },
+        "inference_time": method.inference_time,
+        "extra_forward_passes_per_token": method.extra_forward_passes_per_token,
+        "seconds_per_item": {c: alone(c) / n_answers for c in conditions},
+        "shared_prefix_seconds_per_item": prefix / n_answers,
+        "time_relative_to_no_steering": {c: alone(c) / base for c in conditions},
+    }
+
+
 def evaluate(
     model,
     items: Sequence[ConflictItem],
@@ -213,53 +259,84 @@ def evaluate(
     *,
     features: FunctionalFeatures | None = None,
     saes: Mapping[int, Any] | None = None,
+    method: SteeringMethod | None = None,
     config: EvaluationConfig | None = None,
     dataset_name: str = "builtin",
-    steer_fn: Callable[[str], AbstractContextManager[Any]] | None = None,
     progress: bool = True,
+    shared_prefix: bool = True,
+    shared_no_steering: dict[int, tuple[list[str], float]] | None = None,
 ) -> EvaluationResult:
-    """Evaluate no steering and SpARE steering both ways on ``items``.
+    """Evaluate no steering and a method's steering both ways on ``items``.
 
-    ``steer_fn(direction)`` may replace SpARE's ``steer`` (used by baselines); by default the
-    edit is SpARE's with ``features`` and ``saes``.
+    The method is SpARE with ``features`` and ``saes`` unless ``method`` (any
+    :class:`~spare_tl.harness.SteeringMethod`: a baseline) is given. Per demonstration seed,
+    every condition answers through :func:`~spare_tl.harness.answer_conditions` (one shared
+    prompt pass per batch for the methods that edit only the last prompt position).
+    The method ``none`` runs only the no-steering condition. ``shared_no_steering``
+    (seed -> (answers, seconds)), filled by the first evaluation of a run and reused by the
+    next ones on the same items and seeds, saves re-running the no-steering condition.
     """
-    from spare_tl.steering import steer
-
     config = config or EvaluationConfig()
     check_held_out(items, pool)
-    needs_steering = any(c != "no_steering" for c in config.conditions)
-    if needs_steering and steer_fn is None and (features is None or saes is None):
-        raise ValueError("steering conditions need functional features and their SAEs")
-
-    def context_for(cond: str):
-        if cond == "no_steering":
-            return nullcontext()
-        direction = "context" if cond == "steer_to_context" else "memory"
-        if steer_fn is not None:
-            return steer_fn(direction)
-        return steer(model, features, direction, saes)
-
-    labels: dict[str, dict[int, list[str]]] = {c: {} for c in config.conditions}
+    if method is None:
+        needs_steering = any(c != "no_steering" for c in config.conditions)
+        if needs_steering and (features is None or saes is None):
+            raise ValueError("steering conditions need functional features and their SAEs")
+        method = SpareMethod(features, saes) if features is not None else NoSteering()
+    conditions = ["no_steering"]
+    if method.name != "none":
+        conditions += [c for c in config.conditions if c != "no_steering"]
+    direction_of = {c: d for d, c in CONDITION_OF.items()}
+    newline_token_ids(model)  # warm the tokenizer lookup outside the timed region
+    labels: dict[str, dict[int, list[str]]] = {c: {} for c in conditions}
+    seconds: dict[str, float] = {}
     predictions: list[dict[str, Any]] = []
     for seed in config.seeds:
         demos = evaluation_demonstrations(items, pool, config.n_shots, seed)
-        prompts = [conflict_prompt(it, d, config.demo_type) for it, d in zip(items, demos)]
-        answers: dict[str, list[str]] = {}
-        for cond in config.conditions:
-            with context_for(cond):
-                answers[cond] = greedy_generate(
-                    model,
-                    prompts,
-                    max_new_tokens=config.max_new_tokens,
-                    batch_size=config.batch_size,
-                    progress=progress,
-                    desc=f"seed {seed}: {cond}",
-                )
+        reuse = shared_no_steering is not None and seed in shared_no_steering
+        todo = [
+            Condition(c, NoSteering() if c == "no_steering" else method, direction_of[c])
+            for c in conditions
+            if not (reuse and c == "no_steering")
+        ]
+        spent: dict[str, float] = {}
+        answers = answer_conditions(
+            model,
+            items,
+            demos,
+            todo,
+            demo_type=config.demo_type,
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.batch_size,
+            progress=progress,
+            desc=f"{method.name} seed {seed}",
+            shared_prefix=shared_prefix,
+            seconds=spent,
+        )
+        if reuse:
+            assert shared_no_steering is not None
+            answers["no_steering"], spent["no_steering"] = shared_no_steering[seed]
+        elif shared_no_steering is not None:
+            shared_no_steering[seed] = (
+                list(answers["no_steering"]),
+                spent.get("no_steering", 0.0) + spent.get("prefix", 0.0),
+            )
+        for key, value in spent.items():
+            seconds[key] = seconds.get(key, 0.0) + value
+        for cond in conditions:
             labels[cond][seed] = [behaviour_label(a, it) for a, it in zip(answers[cond], items)]
-        predictions += prediction_records(seed, items, answers, labels, config.conditions)
+        predictions += prediction_records(seed, items, answers, labels, conditions)
     summary = summarise(labels, [it.relation for it in items], list(config.seeds))
-    if features is not None:
-        summary["features"] = features_summary(features)
+    summary["method"] = _method_summary(method, conditions, seconds, len(items) * len(config.seeds))
+    method_features = getattr(method, "features", None)
+    if method_features is not None:
+        summary["features"] = features_summary(method_features)
+    summary["protocol"] = {
+        "n_shots": config.n_shots,
+        "max_new_tokens": config.max_new_tokens,
+        "batch_size": config.batch_size,
+        "shared_prefix": shared_prefix,
+    }
     return EvaluationResult(
         model=model.cfg.model_name,
         dataset=dataset_name,

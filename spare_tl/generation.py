@@ -8,11 +8,14 @@ when every row has produced one (or after ``max_new_tokens``).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
+from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -79,7 +82,9 @@ def _batches(order: list[int], batch_size: int):
 
 
 def _expand_cache(kv, batch: int):
-    """A batch-``batch`` copy of a batch-1 KV cache (the shared prefix)."""
+    """A batch-``batch`` view of a batch-1 (or batch-``batch``) KV cache: new cache objects
+    over the same tensors, so appending to the copy (which concatenates) never changes the
+    original."""
     from copy import copy
 
     out = copy(kv)
@@ -96,6 +101,44 @@ def _expand_cache(kv, batch: int):
 def _last_logits(model, resid: Tensor) -> Tensor:
     """Logits from final residuals (ln_final + unembed), only where they are needed."""
     return model.unembed(model.ln_final(resid)).float()
+
+
+def stop_token_ids(model, stop_at_newline: bool = True) -> Tensor:
+    """Token ids that end a row's answer: any newline-bearing token (optional) and EOS."""
+    stop = set(newline_token_ids(model)) if stop_at_newline else set()
+    if model.tokenizer.eos_token_id is not None:
+        stop.add(model.tokenizer.eos_token_id)
+    return torch.tensor(sorted(stop), dtype=torch.long, device=model.cfg.device)
+
+
+def _greedy_steps(
+    model, logits: Tensor, kv, stop_ids: Tensor, max_new_tokens: int
+) -> Int[Tensor, "batch new"]:
+    """Greedy tokens from the first next-token ``logits`` on, one cached step at a time,
+    until every row has produced a stop token or ``max_new_tokens`` are reached."""
+    b = logits.shape[0]
+    device = logits.device
+    generated = []
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    ones = torch.ones(b, 1, dtype=torch.long, device=device)
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(-1)
+        generated.append(nxt)
+        finished |= torch.isin(nxt, stop_ids)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        resid = model(
+            nxt[:, None], attention_mask=ones, past_kv_cache=kv, stop_at_layer=model.cfg.n_layers
+        )
+        logits = _last_logits(model, resid[:, -1])
+    if not generated:
+        return torch.zeros(b, 0, dtype=torch.long, device=device)
+    return torch.stack(generated, 1)
+
+
+def _decode_text(model, new_tokens: Tensor, stop_at_newline: bool) -> str:
+    text = model.tokenizer.decode(new_tokens, skip_special_tokens=True)
+    return text.split("\n")[0].strip() if stop_at_newline else text
 
 
 @torch.no_grad()
@@ -149,10 +192,7 @@ def generate_and_score(
             past_kv_cache=prefix_kv,
             stop_at_layer=model.cfg.n_layers,
         )
-    stop = set(newline_token_ids(model)) if stop_at_newline else set()
-    if model.tokenizer.eos_token_id is not None:
-        stop.add(model.tokenizer.eos_token_id)
-    stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=model.cfg.device)
+    stop_ids = stop_token_ids(model, stop_at_newline)
     n_layers = model.cfg.n_layers
     outputs: list[str] = [""] * len(prompts)
     bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
@@ -201,28 +241,86 @@ def generate_and_score(
                 for r, i in enumerate(batch):
                     nll[i, a] = -float(total[r]) / len(ids[r])
             kv.unfreeze()
-        generated = []
-        finished = torch.zeros(b, dtype=torch.bool, device=tokens.device)
-        for step in range(max_new_tokens):
-            nxt = logits.argmax(-1)
-            generated.append(nxt)
-            finished |= torch.isin(nxt, stop_ids)
-            if bool(finished.all()) or step == max_new_tokens - 1:
-                break
-            resid = model(
-                nxt[:, None],
-                attention_mask=torch.ones(b, 1, dtype=torch.long, device=tokens.device),
-                past_kv_cache=kv,
-                stop_at_layer=n_layers,
-            )
-            logits = _last_logits(model, resid[:, -1])
-        new = torch.stack(generated, 1) if generated else torch.zeros(b, 0, dtype=torch.long)
+        new = _greedy_steps(model, logits, kv, stop_ids, max_new_tokens)
         for r, i in enumerate(batch):
-            text = model.tokenizer.decode(new[r], skip_special_tokens=True)
-            outputs[i] = text.split("\n")[0].strip() if stop_at_newline else text
+            outputs[i] = _decode_text(model, new[r], stop_at_newline)
         bar.update(b)
     bar.close()
     return outputs, nll
+
+
+StartSteering = Callable[[], AbstractContextManager[Any]]
+
+
+@torch.no_grad()
+def generate_shared_prefix(
+    model,
+    prompts: Sequence[str],
+    conditions: Mapping[str, StartSteering | None],
+    *,
+    max_new_tokens: int = 12,
+    batch_size: int = 16,
+    stop_at_newline: bool = True,
+    progress: bool = True,
+    desc: str = "generating",
+    seconds: dict[str, float] | None = None,
+) -> dict[str, list[str]]:
+    """Greedy answers of the same ``prompts`` under several conditions, sharing the prompt.
+
+    Every condition is either None (unsteered) or a callable that returns a fresh context
+    manager adding hooks which change **only the last prompt position** (SpARE, ActAdd,
+    task vectors, the conflict gate). With causal attention every earlier position's keys and
+    values are then the same in all conditions, so each batch runs the prompt without its
+    last token once, and each condition runs only the last prompt token and its decoding from
+    a copy of that KV cache. Hooks see the last token as a one-position prompt pass; the
+    steering context is entered anew for every batch, so hook state never leaks between
+    batches.
+
+    ``seconds`` (optional) accumulates wall time: ``"prefix"`` for the shared passes and one
+    entry per condition for its own last-token pass and decoding.
+    """
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    outputs = {name: [""] * len(prompts) for name in conditions}
+    if not prompts:
+        return outputs
+    token_lists = _tokenize(model, prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(token_lists[i]))
+    stop_ids = stop_token_ids(model, stop_at_newline)
+    n_layers = model.cfg.n_layers
+    timer = seconds if seconds is not None else {}
+    bar = tqdm(total=len(prompts) * len(conditions), desc=desc, disable=not progress, leave=False)
+    for batch in _batches(order, batch_size):
+        b = len(batch)
+        tokens, mask = left_pad(model, [token_lists[i] for i in batch], extra=max_new_tokens + 8)
+        start = time.perf_counter()
+        prefix_kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, b)
+        if tokens.shape[1] > 1:
+            model(
+                tokens[:, :-1],
+                attention_mask=mask[:, :-1],
+                past_kv_cache=prefix_kv,
+                stop_at_layer=n_layers,
+            )
+        timer["prefix"] = timer.get("prefix", 0.0) + time.perf_counter() - start
+        for name, start_steering in conditions.items():
+            start = time.perf_counter()
+            kv = _expand_cache(prefix_kv, b)
+            with start_steering() if start_steering is not None else nullcontext():
+                resid = model(
+                    tokens[:, -1:],
+                    attention_mask=mask[:, -1:],
+                    past_kv_cache=kv,
+                    stop_at_layer=n_layers,
+                )
+                logits = _last_logits(model, resid[:, -1])
+                new = _greedy_steps(model, logits, kv, stop_ids, max_new_tokens)
+            for r, i in enumerate(batch):
+                outputs[name][i] = _decode_text(model, new[r], stop_at_newline)
+            timer[name] = timer.get(name, 0.0) + time.perf_counter() - start
+            bar.update(b)
+    bar.close()
+    return outputs
 
 
 def greedy_generate(

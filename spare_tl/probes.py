@@ -35,7 +35,6 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -52,8 +51,9 @@ from spare_tl.data.prompts import conflict_prompt, sample_demonstrations
 from spare_tl.data.schema import ConflictItem
 from spare_tl.data.scoring import behaviour_label
 from spare_tl.features import FunctionalFeatures
-from spare_tl.generation import greedy_generate
+from spare_tl.harness import Condition, NoSteering, SpareMethod, answer_prompts
 from spare_tl.saes import encode_latents, sae_identity, validate_sae
+from spare_tl.steering import GateStats
 
 logger = logging.getLogger(__name__)
 
@@ -905,7 +905,6 @@ def evaluate_conditional(
     EM_M (answers M: on no-conflict rows, the accuracy), EM_C (answers C) and neither; and
     how often the probe flags each row type (its own last-position pass).
     """
-    from spare_tl.steering import steer
 
     if not items:
         raise ValueError("no evaluation items")
@@ -920,26 +919,26 @@ def evaluate_conditional(
             f"{first_edit}; train it at a layer <= {first_edit}"
         )
 
-    def context_for(cond: str):
+    def method_for(cond: str) -> Condition:
         if cond == "no_steering":
-            return nullcontext()
+            return Condition(cond, NoSteering())
         when = "conflict" if cond == "steer_on_conflict" else "always"
-        return steer(
-            model,
+        spare = SpareMethod(
             features,
-            direction,
             saes,
             edit_strength,
             when=when,
             probe=probe if when == "conflict" else None,
+            gate_stats=gate_stats,
         )
+        return Condition(cond, spare, direction)
 
     labels: dict[str, dict[str, list[list[str]]]] = {
         rt: {c: [] for c in CONDITIONS} for rt in ROW_TYPES
     }
     flag_rates: dict[str, list[float]] = {rt: [] for rt in ROW_TYPES}
     aurocs: list[float] = []
-    gate_rows = gate_flagged = 0
+    gate_stats = GateStats()
     predictions: list[dict[str, Any]] = []
     for seed in seeds:
         data = probe_prompts(items, pool, n_shots=n_shots, demo_type=demo_type, seed=seed)
@@ -951,21 +950,15 @@ def evaluate_conditional(
         score = probe.logits(resid)
         flags = probe.predict(resid).tolist()
         aurocs.append(_auroc(data.labels.numpy(), score.numpy()))
-        answers: dict[str, list[str]] = {}
-        for cond in CONDITIONS:
-            with context_for(cond) as steering:
-                answers[cond] = greedy_generate(
-                    model,
-                    data.prompts,
-                    max_new_tokens=max_new_tokens,
-                    batch_size=batch_size,
-                    progress=progress,
-                    desc=f"seed {seed}: {cond}",
-                )
-            gate = getattr(steering, "gate", None)
-            if gate is not None:
-                gate_rows += gate.stats.rows
-                gate_flagged += gate.stats.flagged
+        answers = answer_prompts(
+            model,
+            data.prompts,
+            [method_for(cond) for cond in CONDITIONS],
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
+            desc=f"seed {seed}",
+        )
         for rt in ROW_TYPES:
             idx = [i for i, t in enumerate(row_type) if t == rt]
             flag_rates[rt].append(100.0 * sum(flags[i] for i in idx) / max(len(idx), 1))
@@ -1018,8 +1011,8 @@ def evaluate_conditional(
         "flagged_no_conflict_std": rate_n[1],
         "auroc": _mean_std(aurocs)[0],
         "auroc_std": _mean_std(aurocs)[1],
-        "gate_rows": gate_rows,
-        "gate_flagged": gate_flagged,
+        "gate_rows": gate_stats.rows,
+        "gate_flagged": gate_stats.flagged,
     }
     target = "EM_M" if direction == "memory" else "EM_C"
     nc, c = summary["no_conflict"], summary["conflict"]

@@ -20,8 +20,7 @@ from spare_tl.data.prompts import conflict_prompt, sample_demonstrations
 from spare_tl.data.schema import ConflictItem
 from spare_tl.data.scoring import behaviour_label
 from spare_tl.features import FunctionalFeatures
-from spare_tl.generation import greedy_generate
-from spare_tl.steering import steer
+from spare_tl.harness import Condition, NoSteering, SpareMethod, answer_conditions
 
 logger = logging.getLogger(__name__)
 
@@ -74,19 +73,12 @@ def sweep(
     batch_size: int = 16,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """EM per (layers, K, α, direction) on the development set; first record: no steering."""
-    items, prompts = dev_prompts(pool, n_items, n_shots, seed, demo_type)
-    base = greedy_generate(model, prompts, batch_size=batch_size, progress=False)
-    records: list[dict[str, Any]] = [
-        {
-            "direction": "none",
-            "layers": [],
-            "proportion": 0.0,
-            "edit_strength": 0.0,
-            "n": len(items),
-            **answer_shares(base, items),
-        }
-    ]
+    """EM per (layers, K, α, direction) on the development set; first record: no steering.
+
+    Every setting is a condition of the one harness (:func:`spare_tl.harness.answer_conditions`),
+    so the development prompts are run once per batch and each setting only re-runs the last
+    prompt token and its decoding."""
+    items, demos = dev_demonstrations(pool, n_items, n_shots, seed)
     grid = [
         (tuple(ls), k, a, d)
         for ls in layer_sets
@@ -94,9 +86,9 @@ def sweep(
         for a in strengths
         for d in directions
     ]
-    from tqdm.auto import tqdm
-
-    for layers, proportion, alpha, direction in tqdm(grid, desc="sweep", disable=not progress):
+    conditions = [Condition("none", NoSteering())]
+    feature_sets = []
+    for i, (layers, proportion, alpha, direction) in enumerate(grid):
         features = functional_features(
             statistics,
             model_name=model.cfg.model_name,
@@ -104,8 +96,30 @@ def sweep(
             edit_strength=alpha,
             layers=layers,
         )
-        with steer(model, features, direction, {layer: saes[layer] for layer in layers}):
-            answers = greedy_generate(model, prompts, batch_size=batch_size, progress=False)
+        feature_sets.append(features)
+        method = SpareMethod(features, {layer: saes[layer] for layer in layers})
+        conditions.append(Condition(f"setting {i}", method, direction))  # type: ignore[arg-type]
+    answers = answer_conditions(
+        model,
+        items,
+        demos,
+        conditions,
+        demo_type=demo_type,
+        batch_size=batch_size,
+        progress=progress,
+        desc="sweep",
+    )
+    records: list[dict[str, Any]] = [
+        {
+            "direction": "none",
+            "layers": [],
+            "proportion": 0.0,
+            "edit_strength": 0.0,
+            "n": len(items),
+            **answer_shares(answers["none"], items),
+        }
+    ]
+    for i, ((layers, proportion, alpha, direction), features) in enumerate(zip(grid, feature_sets)):
         rec = {
             "direction": direction,
             "layers": list(layers),
@@ -113,7 +127,7 @@ def sweep(
             "edit_strength": alpha,
             "n": len(items),
             "n_features": sum(c + m for c, m in features.counts().values()),
-            **answer_shares(answers, items),
+            **answer_shares(answers[f"setting {i}"], items),
         }
         logger.info("sweep %s", rec)
         records.append(rec)

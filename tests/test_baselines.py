@@ -488,3 +488,111 @@ def test_shared_no_steering_gives_the_same_result(setup):
         assert again.summary[cond]["per_seed"] == alone.summary[cond]["per_seed"]
     assert first.summary["no_steering"] == again.summary["no_steering"]
     assert again.predictions == alone.predictions
+
+
+# ------------------------------------------------------------------ the shared-prefix harness
+
+
+@pytest.mark.parametrize("name", bl.METHODS)
+@pytest.mark.parametrize("batch_size", [2, 4])
+def test_shared_prefix_answers_equal_full_prompt_passes(setup, name, batch_size):
+    """Every method, every condition: the same answers from the shared prompt pass as from a
+    full prompt pass per condition (5 items: batches of 2, 2, 1 or 4, 1)."""
+    from spare_tl.harness import Condition, answer_conditions
+
+    method = setup.make(name, SETTINGS[name])
+    demos = evaluation_demonstrations(HELD_OUT, POOL, 2, seed=0)
+    conditions = [
+        Condition("no_steering", NoSteering()),
+        Condition("to_context", method, "context"),
+        Condition("to_memory", method, "memory"),
+    ]
+    kwargs = dict(max_new_tokens=4, batch_size=batch_size, progress=False)
+    shared = answer_conditions(setup.model, HELD_OUT, demos, conditions, **kwargs)
+    full = answer_conditions(
+        setup.model, HELD_OUT, demos, conditions, shared_prefix=False, **kwargs
+    )
+    assert shared == full
+    assert shared["no_steering"] == greedy_generate(
+        setup.model, NoSteering().prompts(HELD_OUT, demos, None, "doo"), **kwargs
+    )
+
+
+def test_shared_prefix_edits_the_last_prompt_token_of_every_batch(setup):
+    """Steering hooks start fresh in each batch: two equal-sized batches in a row are both
+    edited (a leaked hook state would take the second for a KV-cache step)."""
+    from spare_tl.harness import Condition, answer_conditions
+    from spare_tl.steering import LastPromptPositionHook, attach_hooks
+
+    hooks: list[LastPromptPositionHook] = []
+
+    class Counting(PromptMethod):
+        def steering(self, model, direction):
+            hooks.append(LastPromptPositionHook(lambda h: h * 1.5))
+            return attach_hooks(model, [(resid_post_hook_name(1), hooks[-1])])
+
+    demos = evaluation_demonstrations(HELD_OUT, POOL, 2, seed=0)
+    answer_conditions(
+        setup.model,
+        HELD_OUT,
+        demos,
+        [Condition("none", NoSteering()), Condition("edit", Counting(), "context")],
+        max_new_tokens=3,
+        batch_size=2,
+        progress=False,
+    )
+    assert [h.calls for h in hooks] == [1, 1, 1]  # batches of 2, 2 and 1 rows
+
+
+def test_shared_prefix_times_the_prefix_once(setup):
+    from spare_tl.harness import Condition, answer_conditions
+
+    seconds: dict[str, float] = {}
+    demos = evaluation_demonstrations(HELD_OUT, POOL, 2, seed=0)
+    method = setup.make("spare", {})
+    answer_conditions(
+        setup.model,
+        HELD_OUT,
+        demos,
+        [Condition("a", NoSteering()), Condition("b", method, "memory")],
+        max_new_tokens=3,
+        progress=False,
+        seconds=seconds,
+    )
+    assert set(seconds) == {"prefix", "a", "b"} and all(v > 0 for v in seconds.values())
+
+
+def test_harness_refuses_duplicate_names_and_own_decoders_on_ready_prompts(setup):
+    from spare_tl.harness import Condition, answer_conditions, answer_prompts
+
+    demos = evaluation_demonstrations(HELD_OUT, POOL, 2, seed=0)
+    with pytest.raises(ValueError, match="unique"):
+        answer_conditions(
+            setup.model,
+            HELD_OUT,
+            demos,
+            [Condition("a", NoSteering()), Condition("a", NoSteering())],
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="decode on their own"):
+        answer_prompts(setup.model, ["x"], [Condition("cad", CAD(0.5), "context")])
+
+
+def test_evaluation_reports_intervals_and_paired_tests(setup):
+    result = evaluate_method(
+        setup.model, setup.make("spare", {}), HELD_OUT, POOL, config=CONFIG, progress=False
+    ).to_json()
+    base = result["no_steering"]["intervals"]
+    assert "vs_no_steering" not in base["EM_C"]
+    for cond in ("steer_to_context", "steer_to_memory"):
+        entry = result[cond]["intervals"]["EM_M"]
+        ci = entry["ci95"]
+        assert ci["low"] <= result[cond]["EM_M"] <= ci["high"]
+        test = entry["vs_no_steering"]["paired_bootstrap"]
+        assert test["difference"] == pytest.approx(
+            result[cond]["EM_M"] - result["no_steering"]["EM_M"]
+        )
+        assert 0 < test["p_value"] <= 1
+    method = result["method"]
+    assert method["time_relative_to_no_steering"]["no_steering"] == pytest.approx(1.0)
+    assert method["shared_prefix_seconds_per_item"] > 0

@@ -42,3 +42,33 @@ def test_committed_features_steer_held_out_conflicts_to_context(embedded_model):
     # steering to memory: EM_M 16.7 -> 16.7; it must at least not break the answers
     assert to_m["EM_M"] >= base["EM_M"] - 5
     assert to_m["neither"] <= base["neither"] + 10
+
+
+def test_shared_prefix_evaluation_gives_the_full_prompt_pass_answers(embedded_model):
+    """The shared-prefix harness changes no answer of the embedded model (fp32): the same
+    generated text as one full prompt pass per condition, in all three conditions."""
+    from spare_tl.embedded import memorised_split
+    from spare_tl.evaluation import EvaluationConfig, evaluate
+
+    model, features, saes = load_steering_setup(model=embedded_model)
+    split = memorised_split(model, features, "builtin", progress=False)
+    held_out = split.evaluation[:32]
+    config = EvaluationConfig(seeds=(0,))
+    runs = [
+        evaluate(
+            model,
+            held_out,
+            split.pool,
+            features=features,
+            saes=saes,
+            config=config,
+            shared_prefix=shared,
+            progress=False,
+        )
+        for shared in (True, False)
+    ]
+    shared, full = ([{k: v for k, v in r.items() if k.endswith(".prediction")}
+                     for r in run.predictions] for run in runs)  # fmt: skip
+    assert shared == full
+    conditions = {k for r in shared for k in r}
+    assert conditions == {f"{c}.prediction" for c in config.conditions}
