@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from spare_tl.errors import CacheError
 
@@ -177,10 +177,17 @@ def read_jsonl(path: Path, *, allow_torn_tail: bool = False) -> list[dict[str, A
 def write_tensors(
     path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> None:
-    """Write a safetensors file atomically."""
+    """Write a safetensors file atomically, byte-identical for identical tensors and
+    metadata (the header's JSON keys sorted: safetensors itself orders metadata at random)."""
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    data = save(clean, metadata=dict(metadata) if metadata else None)
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":"))
+    canonical = header.encode()
+    if len(canonical) <= n:  # same content, so never longer; pad as safetensors does
+        data = data[:8] + canonical + b" " * (n - len(canonical)) + data[8 + n :]
     with _atomic_path(Path(path)) as tmp:
-        save_file(clean, str(tmp), metadata=dict(metadata) if metadata else None)
+        tmp.write_bytes(data)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

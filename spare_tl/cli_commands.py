@@ -150,6 +150,8 @@ def _check_evaluate_args(args: argparse.Namespace) -> None:
     checks.non_empty(args.dataset, "--dataset")
     if Path(args.dataset).is_dir():
         raise checks.ArgumentError(f"--dataset {args.dataset} is a directory, not a .jsonl file")
+    if args.dataset.lower().endswith(".jsonl") and not Path(args.dataset).is_file():
+        raise checks.ArgumentError(f"--dataset {args.dataset}: no such file")
     if args.hyperparameters:
         try:
             json.loads(args.hyperparameters)

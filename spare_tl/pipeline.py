@@ -153,7 +153,7 @@ class PipelineConfig:
             raise ValueError(f"unknown config key(s) {unknown} in {path}; known: {sorted(known)}")
         try:
             return cls(**raw)
-        except TypeError as e:  # e.g. an unknown key inside [behaviours] or [evaluation]
+        except (TypeError, ValueError) as e:  # TypeError: an unknown key in [behaviours]
             raise ValueError(f"config {path}: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
