@@ -41,7 +41,7 @@ def test_every_command_has_help(cmd, capsys):
     "body,match",
     [
         ("proportion = 1.5\n", "proportion K must be in"),
-        ("edit_strength = -1.0\n", "α must be >= 0"),
+        ("edit_strength = -1.0\n", "α must be a finite number >= 0"),
         ("proportion = 0.1\nfoo = 3\n", "unknown config key"),
         ("[behaviours]\ndemo_types = ['dxx']\n", "unknown type 'dxx'"),
     ],
