@@ -65,6 +65,45 @@ def check_layers(model, layers: Sequence[int]) -> list[int]:
 
 
 @torch.no_grad()
+def last_position_activations(
+    model,
+    prompts: Sequence[str],
+    hook_names: Sequence[str],
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, Float[Tensor, "n d"]]:
+    """The activation at each hook point at the last prompt position, one pass per batch
+    (stopping after the deepest block asked for)."""
+    names = set(hook_names)
+    missing = sorted(n for n in names if n not in model.hook_dict)
+    if missing:
+        raise ValueError(f"the model has no hook point(s) {missing}")
+    depth = [int(n.split(".")[1]) for n in names if n.startswith("blocks.")]
+    stop = max(depth) + 1 if depth and len(depth) == len(names) else None
+    if not prompts:
+        return {name: torch.zeros(0, model.cfg.d_model) for name in names}
+    token_lists = _tokenize(model, prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(token_lists[i]))
+    out: dict[str, Tensor] = {}
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="activations", disable=not progress, leave=False):
+        tokens, mask = left_pad(model, [token_lists[i] for i in batch])
+        _, store = model.run_with_cache(
+            tokens,
+            attention_mask=mask,
+            padding_side="left",
+            names_filter=lambda n: n in names,
+            stop_at_layer=stop,
+        )
+        for name in names:
+            last = store[name][:, -1].float().cpu()
+            if name not in out:
+                out[name] = torch.zeros(len(prompts), last.shape[-1])
+            out[name][batch] = last
+    return out
+
+
 def last_position_resid(
     model,
     prompts: Sequence[str],
@@ -75,23 +114,14 @@ def last_position_resid(
 ) -> dict[int, Float[Tensor, "n d_model"]]:
     """Residual stream after each layer at the last prompt position, one pass per batch."""
     layers = check_layers(model, layers)
-    names = {resid_hook(layer) for layer in layers}
-    token_lists = _tokenize(model, prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(token_lists[i]))
-    out = {layer: torch.zeros(len(prompts), model.cfg.d_model) for layer in layers}
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="activations", disable=not progress, leave=False):
-        tokens, mask = left_pad(model, [token_lists[i] for i in batch])
-        _, store = model.run_with_cache(
-            tokens,
-            attention_mask=mask,
-            padding_side="left",
-            names_filter=lambda n: n in names,
-            stop_at_layer=max(layers) + 1,
-        )
-        for layer in layers:
-            out[layer][batch] = store[resid_hook(layer)][:, -1].float().cpu()
-    return out
+    acts = last_position_activations(
+        model,
+        prompts,
+        [resid_hook(layer) for layer in layers],
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return {layer: acts[resid_hook(layer)] for layer in layers}
 
 
 @dataclass
@@ -173,10 +203,23 @@ class LayerStatistics:
     latent_code: str = "encode"  # the SAE code the statistics were computed on
     sae_fingerprint: str = ""  # spare_tl.features.sae_fingerprint of the SAE
 
-    def save(self, directory: Path) -> None:
-        """Write ``layer<L>.safetensors`` (the caller marks the stage begun and complete)."""
+    def save(self, directory: Path, config: dict[str, Any] | None = None) -> None:
+        """Write ``layer<L>.safetensors`` as a completed stage: ``config.json`` last, with
+        ``config`` (the stage config :func:`feature_statistics` keys the cache by; a
+        standalone save records what the file holds and is loadable, never reused)."""
+        directory = Path(directory)
+        name = f"layer{self.layer}.safetensors"
+        config = config or {
+            "stage": "mutual_information",
+            "layer": self.layer,
+            "sae": self.sae_id,
+            "sae_fingerprint": self.sae_fingerprint,
+            "latent_code": self.latent_code,
+            "saved": "standalone",
+        }
+        cache.begin_stage(directory)
         cache.write_tensors(
-            Path(directory) / f"layer{self.layer}.safetensors",
+            directory / name,
             {
                 "mutual_information": self.mutual_information,
                 "expectation": self.expectation,
@@ -193,6 +236,7 @@ class LayerStatistics:
                 "sae_fingerprint": self.sae_fingerprint,
             },
         )
+        cache.mark_complete(directory, config, files=[name])
 
     @classmethod
     def load(cls, path: Path) -> LayerStatistics:
@@ -304,9 +348,7 @@ def feature_statistics(
             sae_fingerprint=config["sae_fingerprint"],
         )
         if use_cache:
-            cache.begin_stage(layer_dir)
-            stats.save(layer_dir)
-            cache.mark_complete(layer_dir, config, files=[f"layer{layer}.safetensors"])
+            stats.save(layer_dir, config)
         out[layer] = stats
     return out
 
