@@ -53,7 +53,7 @@ from spare_tl import cache
 from spare_tl.data.prompts import conflict_prompt, sample_demonstrations
 from spare_tl.data.schema import ConflictItem
 from spare_tl.evaluation import (
-    CONDITION_OF,
+    CONDITION_OF,  # noqa: F401  (re-exported)
     EvaluationConfig,
     EvaluationResult,
     evaluate,
@@ -72,6 +72,7 @@ from spare_tl.harness import (
     SteeringMethod,
 )
 from spare_tl.harness import check_direction as _check_direction
+from spare_tl.layer_spec import parse_layers
 from spare_tl.steering import (
     DIRECTIONS,
     Direction,
@@ -627,13 +628,6 @@ def best_hyperparameters(path: Path) -> dict[str, dict[str, Any]]:
 # ---------------------------------------------------------------------------------------
 
 
-def _layer_range(text: str) -> list[int]:
-    if "-" in text:
-        a, b = text.split("-")
-        return list(range(int(a), int(b) + 1))
-    return [int(x) for x in text.split(",")]
-
-
 @dataclass
 class BaselineSetup:
     """Everything the methods are built from: model, SpARE's features and SAEs, the pool
@@ -982,7 +976,7 @@ def _sweep_command(args: argparse.Namespace, setup: BaselineSetup) -> int:
     import json
 
     start = time.time()
-    layer_sets = [_layer_range(s) for s in args.layer_sets] if args.layer_sets else None
+    layer_sets = [parse_layers([s]) for s in args.layer_sets] if args.layer_sets else None
     candidates = setup.grid(
         args.method,
         layer_sets=layer_sets,

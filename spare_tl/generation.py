@@ -111,32 +111,64 @@ def stop_token_ids(model, stop_at_newline: bool = True) -> Tensor:
     return torch.tensor(sorted(stop), dtype=torch.long, device=model.cfg.device)
 
 
+def _select_rows(kv, rows: Tensor):
+    """A KV cache holding only ``rows`` of ``kv`` (for dropping finished rows)."""
+    from copy import copy
+
+    out = copy(kv)
+    out.entries = []
+    for entry in kv.entries:
+        e = copy(entry)
+        e.past_keys = entry.past_keys[rows]
+        e.past_values = entry.past_values[rows]
+        out.entries.append(e)
+    out.previous_attention_mask = kv.previous_attention_mask[rows]
+    return out
+
+
 def _greedy_steps(
-    model, logits: Tensor, kv, stop_ids: Tensor, max_new_tokens: int
+    model, logits: Tensor, kv, stop_ids: Tensor, max_new_tokens: int, *, compact: bool = False
 ) -> Int[Tensor, "batch new"]:
     """Greedy tokens from the first next-token ``logits`` on, one cached step at a time,
-    until every row has produced a stop token or ``max_new_tokens`` are reached."""
+    until every row has produced a stop token or ``max_new_tokens`` are reached.
+
+    With ``compact``, rows that have finished are dropped from the batch (and their KV
+    cache) once a quarter of the running rows have finished, so a few long answers do not
+    keep the whole batch decoding; their remaining places hold their stop token. Only for
+    forwards without position-tracking hooks (the batch size changes)."""
     b = logits.shape[0]
     device = logits.device
-    generated = []
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
-    ones = torch.ones(b, 1, dtype=torch.long, device=device)
+    out = torch.zeros(b, max_new_tokens, dtype=torch.long, device=device)
+    running = torch.arange(b, device=device)  # rows of `out` still in the batch
+    finished = torch.zeros(b, dtype=torch.bool, device=device)  # over the current batch
+    steps = 0
     for step in range(max_new_tokens):
         nxt = logits.argmax(-1)
-        generated.append(nxt)
+        out[running, step] = nxt
+        steps = step + 1
         finished |= torch.isin(nxt, stop_ids)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
+        if compact and int(finished.sum()) * 4 >= len(running):
+            keep = torch.nonzero(~finished).squeeze(1)
+            done = running[finished]
+            out[done, step + 1 :] = out[done, step : step + 1]
+            running, nxt, kv = running[keep], nxt[keep], _select_rows(kv, keep)
+            finished = torch.zeros(len(running), dtype=torch.bool, device=device)
+        ones = torch.ones(len(running), 1, dtype=torch.long, device=device)
         resid = model(
             nxt[:, None], attention_mask=ones, past_kv_cache=kv, stop_at_layer=model.cfg.n_layers
         )
         logits = _last_logits(model, resid[:, -1])
-    if not generated:
-        return torch.zeros(b, 0, dtype=torch.long, device=device)
-    return torch.stack(generated, 1)
+    return out[:, :steps]
 
 
-def _decode_text(model, new_tokens: Tensor, stop_at_newline: bool) -> str:
+def _decode_text(model, new_tokens: Tensor, stop_ids: Tensor, stop_at_newline: bool) -> str:
+    """The answer text: tokens up to the first stop token (kept, so a token with text
+    before its newline counts), cut at the first newline."""
+    stops = torch.nonzero(torch.isin(new_tokens, stop_ids))
+    if len(stops):
+        new_tokens = new_tokens[: int(stops[0]) + 1]
     text = model.tokenizer.decode(new_tokens, skip_special_tokens=True)
     return text.split("\n")[0].strip() if stop_at_newline else text
 
@@ -243,13 +275,13 @@ def generate_and_score(
             kv.unfreeze()
         new = _greedy_steps(model, logits, kv, stop_ids, max_new_tokens)
         for r, i in enumerate(batch):
-            outputs[i] = _decode_text(model, new[r], stop_at_newline)
+            outputs[i] = _decode_text(model, new[r], stop_ids, stop_at_newline)
         bar.update(b)
     bar.close()
     return outputs, nll
 
 
-StartSteering = Callable[[], AbstractContextManager[Any]]
+StartSteering = Callable[[list[int]], AbstractContextManager[Any]]
 
 
 @torch.no_grad()
@@ -267,14 +299,16 @@ def generate_shared_prefix(
 ) -> dict[str, list[str]]:
     """Greedy answers of the same ``prompts`` under several conditions, sharing the prompt.
 
-    Every condition is either None (unsteered) or a callable that returns a fresh context
-    manager adding hooks which change **only the last prompt position** (SpARE, ActAdd,
-    task vectors, the conflict gate). With causal attention every earlier position's keys and
+    Every condition is either None (unsteered) or a callable that takes the batch's row
+    indices (into ``prompts``, in batch order) and returns a fresh context manager adding
+    hooks which change **only the last prompt position** (SpARE, ActAdd, task vectors, the
+    conflict gate, a per-row donor patch). With causal attention every earlier position's keys and
     values are then the same in all conditions, so each batch runs the prompt without its
     last token once, and each condition runs only the last prompt token and its decoding from
     a copy of that KV cache. Hooks see the last token as a one-position prompt pass; the
     steering context is entered anew for every batch, so hook state never leaks between
-    batches.
+    batches, and left before decoding (the KV cache carries the edit), so decoding drops
+    rows as they finish.
 
     ``seconds`` (optional) accumulates wall time: ``"prefix"`` for the shared passes and one
     entry per condition for its own last-token pass and decoding.
@@ -306,17 +340,19 @@ def generate_shared_prefix(
         for name, start_steering in conditions.items():
             start = time.perf_counter()
             kv = _expand_cache(prefix_kv, b)
-            with start_steering() if start_steering is not None else nullcontext():
+            with start_steering(batch) if start_steering is not None else nullcontext():
                 resid = model(
                     tokens[:, -1:],
                     attention_mask=mask[:, -1:],
                     past_kv_cache=kv,
                     stop_at_layer=n_layers,
                 )
-                logits = _last_logits(model, resid[:, -1])
-                new = _greedy_steps(model, logits, kv, stop_ids, max_new_tokens)
+            # the hooks are gone: they change only the last prompt position, which the KV
+            # cache now carries, so decoding runs unhooked and drops finished rows
+            logits = _last_logits(model, resid[:, -1])
+            new = _greedy_steps(model, logits, kv, stop_ids, max_new_tokens, compact=True)
             for r, i in enumerate(batch):
-                outputs[name][i] = _decode_text(model, new[r], stop_at_newline)
+                outputs[name][i] = _decode_text(model, new[r], stop_ids, stop_at_newline)
             timer[name] = timer.get(name, 0.0) + time.perf_counter() - start
             bar.update(b)
     bar.close()

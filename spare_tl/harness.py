@@ -201,11 +201,19 @@ class Condition:
     direction: Direction | None = None
 
 
-def _start(model, condition: Condition) -> Callable[[], AbstractContextManager[Any]] | None:
+def _start(
+    model, condition: Condition
+) -> Callable[[list[int]], AbstractContextManager[Any]] | None:
+    """The condition's steering for one batch of rows (None: unsteered). Methods with a
+    ``row_steering(model, direction, rows)`` get the batch's row indices (per-item edits such
+    as a donor patch); the others' ``steering(model, direction)`` is the same for every row."""
     if condition.direction is None:
         return None
     method, direction = condition.method, check_direction(condition.direction)
-    return lambda: method.steering(model, direction)
+    per_row = getattr(method, "row_steering", None)
+    if per_row is not None:
+        return lambda rows: per_row(model, direction, rows)
+    return lambda rows: method.steering(model, direction)
 
 
 def answer_prompts(
@@ -247,11 +255,14 @@ def answer_prompts(
             desc=desc,
             seconds=timer,
         )
+    per_row = [c.name for c in conditions if hasattr(c.method, "row_steering")]
+    if per_row:
+        raise ValueError(f"conditions {per_row} edit per row and need the shared prefix")
     answers: dict[str, list[str]] = {}
     for cond in conditions:
         start_steering = _start(model, cond)
         start = time.perf_counter()
-        with start_steering() if start_steering is not None else nullcontext():
+        with start_steering([]) if start_steering is not None else nullcontext():
             answers[cond.name] = greedy_generate(
                 model,
                 prompts,

@@ -52,6 +52,7 @@ from spare_tl.data.schema import ConflictItem
 from spare_tl.data.scoring import behaviour_label
 from spare_tl.features import FunctionalFeatures
 from spare_tl.harness import Condition, NoSteering, SpareMethod, answer_prompts
+from spare_tl.layer_spec import parse_layers
 from spare_tl.saes import encode_latents, sae_identity, validate_sae
 from spare_tl.steering import GateStats
 
@@ -1324,23 +1325,6 @@ def run_probe_study(
 # --------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------
-
-
-def parse_layers(specs: Sequence[str]) -> list[int]:
-    """``["6-20"]``, ``["6", "7", "10-12"]`` or ``["6,8,10-12"]`` → sorted unique layers."""
-    out: set[int] = set()
-    for spec in specs:
-        for part in str(spec).replace(",", " ").split():
-            m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
-            if not m:
-                raise ValueError(f"cannot read layer spec {part!r}: use e.g. 6-20 or 6 7 8")
-            lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-            if hi < lo:
-                raise ValueError(f"empty layer range {part!r}")
-            out.update(range(lo, hi + 1))
-    if not out:
-        raise ValueError("no layers given")
-    return sorted(out)
 
 
 def update_readme(table: str, readme: Path) -> None:

@@ -21,6 +21,7 @@ from spare_tl.data.schema import ConflictItem
 from spare_tl.data.scoring import behaviour_label
 from spare_tl.features import FunctionalFeatures
 from spare_tl.harness import Condition, NoSteering, SpareMethod, answer_conditions
+from spare_tl.layer_spec import parse_layers
 
 logger = logging.getLogger(__name__)
 
@@ -225,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         save_sweep(records, directory, sweep_config)
         return _report(records, result, config, model, directory, args.write_features)
     layer_sets = (
-        [list(range(int(a), int(b) + 1)) for a, b in (s.split("-") for s in args.layer_sets)]
-        if args.layer_sets
-        else [config.layers]
+        [parse_layers([s]) for s in args.layer_sets] if args.layer_sets else [config.layers]
     )
     records = sweep(
         model,

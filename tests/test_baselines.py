@@ -437,7 +437,7 @@ def test_cli_method_option(setup, tmp_path, monkeypatch, capsys):
         parser.parse_args(["evaluate", "--output", "x", "--method", "dola"])
     capsys.readouterr()
     args = bl.build_parser().parse_args(["sweep", "--method", "actadd", "--layer-sets", "1-2"])
-    assert args.method == "actadd" and bl._layer_range(args.layer_sets[0]) == [1, 2]
+    assert args.method == "actadd" and bl.parse_layers([args.layer_sets[0]]) == [1, 2]
 
     monkeypatch.setattr(
         cli_commands,
