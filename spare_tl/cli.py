@@ -25,6 +25,7 @@ REGISTRARS: list[str] = [
     "spare_tl.data.cli:register",
     "spare_tl.train_saes:register",
     "spare_tl.report:register",
+    "spare_tl.scan:register",
     "spare_tl.cache:register",
 ]
 

@@ -164,6 +164,28 @@ def check_held_out(items: Sequence[ConflictItem], pool: Sequence[ConflictItem]) 
         raise ValueError(f"{len(leaked)} evaluation item(s) are pool questions, e.g. {leaked[0]!r}")
 
 
+DEVELOPMENT_SIZE = 128
+
+
+def development_items(
+    evaluation: Sequence[ConflictItem], n: int = DEVELOPMENT_SIZE, *, n_test: int = 0
+) -> list[ConflictItem]:
+    """The development questions: the last ``n`` of the held-out list.
+
+    The held-out list interleaves the relations, so its tail spans them like its head; test
+    questions are taken from the head (``evaluation[:n_test]``) and never overlap. Selection
+    (the sweep) and the steerability scan use these with exactly the test protocol
+    (demonstrations from the pool, :func:`evaluation_demonstrations`)."""
+    if n < 1:
+        raise ValueError(f"the development set needs at least 1 question, got n={n}")
+    if n + n_test > len(evaluation):
+        raise ValueError(
+            f"{n} development + {n_test} test questions need {n + n_test} held-out "
+            f"questions, but there are {len(evaluation)}; ask for fewer"
+        )
+    return list(evaluation[len(evaluation) - n :])
+
+
 def evaluation_demonstrations(
     items: Sequence[ConflictItem], pool: Sequence[ConflictItem], n_shots: int, seed: int
 ) -> list[list[ConflictItem]]:
