@@ -25,7 +25,7 @@ The hook-style methods edit the last prompt position once before decoding
 forward pass per generated token; CAD costs one.
 
     python -m spare_tl.baselines sweep --method actadd      # dev sweep -> baselines/sweep-actadd.json
-    python -m spare_tl.baselines table                      # held-out table -> README + JSON
+    python -m spare_tl.baselines table                      # held-out table -> JSON (spare-tl docs)
     spare-tl evaluate --method cad --output cad.json        # one method, dev-best settings
 """
 
@@ -86,7 +86,6 @@ logger = logging.getLogger(__name__)
 
 METHODS: tuple[str, ...] = ("none", "spare", "icl", "actadd", "taskvec", "cad")
 STAGE = "baselines"
-START, END = "<!-- baselines:start -->", "<!-- baselines:end -->"
 DEFAULT_COEFFICIENTS = (0.5, 1.0, 2.0, 4.0, 8.0)
 DEFAULT_ALPHAS = (0.25, 0.5, 1.0, 2.0)
 TASK_VECTOR_PROMPTS = 16
@@ -967,8 +966,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--shots", type=int, default=3)
     p.add_argument("--reuse", action="store_true", help="reuse saved results of this protocol")
-    p.add_argument("--readme", default=str(cache.REPO_ROOT / "README.md"))
-    p.add_argument("--no-readme", action="store_true")
+    p.add_argument("--no-readme", action="store_true", help=argparse.SUPPRESS)  # old flag
     return parser
 
 
@@ -1003,8 +1001,6 @@ def _sweep_command(args: argparse.Namespace, setup: BaselineSetup) -> int:
 
 
 def _table_command(args: argparse.Namespace, setup: BaselineSetup) -> int:
-    from spare_tl.results import update_readme
-
     start = time.time()
     config = EvaluationConfig(seeds=tuple(args.seeds), n_shots=args.shots)
     out_dir = cache.stage_dir(setup.model.cfg.model_name, STAGE)
@@ -1023,8 +1019,7 @@ def _table_command(args: argparse.Namespace, setup: BaselineSetup) -> int:
         )
     )
     print(table)
-    if not args.no_readme:
-        update_readme(table, Path(args.readme), start=START, end=END)
+    print("docs/results.md is regenerated from the saved JSON by `spare-tl docs`")
     return 0
 
 

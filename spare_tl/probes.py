@@ -21,7 +21,8 @@ registers a knowledge conflict at mid layers, readable by a linear probe. Here:
   conflict and no-conflict prompts.
 
 ``python -m spare_tl.probes run --layers 6-20`` does all of it for the embedded default and
-writes JSON under ``cache_data/<model>/probes/`` and a table into the README.
+writes JSON under ``cache_data/<model>/probes/`` (``spare-tl docs`` puts its tables into
+``docs/results.md``).
 """
 
 from __future__ import annotations
@@ -92,7 +93,6 @@ CONDITION_NAMES = {
     "steer_on_conflict": "steer when the probe flags a conflict",
 }
 ROW_TYPES = ("conflict", "no_conflict")
-README_START, README_END = "<!-- probes:start -->", "<!-- probes:end -->"
 
 
 def _question_key(item: ConflictItem) -> str:
@@ -1327,18 +1327,6 @@ def run_probe_study(
 # --------------------------------------------------------------------------------------
 
 
-def update_readme(table: str, readme: Path) -> None:
-    """Put ``table`` between the README's probe markers (appended with a heading if absent)."""
-    text = readme.read_text()
-    block = f"{README_START}\n{table}\n{README_END}"
-    if README_START in text and README_END in text:
-        pattern = re.escape(README_START) + ".*?" + re.escape(README_END)
-        text = re.sub(pattern, lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + f"\n\n### Detecting the conflict\n\n{block}\n"
-    readme.write_text(text)
-
-
 def _available_sae_layers(saes_dir: Path) -> list[int]:
     from spare_tl.saes import CFG, sae_layer_from_folder
 
@@ -1397,8 +1385,7 @@ def _run(args: argparse.Namespace) -> int:
 
         probe_quality_by_layer(study.resid, study.sae).write_html(args.figure)
     print(table)
-    if not args.no_readme:
-        update_readme(table, Path(args.readme))
+    print("docs/results.md is regenerated from the saved JSON by `spare-tl docs`")
     return 0
 
 
@@ -1432,8 +1419,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--features", default=str(DEFAULT_FEATURES))
     run.add_argument("--saes", default=str(DEFAULT_SAES))
     run.add_argument("--figure", default=None, help="also write the figure as HTML here")
-    run.add_argument("--readme", default=str(cache.REPO_ROOT / "README.md"))
-    run.add_argument("--no-readme", action="store_true")
+    run.add_argument("--no-readme", action="store_true", help=argparse.SUPPRESS)  # old flag
     run.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -6,13 +6,13 @@ Evaluates the committed functional features on held-out memorised questions of t
 dataset: the paper's protocol (3 ``doo`` demonstrations; no steering, steering to context,
 steering to memory) and the harder cases the paper leaves out (steering to context on
 ``dso`` prompts, where the model leans to memory; steering to memory on ``dss`` prompts).
-Writes ``cache_data/<model>/results/*.json`` and the table between the README's markers.
+Writes ``cache_data/<model>/results/*.json`` (with every prediction); ``spare-tl docs``
+turns them into ``docs/results.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
@@ -22,7 +22,6 @@ from spare_tl import cache
 from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, EMBEDDED_DIR
 from spare_tl.evaluation import saved_questions
 
-START, END = "<!-- results:start -->", "<!-- results:end -->"
 CASES = {
     "doo": ("no_steering", "steer_to_context", "steer_to_memory"),
     "dso": ("no_steering", "steer_to_context"),
@@ -31,20 +30,39 @@ CASES = {
 
 
 def _cell(d: dict[str, Any], key: str) -> str:
-    return f"{d[key]:.1f} ± {d[key + '_std']:.1f}"
+    """``mean ± std [low, high]``: over seeds, and the 95 % bootstrap interval over questions
+    (when the result has intervals)."""
+    text = f"{d[key]:.1f} ± {d[key + '_std']:.1f}"
+    ci = d.get("intervals", {}).get(key, {}).get("ci95")
+    return text + (f" [{ci['low']:.1f}, {ci['high']:.1f}]" if ci else "")
+
+
+def _versus(d: dict[str, Any], key: str) -> str:
+    """Steered minus no steering in ``key`` (points) with the paired bootstrap p-value."""
+    test = d.get("intervals", {}).get(key, {}).get("vs_no_steering")
+    if not test:
+        return "–"
+    pb = test["paired_bootstrap"]
+    return f"{pb['difference']:+.1f} [{pb['low']:+.1f}, {pb['high']:+.1f}], p = {pb['p_value']:.3g}"
+
+
+TARGET = {"steer_to_context": "EM_C", "steer_to_memory": "EM_M"}
 
 
 def results_table(results: dict[str, dict[str, Any]]) -> str:
-    """Markdown table: one row per (demonstrations, condition)."""
+    """Markdown table: one row per (demonstrations, condition), from the saved results JSON."""
     lines = [
-        "| demonstrations | condition | EM_C (context answer) | EM_M (memory answer) | neither |",
-        "|---|---|---:|---:|---:|",
+        "| demonstrations | condition | EM_C (context answer) | EM_M (memory answer) | "
+        "neither | steered − none, target metric |",
+        "|---|---|---:|---:|---:|---:|",
     ]
     for demo_type, data in results.items():
         for cond in CASES[demo_type]:
             d = data[cond]
+            versus = _versus(d, TARGET[cond]) if cond in TARGET else "–"
             lines.append(
-                f"| {demo_type} | {cond.replace('_', ' ')} | {_cell(d, 'EM_C')} | {_cell(d, 'EM_M')} | {d['neither']:.1f} |"
+                f"| {demo_type} | {cond.replace('_', ' ')} | {_cell(d, 'EM_C')} | "
+                f"{_cell(d, 'EM_M')} | {d['neither']:.1f} | {versus} |"
             )
     first = next(iter(results.values()))
     feats = first.get("features", {})
@@ -64,7 +82,10 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
     lines += [
         "",
         f"{first['model']}, built-in dataset: {first['n_items']} held-out memorised questions, "
-        f"seeds {first['seeds']}, mean ± std over seeds (%). Features: {setting}",
+        f"seeds {first['seeds']}; mean ± std over seeds (%), [95 % bootstrap interval over "
+        "questions]; last column: steered minus no steering in the direction's target (EM_C "
+        "to context, EM_M to memory), points, with its paired-bootstrap interval and p-value "
+        f"(questions resampled jointly). Features: {setting}",
     ]
     if "transitions" in results.get("doo", {}):
         t = results["doo"]["transitions"]
@@ -73,15 +94,17 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def update_readme(table: str, readme: Path, *, start: str = START, end: str = END) -> None:
-    """Put ``table`` between the ``start``/``end`` markers (appended when they are absent)."""
-    text = readme.read_text()
-    block = f"{start}\n{table}\n{end}"
-    if start in text:
-        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: block, text, flags=re.S)
-    else:
-        text += f"\n{block}\n"
-    readme.write_text(text)
+def relation_table(result: dict[str, Any]) -> str:
+    """Markdown table of one case's per-relation EM_C / EM_M by condition."""
+    per = result.get("per_relation", {})
+    conds = [c for c in ("no_steering", "steer_to_context", "steer_to_memory") if c in result]
+    head = " | ".join(f"{c.replace('_', ' ')} EM_C / EM_M" for c in conds)
+    lines = [f"| relation | n | {head} |", "|---|---:|" + "---:|" * len(conds)]
+    for rel, data in per.items():
+        n = next(iter(data.values()))["n"]
+        cells = " | ".join(f"{data[c]['EM_C']:.1f} / {data[c]['EM_M']:.1f}" for c in conds)
+        lines.append(f"| {rel} | {n} | {cells} |")
+    return "\n".join(lines)
 
 
 def reusable(
@@ -116,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-items", type=int, default=200)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--readme", default=str(cache.REPO_ROOT / "README.md"))
-    parser.add_argument("--no-readme", action="store_true")
+    parser.add_argument("--no-readme", action="store_true", help=argparse.SUPPRESS)  # old flag
     parser.add_argument(
         "--reuse",
         action="store_true",
@@ -166,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         f"--cases {' '.join(args.cases)}` ({time.time() - start:.0f} s on the 2-core CPU)."
     )
     print(table)
-    if not args.no_readme:
-        update_readme(table, Path(args.readme))
+    print("docs/results.md is regenerated from these JSON files by `spare-tl docs`")
     return 0
 
 

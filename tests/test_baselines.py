@@ -414,13 +414,11 @@ def test_table_json_and_readme(setup, tmp_path):
     predictions.write_text(real.replace('"question": "', '"question": "other '))
     bl.run_table(setup, ["icl"], config=config, n_items=2, out_dir=out, reuse=True)
     assert predictions.read_text() == real  # saved for other questions: re-run
-    from spare_tl.results import update_readme
+    from spare_tl.results_doc import results_document
 
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n{bl.START}\nold\n{bl.END}\n\ntail\n")
-    update_readme(table, readme, start=bl.START, end=bl.END)
-    text = readme.read_text()
-    assert "old" not in text and table in text and text.endswith("tail\n")
+    text, missing = results_document(tmp_path)  # the baselines section reads out/<m>.json
+    assert table.splitlines()[0] in text and not any(m.startswith("baselines") for m in missing)
+    assert all(f"| {m} |" in text for m in ("none", "icl", "cad"))
 
 
 def test_cli_method_option(setup, tmp_path, monkeypatch, capsys):

@@ -466,13 +466,6 @@ def test_run_probe_study_end_to_end_and_readme(model, tmp_path, monkeypatch):
     again = run_probe_study(model, features, saes, pool, evaluation, **kwargs)
     assert again.table() == table
 
-    readme = tmp_path / "README.md"
-    readme.write_text("# title\n")
-    P.update_readme("first", readme)
-    P.update_readme("second", readme)
-    text = readme.read_text()
-    assert text.count(P.README_START) == 1 and "second" in text and "first" not in text
-
 
 def test_parse_layers_and_cli_arguments(monkeypatch):
     assert parse_layers(["6-9"]) == [6, 7, 8, 9]

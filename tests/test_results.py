@@ -3,7 +3,8 @@ from __future__ import annotations
 import json
 
 from spare_tl.evaluation import summarise
-from spare_tl.results import END, START, results_table, reusable, update_readme
+from spare_tl.results import relation_table, results_table, reusable
+from spare_tl.results_doc import headline, results_document
 
 
 def _result(conditions, labels_by_cond):
@@ -17,7 +18,7 @@ def _result(conditions, labels_by_cond):
     }
 
 
-def test_table_and_readme_block(tmp_path):
+def test_table_and_results_document(tmp_path):
     doo = _result(
         None,
         {
@@ -27,14 +28,28 @@ def test_table_and_readme_block(tmp_path):
         },
     )
     table = results_table({"doo": doo})
-    assert "| doo | steer to memory | 25.0 ± 25.0 | 75.0 ± 25.0 | 0.0 |" in table
-    assert "| doo | no steering | 75.0 ± 25.0 | 12.5 ± 12.5 | 12.5 |" in table
+    ci_c = doo["no_steering"]["intervals"]["EM_C"]["ci95"]
+    ci_m = doo["steer_to_memory"]["intervals"]["EM_M"]["ci95"]
+    ci_mc = doo["steer_to_memory"]["intervals"]["EM_C"]["ci95"]
+    test = doo["steer_to_memory"]["intervals"]["EM_M"]["vs_no_steering"]["paired_bootstrap"]
+    assert (
+        f"| doo | steer to memory | 25.0 ± 25.0 [{ci_mc['low']:.1f}, {ci_mc['high']:.1f}] | "
+        f"75.0 ± 25.0 [{ci_m['low']:.1f}, "
+        f"{ci_m['high']:.1f}] | 0.0 | +62.5 [{test['low']:+.1f}, {test['high']:+.1f}], "
+        f"p = {test['p_value']:.3g} |" in table
+    )
+    assert f"| doo | no steering | 75.0 ± 25.0 [{ci_c['low']:.1f}, {ci_c['high']:.1f}]" in table
     assert "EM_C->M" in table
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n{START}\nold\n{END}\n\nafter\n")
-    update_readme(table, readme)
-    text = readme.read_text()
-    assert "old" not in text and "after" in text and text.count(START) == 1
+    assert "| r | 4 | 75.0 / 12.5 | 100.0 / 0.0 | 25.0 / 75.0 |" in relation_table(doo)
+    results = tmp_path / "m" / "results"
+    results.mkdir(parents=True)
+    (results / "doo.json").write_text(json.dumps(doo | {"demo_type": "doo"}))
+    text, missing = results_document(tmp_path / "m")
+    assert table in text and "## Not available" in text
+    assert any("steerability scan" in m for m in missing)
+    assert any("baselines" in m for m in missing)
+    line = headline(tmp_path / "m")
+    assert line is not None and "EM_M 12.5 % [" in line and "4 held-out questions × 2 seeds" in line
 
 
 def test_saved_results_are_reused_only_for_the_same_features_questions_and_seeds(tmp_path):

@@ -1,0 +1,209 @@
+"""``spare-tl docs``: regenerate ``docs/results.md`` from the saved JSON, nothing else.
+
+Every number on that page is read from ``cache_data/<model>/`` (held-out results, baselines,
+development sweep, steerability scan, conflict probes); each section names the command that
+regenerates its JSON. Missing parts are listed, not invented. The README only links here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from spare_tl import cache
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+COMMANDS = {
+    "results": "python -m spare_tl.results --n-items 200 --seeds 0 1 2 3 4 --cases doo dso dss",
+    "baselines": "python -m spare_tl.baselines table --methods none spare icl actadd taskvec "
+    "cad --n-items 200 --seeds 0 1 2 3 4",
+    "sweep": "python -m spare_tl.sweep configs/smollm2.toml ... --write-features",
+    "scan": "spare-tl scan configs/smollm2.toml --n-items 64",
+    "probes": "python -m spare_tl.probes run --layers 6-20 --seeds 0 1 2 3 4 --n-items 40 "
+    "--probe-items 500 --eval-seeds 0 1 2",
+}
+
+
+def _results_section(directory: Path, missing: list[str]) -> list[str]:
+    from spare_tl.results import CASES, relation_table, results_table
+
+    results = {
+        case: cache.read_json(directory / f"{case}.json")
+        for case in CASES
+        if (directory / f"{case}.json").is_file()
+    }
+    if not results:
+        missing.append(f"held-out results: no <case>.json in {directory}")
+        return []
+    out = ["## Held-out results", "", results_table(results), ""]
+    if "doo" in results:
+        out += ["Per relation, doo demonstrations (% of rows over all seeds):", ""]
+        out += [relation_table(results["doo"]), ""]
+    out += [f"Regenerate the JSON: `{COMMANDS['results']}`.", ""]
+    return out
+
+
+def _baselines_section(directory: Path, missing: list[str]) -> list[str]:
+    from spare_tl.baselines import METHODS, baseline_table
+
+    results = {
+        m: cache.read_json(directory / f"{m}.json")
+        for m in METHODS
+        if (directory / f"{m}.json").is_file()
+    }
+    if not results:
+        missing.append(f"baselines: no <method>.json in {directory}")
+        return []
+    first = next(iter(results.values()))
+    return [
+        "## Against the baselines",
+        "",
+        baseline_table(results),
+        "",
+        f"{first['model']}: {first['n_items']} held-out memorised questions, "
+        f"{first['demo_type']} demonstrations, seeds {first['seeds']}. Settings chosen on the "
+        "development questions (`cache_data/<model>/baselines/sweep-*.json`). Time: wall time "
+        "per item relative to no steering in the same run; methods that edit only the last "
+        "prompt position share the prompt pass.",
+        "",
+        f"Regenerate the JSON: `{COMMANDS['baselines']}`.",
+        "",
+    ]
+
+
+def _sweep_section(path: Path, missing: list[str]) -> list[str]:
+    if not path.is_file():
+        missing.append(f"development sweep: no {path}")
+        return []
+    data = cache.read_json(path)
+    records = data.get("records", [])
+    base = next((r for r in records if r["direction"] == "none"), None)
+    lines = ["## Development sweep", ""]
+    if base:
+        lines.append(
+            f"No steering on the development questions: EM_C {base['EM_C']:.1f}, EM_M "
+            f"{base['EM_M']:.1f}, neither {base['neither']:.1f} (n = {base['n']}); "
+            f"{len(records) - 1} settings."
+        )
+    for direction, best in data.get("best", {}).items():
+        key = "EM_C" if direction == "context" else "EM_M"
+        lines.append(
+            f"- best to {direction}: layers {best['layers']}, K = {best['proportion']}, "
+            f"α = {best['edit_strength']}: {key} {best[key]:.1f}, neither {best['neither']:.1f}"
+        )
+    return [*lines, "", f"Saved at `{path.name}`; regenerate: `{COMMANDS['sweep']}`.", ""]
+
+
+def _scan_section(directory: Path, missing: list[str]) -> list[str]:
+    from spare_tl.scan import ScanResult, scan_table
+
+    if not (directory / "scan.json").is_file():
+        missing.append(f"steerability scan: no scan.json in {directory}")
+        return []
+    scan = ScanResult.load(directory)
+    lines = [
+        "## Steerability scan",
+        "",
+        "EM on development questions after replacing the activation at the last prompt "
+        "position of one layer and site with a donor run's (M<-site: EM_M with the closed-book "
+        "memory donor; C<-site: EM_C with the dss context donor). The oracle for any edit "
+        "at that place.",
+        "",
+        "```",
+        scan_table(scan),
+        "```",
+        "",
+    ]
+    for direction in ("memory", "context"):
+        lines.append(
+            f"- steerable to {direction} (residual patch reaching at least half the best "
+            f"gain): layers {scan.steerable_layers(direction)}"
+        )
+    return [*lines, "", f"Regenerate: `{COMMANDS['scan']}`.", ""]
+
+
+def _probes_section(directory: Path, missing: list[str]) -> list[str]:
+    from spare_tl.probes import probes_table
+    from spare_tl.report import _load_probes
+
+    study = _load_probes(directory, missing)
+    if study is None or study.resid is None:
+        return []
+    table = probes_table(
+        study.resid,
+        study.sae,
+        probe=study.probe,
+        latents=None,
+        conditional=study.conditional,
+    )
+    return ["## Detecting the conflict", "", table, "", f"Regenerate: `{COMMANDS['probes']}`.", ""]
+
+
+def results_document(model_dir: Path) -> tuple[str, list[str]]:
+    """The Markdown of ``docs/results.md`` and the parts that were missing."""
+    model_dir = Path(model_dir)
+    missing: list[str] = []
+    lines = [
+        "# Results",
+        "",
+        f"Generated by `spare-tl docs` from the JSON in `cache_data/{model_dir.name}/`; do "
+        "not edit by hand. Every table says how many questions and seeds it rests on; the "
+        "method is in [method.md](method.md), timings in [benchmarks.md](benchmarks.md).",
+        "",
+    ]
+    lines += _results_section(model_dir / "results", missing)
+    lines += _baselines_section(model_dir / "baselines", missing)
+    lines += _scan_section(model_dir / "scan", missing)
+    lines += _sweep_section(model_dir / "sweep" / "sweep.json", missing)
+    lines += _probes_section(model_dir / "probes", missing)
+    if missing:
+        lines += ["## Not available", "", *[f"- {m}" for m in missing], ""]
+    return "\n".join(lines), missing
+
+
+def headline(model_dir: Path) -> str | None:
+    """One status line with the doo case's steered numbers and their intervals."""
+    path = Path(model_dir) / "results" / "doo.json"
+    if not path.is_file():
+        return None
+    data: Mapping[str, Any] = cache.read_json(path)
+
+    def cell(cond: str, key: str) -> str:
+        d = data[cond]
+        ci = d.get("intervals", {}).get(key, {}).get("ci95")
+        return f"{d[key]:.1f} %" + (f" [{ci['low']:.1f}, {ci['high']:.1f}]" if ci else "")
+
+    return (
+        f"EM_C {cell('no_steering', 'EM_C')} → {cell('steer_to_context', 'EM_C')} steering to "
+        f"context; EM_M {cell('no_steering', 'EM_M')} → {cell('steer_to_memory', 'EM_M')} "
+        f"steering to memory ({data['n_items']} held-out questions × {len(data['seeds'])} "
+        "seeds, doo demonstrations, 95 % intervals over questions)"
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("docs", help="regenerate docs/results.md from the saved JSON")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model folder under the cache root")
+    p.add_argument("--output", default="docs/results.md", help="where to write the page")
+    p.set_defaults(func=_docs_command)
+
+
+def _docs_command(args: argparse.Namespace) -> int:
+    from spare_tl import checks
+
+    output = checks.output_file(args.output)
+    model_dir = cache.default_cache_root() / cache.model_slug(args.model)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"no cached results for {args.model} in {model_dir}")
+    text, missing = results_document(model_dir)
+    output.write_text(text)
+    print(f"wrote {output} ({len(text.splitlines())} lines)")
+    for m in missing:
+        print(f"missing: {m}")
+    line = headline(model_dir)
+    if line:
+        print(f"status: {line}")
+    return 0
