@@ -418,7 +418,7 @@ def test_table_json_and_readme(setup, tmp_path):
 
     text, missing = results_document(tmp_path)  # the baselines section reads out/<m>.json
     assert table.splitlines()[0] in text and not any(m.startswith("baselines") for m in missing)
-    assert all(f"| {m} |" in text for m in ("none", "icl", "cad"))
+    assert all(f"\n| {m}" in text for m in ("none", "icl", "cad"))
 
 
 def test_cli_method_option(setup, tmp_path, monkeypatch, capsys):
