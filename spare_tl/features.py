@@ -1,10 +1,11 @@
 """Functional features: which SAE latents drive context versus memory, and how strongly.
 
-Selection follows SpARE (Zhao et al. 2025, §2.5 of ``docs``): sort latents by mutual
-information, take the smallest k whose cumulative MI exceeds a proportion K of the layer's
-total, keep the first k latents with a non-zero expectation difference E; E > 0 marks a
-**context feature**, E < 0 a **memory feature**. The functional activations z̄_C and z̄_M are
-the confidence-weighted mean SAE codes of the use-context and use-memory groups.
+Selection follows SpARE (Zhao et al. 2025; ``docs/method.md``, "Selecting functional
+features"): sort latents by mutual information, take the smallest k whose cumulative MI
+exceeds a proportion K of the layer's total, keep the first k latents with a non-zero
+expectation difference E; E > 0 marks a **context feature**, E < 0 a **memory feature**. The
+functional activations z̄_C and z̄_M are the confidence-weighted mean SAE codes of the
+use-context and use-memory groups.
 
 A saved set records, per layer, the fingerprint of the SAE it was found with
 (:func:`sae_fingerprint`: a hash of the weights and the cfg), and ``features.json`` lists

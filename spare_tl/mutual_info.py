@@ -1,9 +1,10 @@
 """Feature statistics: mutual information I(Z_i; Y) and expectation difference E_i per SAE latent.
 
-SpARE (``docs/SPARE_METHOD.md`` §2.4) scores every latent Z_i against the behaviour label
-Y (1 use-context, 0 use-memory) with the k-nearest-neighbour estimator for a continuous
-feature and a discrete label (Ross 2014), on min-max-normalised activations, exactly as
-``sklearn.feature_selection.mutual_info_classif(X, y, discrete_features=False)`` does.
+SpARE (``docs/method.md``, "Feature statistics") scores every latent Z_i against the
+behaviour label Y (1 use-context, 0 use-memory) with the k-nearest-neighbour estimator for a
+continuous feature and a discrete label (Ross 2014), on min-max-normalised activations,
+exactly as ``sklearn.feature_selection.mutual_info_classif(X, y, discrete_features=False)``
+does.
 
 scikit-learn builds KD-trees feature by feature (~15 ms per latent at 2,000 prompts, minutes
 per 16k-latent SAE). Here every feature is one-dimensional, so the same quantities come from

@@ -99,7 +99,7 @@ class UnsafePickleError(pickle.UnpicklingError, ValueError):
 
 
 # --------------------------------------------------------------------------------------
-# The paper's settings (docs/SPARE_METHOD.md §4)
+# The paper's settings (docs/method.md, "Evaluation")
 # --------------------------------------------------------------------------------------
 
 

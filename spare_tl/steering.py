@@ -1,4 +1,4 @@
-"""SpARE's edit and the TransformerLens hooks that apply it (``docs/SPARE_METHOD.md`` §3).
+"""SpARE's edit and the TransformerLens hooks that apply it (``docs/method.md``, "The edit").
 
 The edit is a pure function of (residual activations, SAE, functional features, α):
 
