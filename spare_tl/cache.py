@@ -50,9 +50,16 @@ MANIFEST = "files"  # the manifest's key in config.json (and in features.json)
 
 
 def default_cache_root() -> Path:
-    """``$SPARE_TL_CACHE`` if set, else the repository's committed ``cache_data/``."""
+    """Where stages are read and written: ``$SPARE_TL_CACHE`` if set; in a source checkout,
+    its committed ``cache_data/``; for an installed package, the user's cache folder
+    ``~/.cache/spare-tl`` (beside the converted models), never site-packages.
+    The embedded model's shipped data is found apart from this (:mod:`spare_tl.embedded`)."""
     env = os.environ.get(CACHE_ENV)
-    return Path(env) if env else REPO_ROOT / "cache_data"
+    if env:
+        return Path(env)
+    if (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "cache_data").is_dir():
+        return REPO_ROOT / "cache_data"
+    return Path.home() / ".cache" / "spare-tl"
 
 
 def model_slug(model_name: str) -> str:

@@ -1,12 +1,25 @@
-"""The embedded default's committed data: where it lives and how to load it in one call."""
+"""The embedded default's committed data: where it lives and how to load it in one call.
+
+The data (SAEs, functional features, memorised set) is found wherever spare-tl runs: in a
+source checkout it is the committed ``cache_data/``; an installed package carries the same
+files as package data, ``spare_tl/embedded_data/`` (pyproject.toml maps that package onto
+``cache_data/``). Either way the folder is only read: anything computed goes to
+:func:`spare_tl.cache.default_cache_root`.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import uuid
 from pathlib import Path
 
-from spare_tl.cache import REPO_ROOT
+from spare_tl import cache
 
-EMBEDDED_DIR = REPO_ROOT / "cache_data" / "smollm2-135m-instruct"
+_PACKAGE_DATA = Path(__file__).resolve().parent / "embedded_data"
+# Laid out like a cache root (``<model>/<stage>/``); read-only.
+SHIPPED_ROOT = _PACKAGE_DATA if _PACKAGE_DATA.is_dir() else cache.REPO_ROOT / "cache_data"
+EMBEDDED_DIR = SHIPPED_ROOT / "smollm2-135m-instruct"
 DEFAULT_FEATURES = EMBEDDED_DIR / "functional_features"
 DEFAULT_SAES = EMBEDDED_DIR / "saes"
 
@@ -28,17 +41,45 @@ def load_steering_setup(
     return model, features, saes
 
 
+def _seed_from_shipped(relative: str, root: Path) -> None:
+    """Copy the shipped stage ``<model>/<stage>/...`` into the writable cache ``root`` when
+    ``root`` lacks it, so that the stage's own freshness check reads it there and a recompute
+    (another dataset, another config) writes there, never into the shipped folder."""
+    source, target = SHIPPED_ROOT / relative, root / relative
+    if not source.is_dir() or target.exists() or source.resolve() == target.resolve():
+        return
+    staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
+    staging.mkdir(parents=True)
+    try:
+        for path in sorted(source.rglob("[!.]*")):
+            if path.is_file():  # copied with this user's default modes, not the source's
+                (staging / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, staging / path.relative_to(source))
+        os.replace(staging, target)  # whole, or not at all
+    except OSError:
+        if not target.exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def memorised_split(model, features, dataset: str = "builtin", *, progress: bool = True):
     """The pool/evaluation split a feature set was built on: memorised items of ``dataset``,
-    pool size and seed from the features' metadata (defaults 128 and 42)."""
+    pool size and seed from the features' metadata (defaults 128 and 42).
+
+    The memorised set is read from the cache, seeded from the shipped one when the cache
+    has none (an installed package: the shipped folder is never written).
+    """
     from spare_tl.data.datasets import load_dataset
     from spare_tl.data.prompts import DEFAULT_POOL_SEED, DEFAULT_POOL_SIZE, split_pool
-    from spare_tl.memorised import find_memorised
+    from spare_tl.memorised import STAGE, dataset_key, find_memorised
 
     items = load_dataset(dataset)
-    memorised = find_memorised(
-        model, items, dataset_name=Path(dataset).stem.replace("/", "_"), progress=progress
-    )
+    name = Path(dataset).stem.replace("/", "_")
+    root = cache.default_cache_root()
+    slug = cache.model_slug(model.cfg.model_name)
+    _seed_from_shipped(f"{slug}/{STAGE}/{dataset_key(name, items)}", root)
+    memorised = find_memorised(model, items, dataset_name=name, cache_root=root, progress=progress)
     meta = features.metadata
     memorised.require(meta.get("pool_size", DEFAULT_POOL_SIZE))
     return split_pool(
