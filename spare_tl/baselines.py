@@ -65,6 +65,7 @@ from spare_tl.generation import (
     left_pad,
     newline_token_ids,
 )
+from spare_tl.hardware import add_dtype_argument, load_steering_setup_for
 from spare_tl.harness import (
     NoSteering,
     PromptMethod,
@@ -936,6 +937,7 @@ def run_table(
 
 
 def _add_setup_args(p: argparse.ArgumentParser) -> None:
+    add_dtype_argument(p)
     p.add_argument("--features", default=None, help="functional-feature folder (embedded default)")
     p.add_argument("--saes", default=None, help="folder of SAEs (embedded default)")
     p.add_argument("--dataset", default="builtin")
@@ -1030,7 +1032,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     torch.set_grad_enabled(False)
-    setup = BaselineSetup.load(args.features, args.saes, args.dataset)
+    from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES
+
+    model, _, _ = load_steering_setup_for(
+        args.features or DEFAULT_FEATURES, args.saes or DEFAULT_SAES, args.dtype
+    )
+    setup = BaselineSetup.load(args.features, args.saes, args.dataset, model=model)
     if args.command == "sweep":
         return _sweep_command(args, setup)
     return _table_command(args, setup)

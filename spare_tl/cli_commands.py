@@ -8,6 +8,12 @@ from pathlib import Path
 
 from spare_tl import checks
 from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, load_steering_setup
+from spare_tl.hardware import (
+    add_dtype_argument,
+    load_model_for,
+    load_steering_setup_for,
+    resolve_dtype,
+)
 
 # spare_tl.baselines.METHODS, spelled out so that building the parser imports no torch.
 EVALUATE_METHODS = ("spare", "none", "icl", "actadd", "taskvec", "cad")
@@ -26,12 +32,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run every stage from a TOML/YAML config (cached stages skip)")
     p.add_argument("config", help="pipeline config (.toml or .yaml)")
     p.add_argument("--output", help="write the evaluation results JSON here")
+    add_dtype_argument(p)
     p.set_defaults(func=_run, until="evaluate")
     for stage, text in _STAGE_HELP.items():
         p = sub.add_parser(
             stage, help=text, description=f"{text}; earlier stages come from the cache"
         )
         p.add_argument("config", help="pipeline config (.toml or .yaml)")
+        add_dtype_argument(p)
         p.set_defaults(func=_run, until=stage, output=None)
 
     p = sub.add_parser(
@@ -67,6 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="actadd/taskvec/cad: JSON setting for both directions instead of the sweep, e.g. "
         '\'{"layers": [10, 11], "coefficient": 2}\', \'{"layer": 12}\', \'{"alpha": 0.5}\'',
     )
+    add_dtype_argument(p)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("steer", help="answer one conflict input unsteered and steered both ways")
@@ -81,7 +90,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="prepend N (>= 1) doo demonstrations from the pool",
     )
+    add_dtype_argument(p)
     p.set_defaults(func=_steer)
+
+
+def _load_setup(args: argparse.Namespace):
+    """``(model, features, saes)`` of ``--features``/``--saes`` with the model in ``--dtype``
+    (the SAEs keep their own dtype)."""
+    import torch
+
+    if resolve_dtype(args.dtype) == torch.float32:
+        return load_steering_setup(args.features, args.saes)
+    return load_steering_setup_for(args.features, args.saes, args.dtype)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -92,7 +112,7 @@ def _run(args: argparse.Namespace) -> int:
         checks.output_file(args.output)
     if config.features_dir:
         checks.output_dir(config.features_dir, "features_dir")
-    result = run_pipeline(config, until=args.until)
+    result = run_pipeline(config, until=args.until, model=load_model_for(config.model, args.dtype))
     if result.features is not None:
         print(json.dumps({"counts": {str(k): v for k, v in result.features.counts().items()}}))
     if result.evaluation is not None:
@@ -165,7 +185,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from spare_tl.evaluation import EvaluationConfig, evaluate
 
     _check_evaluate_args(args)
-    model, features, saes = load_steering_setup(args.features, args.saes)
+    model, features, saes = _load_setup(args)
     if args.edit_strength is not None:
         features = features.with_edit_strength(args.edit_strength)
     if args.pool_size is not None:
@@ -214,7 +234,7 @@ def _steer(args: argparse.Namespace) -> int:
     if args.demonstrations is not None:
         checks.at_least(args.demonstrations, 1, "--demonstrations (leave it out for none)")
     _check_steering_args(args)
-    model, features, saes = load_steering_setup(args.features, args.saes)
+    model, features, saes = _load_setup(args)
     if args.edit_strength is not None:
         features = features.with_edit_strength(args.edit_strength)
     head = ""

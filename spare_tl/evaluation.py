@@ -173,9 +173,10 @@ def development_items(
     """The development questions: the last ``n`` of the held-out list.
 
     The held-out list interleaves the relations, so its tail spans them like its head; test
-    questions are taken from the head (``evaluation[:n_test]``) and never overlap. Selection
-    (the sweep) and the steerability scan use these with exactly the test protocol
-    (demonstrations from the pool, :func:`evaluation_demonstrations`)."""
+    questions are taken from the head (``evaluation[:n_test]``); pass ``n_test`` to have the
+    two checked for overlap. The steerability scan uses these with exactly the test protocol
+    (demonstrations from the pool, :func:`evaluation_demonstrations`); the development sweep
+    (:mod:`spare_tl.sweep`) still asks pool questions."""
     if n < 1:
         raise ValueError(f"the development set needs at least 1 question, got n={n}")
     if n + n_test > len(evaluation):

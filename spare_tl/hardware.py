@@ -65,3 +65,32 @@ def describe() -> str:
         f"CPU {info['model']}, {info['cores']} torch threads, bf16 matrix flags: {flags} "
         f"(dtype auto -> {str(resolve_dtype('auto')).removeprefix('torch.')})"
     )
+
+
+def add_dtype_argument(parser) -> None:
+    """``--dtype {auto,float32,bfloat16}`` for a command that runs the model."""
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=list(DTYPES),
+        help="model parameter dtype; auto: bf16 on a GPU or a CPU with native bf16 matrix "
+        "units (AMX / AVX-512 BF16), else float32",
+    )
+
+
+def load_model_for(model_name: str, dtype: str | torch.dtype = "auto", **kwargs: Any):
+    """:func:`spare_tl.models.load_model` with a ``--dtype`` value resolved."""
+    from spare_tl.models import load_model
+
+    return load_model(model_name, dtype=resolve_dtype(dtype, kwargs.get("device", "cpu")), **kwargs)
+
+
+def load_steering_setup_for(features_dir, saes_dir, dtype: str | torch.dtype = "auto"):
+    """:func:`spare_tl.embedded.load_steering_setup` with the model in ``dtype`` (the SAEs
+    keep their own dtype: the edit runs in it)."""
+    from spare_tl.embedded import load_steering_setup
+    from spare_tl.features import FunctionalFeatures
+
+    name = FunctionalFeatures.load(features_dir).model_name
+    model = load_model_for(name, dtype)
+    return load_steering_setup(features_dir, saes_dir, model=model)

@@ -52,6 +52,7 @@ from spare_tl.data.prompts import conflict_prompt, sample_demonstrations
 from spare_tl.data.schema import ConflictItem
 from spare_tl.data.scoring import behaviour_label
 from spare_tl.features import FunctionalFeatures
+from spare_tl.hardware import add_dtype_argument, load_steering_setup_for
 from spare_tl.harness import Condition, NoSteering, SpareMethod, answer_prompts
 from spare_tl.layer_spec import parse_layers
 from spare_tl.saes import encode_latents, sae_identity, validate_sae
@@ -1337,13 +1338,13 @@ def _available_sae_layers(saes_dir: Path) -> list[int]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from spare_tl.embedded import load_steering_setup, memorised_split
+    from spare_tl.embedded import memorised_split
     from spare_tl.saes import load_saes_for_layers
 
     torch.set_grad_enabled(False)
     start = time.time()
     layers = parse_layers(args.layers)
-    model, features, saes = load_steering_setup(args.features, args.saes)
+    model, features, saes = load_steering_setup_for(args.features, args.saes, args.dtype)
     wanted = sorted(set(layers) | set(features.all_layers))
     have = [k for k in _available_sae_layers(Path(args.saes)) if k in wanted and k not in saes]
     saes = {**load_saes_for_layers(model, args.saes, have), **saes}
@@ -1420,6 +1421,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--saes", default=str(DEFAULT_SAES))
     run.add_argument("--figure", default=None, help="also write the figure as HTML here")
     run.add_argument("--no-readme", action="store_true", help=argparse.SUPPRESS)  # old flag
+    add_dtype_argument(run)
     run.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -21,6 +21,7 @@ from typing import Any
 from spare_tl import cache
 from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, EMBEDDED_DIR
 from spare_tl.evaluation import saved_questions
+from spare_tl.hardware import add_dtype_argument, load_steering_setup_for
 
 CASES = {
     "doo": ("no_steering", "steer_to_context", "steer_to_memory"),
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--no-readme", action="store_true", help=argparse.SUPPRESS)  # old flag
+    add_dtype_argument(parser)
     parser.add_argument(
         "--reuse",
         action="store_true",
@@ -150,12 +152,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from spare_tl.embedded import load_steering_setup, memorised_split
+    from spare_tl.embedded import memorised_split
     from spare_tl.evaluation import EvaluationConfig, evaluate, features_summary
 
     torch.set_grad_enabled(False)
     start = time.time()
-    model, features, saes = load_steering_setup(str(DEFAULT_FEATURES), str(DEFAULT_SAES))
+    model, features, saes = load_steering_setup_for(DEFAULT_FEATURES, DEFAULT_SAES, args.dtype)
     split = memorised_split(model, features, "builtin")
     eval_items = split.evaluation[: args.n_items]
     out_dir = EMBEDDED_DIR / "results"

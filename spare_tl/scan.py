@@ -40,6 +40,7 @@ from spare_tl.data.prompts import closed_book_prompt, conflict_prompt
 from spare_tl.data.schema import ConflictItem
 from spare_tl.data.scoring import behaviour_label
 from spare_tl.evaluation import evaluation_demonstrations
+from spare_tl.hardware import add_dtype_argument, load_model_for
 from spare_tl.harness import Condition, NoSteering, PromptMethod, answer_prompts
 from spare_tl.steering import Direction, LastPromptPositionHook, attach_hooks
 
@@ -318,7 +319,7 @@ def register(sub) -> None:
     p.add_argument("--n-items", type=int, default=128, help="development questions (>= 1)")
     p.add_argument("--seed", type=int, default=0, help="demonstration seed")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    add_dtype_argument(p)
     p.add_argument("--figure", default=None, help="also write the figure as HTML here")
     p.set_defaults(func=_scan_command)
 
@@ -327,9 +328,7 @@ def _scan_command(args) -> int:
     from spare_tl import checks
     from spare_tl.data.prompts import split_pool
     from spare_tl.evaluation import development_items
-    from spare_tl.hardware import resolve_dtype
     from spare_tl.layer_spec import parse_layers
-    from spare_tl.models import load_model
     from spare_tl.pipeline import PipelineConfig, run_pipeline
 
     checks.at_least(args.n_items, 1, "--n-items")
@@ -341,7 +340,7 @@ def _scan_command(args) -> int:
     scan_config = ScanConfig(
         layers=layers, sites=tuple(args.sites), seed=args.seed, batch_size=args.batch_size
     )
-    model = load_model(config.model, dtype=resolve_dtype(args.dtype))
+    model = load_model_for(config.model, args.dtype)
     memorised = run_pipeline(config, until="memorised", model=model).memorised
     assert memorised is not None
     from spare_tl.data.datasets import load_dataset

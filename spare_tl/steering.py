@@ -27,6 +27,7 @@ flags; the other rows run exactly as without steering.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -459,15 +460,13 @@ class LastPromptPositionEdit:
     def _features_on(self, device: torch.device) -> LayerFeatures:
         if device not in self._prepared:
             f = self.features
-            self._prepared[device] = LayerFeatures(
-                layer=f.layer,
-                hook_name=f.hook_name,
+            # every field kept (the latent code above all), tensors on the device
+            self._prepared[device] = dataclasses.replace(
+                f,
                 context_features=f.context_features.to(device),
                 memory_features=f.memory_features.to(device),
                 context_activations=f.context_activations.to(device),
                 memory_activations=f.memory_activations.to(device),
-                sae_id=f.sae_id,
-                sae_fingerprint=f.sae_fingerprint,
             )
         return self._prepared[device]
 

@@ -20,6 +20,7 @@ from spare_tl.data.prompts import conflict_prompt, sample_demonstrations
 from spare_tl.data.schema import ConflictItem
 from spare_tl.data.scoring import behaviour_label
 from spare_tl.features import FunctionalFeatures
+from spare_tl.hardware import add_dtype_argument, load_model_for
 from spare_tl.harness import Condition, NoSteering, SpareMethod, answer_conditions
 from spare_tl.layer_spec import parse_layers
 
@@ -210,14 +211,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="SWEEP_JSON",
         help="join these sweep.json files (same dev set) instead of running a sweep",
     )
+    add_dtype_argument(parser)
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     start = time.time()
     config = PipelineConfig.from_file(args.config)
-    from spare_tl.models import load_model
     from spare_tl.saes import load_saes_for_layers
 
-    model = load_model(config.model)
+    model = load_model_for(config.model, args.dtype)
     saes = load_saes_for_layers(model, config.saes, config.layers)
     result = run_pipeline(config, until="statistics", model=model, saes=saes)
     directory = Path(args.output) if args.output else cache.stage_dir(model.cfg.model_name, "sweep")

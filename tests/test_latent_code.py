@@ -74,6 +74,22 @@ def test_the_edit_uses_the_features_latent_code(sae):
     )
 
 
+def test_the_steering_hook_edits_with_the_features_latent_code(sae):
+    """The hook behind steer() edits a relu_pre set with the relu_pre code (it once fell back
+    to the SAE's own encode when it moved the features to the residual's device)."""
+    from spare_tl.steering import LastPromptPositionEdit
+
+    resid = torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(5))
+    for code in ("relu_pre", "encode"):
+        features = _layer_features(code)
+        hook = LastPromptPositionEdit(sae, features, "memory", 2.0)
+        out = hook(resid)
+        assert out is not None
+        expected = spare_edit(resid[:, -1], sae, features, "memory", 2.0)
+        assert torch.allclose(out[:, -1], expected, atol=1e-6)
+        assert torch.equal(out[:, :-1], resid[:, :-1])
+
+
 def test_latent_code_round_trips_and_old_files_load_as_encode(tmp_path):
     features = FunctionalFeatures("tiny", {1: _layer_features("relu_pre")}, proportion=0.1)
     assert features.latent_code == "relu_pre"
