@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from spare_tl import cache
-from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, EMBEDDED_DIR
+from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES
 from spare_tl.evaluation import saved_questions
 from spare_tl.hardware import add_dtype_argument, load_steering_setup_for
 
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     model, features, saes = load_steering_setup_for(DEFAULT_FEATURES, DEFAULT_SAES, args.dtype)
     split = memorised_split(model, features, "builtin")
     eval_items = split.evaluation[: args.n_items]
-    out_dir = EMBEDDED_DIR / "results"
+    out_dir = cache.stage_dir(model.cfg.model_name, "results")  # never the shipped data
     results: dict[str, dict[str, Any]] = {}
     for demo_type in args.cases:
         saved = out_dir / f"{demo_type}.json"
