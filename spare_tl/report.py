@@ -99,6 +99,7 @@ class ReportInputs:
     baselines: dict[str, Any] | None = None
     probes: SavedProbeStudy | None = None
     original: Any | None = None
+    scan: Any | None = None  # spare_tl.scan.ScanResult
     missing: list[str] = field(default_factory=list)
 
     def kwargs(self) -> dict[str, Any]:
@@ -111,6 +112,7 @@ class ReportInputs:
             "baselines": self.baselines,
             "probes": self.probes,
             "original": self.original,
+            "scan": self.scan,
             "missing": self.missing,
         }
 
@@ -225,6 +227,14 @@ def load_report_inputs(
 
     out.baselines = _load_baselines(study_dir(baselines, "baselines"), out.missing)
     out.probes = _load_probes(study_dir(probes, "probes"), out.missing)
+    scan_dir = study_dir(None, "scan")
+    if (scan_dir / "scan.json").is_file():
+        from spare_tl.scan import ScanResult
+
+        try:
+            out.scan = ScanResult.load(scan_dir)
+        except (OSError, ValueError, KeyError) as e:
+            out.missing.append(f"steerability scan: cannot read {scan_dir} ({_first_line(e)})")
 
     if original is not None:
         try:
@@ -548,6 +558,7 @@ def build_report(
     probes: SavedProbeStudy | Any | None = None,
     original: Any | None = None,
     original_layer: int | None = None,
+    scan: Any | None = None,
     missing: Sequence[str] = (),
     title: str = "SpARE report",
     top_n: int = 2000,
@@ -560,7 +571,8 @@ def build_report(
     ``grouped``: GroupedPrompts; ``baselines``: the ``table.json`` dictionary of
     :func:`spare_tl.baselines.run_table` or its method → result mapping; ``probes``: a
     :class:`SavedProbeStudy` or :class:`spare_tl.probes.ProbeStudy`; ``original``: an
-    ``OriginalCache`` (the paper's data). Parts not given are listed in the page's "missing"
+    ``OriginalCache`` (the paper's data); ``scan``: a :class:`spare_tl.scan.ScanResult`, drawn
+    beside the layer-wise mutual information. Parts not given are listed in the page's "missing"
     box together with ``missing``; the baselines and the probe study, optional studies, only
     say so in their own sections.
     """
@@ -651,6 +663,24 @@ def build_report(
     else:
         page.add("<p class='missing'>No per-layer feature statistics.</p>")
         _note_absent(notes, "statistics", "feature statistics (mutual information): none given")
+
+    # -- steerability scan --------------------------------------------------------------
+    if scan is not None:
+        page.add(
+            "<h2>Where the model can be steered</h2><p>EM on development questions after "
+            "patching the last prompt position of one layer and site from a donor run that "
+            "answers from memory (closed-book) or from the context; the bottom panel is the "
+            "layer-wise mutual information of the SAE latents.</p>"
+        )
+        page.attempt(
+            "steerability scan",
+            lambda: F.steerability_scan(
+                scan,
+                statistics or None,
+                highlight_layers=features.all_layers if features is not None else (),
+            ),
+            notes,
+        )
 
     # -- grouped prompts ----------------------------------------------------------------
     page.add("<h2>Behaviour of the grouped prompts</h2>")

@@ -171,3 +171,12 @@ def test_cli_scan_arguments():
 
     args = build_parser().parse_args(["scan", "c.toml", "--layers", "0-3", "--sites", "attn_out"])
     assert args.layers == ["0-3"] and args.sites == ["attn_out"] and args.n_items == 128
+
+
+def test_report_draws_the_scan_beside_the_mutual_information(tiny_model):
+    from spare_tl.report import build_report
+
+    result = steerability_scan(tiny_model, DEV[:2], POOL, CONFIG, progress=False)
+    page = build_report(scan=result)
+    assert "Where the model can be steered" in page and "memory donor" in page
+    assert "Where the model can be steered" not in build_report()
