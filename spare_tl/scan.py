@@ -38,11 +38,11 @@ from spare_tl import cache
 from spare_tl.activations import last_position_activations
 from spare_tl.data.prompts import closed_book_prompt, conflict_prompt
 from spare_tl.data.schema import ConflictItem
-from spare_tl.data.scoring import behaviour_label
 from spare_tl.evaluation import evaluation_demonstrations
 from spare_tl.hardware import add_dtype_argument, load_model_for
 from spare_tl.harness import Condition, NoSteering, PromptMethod, answer_prompts
 from spare_tl.steering import Direction, LastPromptPositionHook, attach_hooks
+from spare_tl.sweep import answer_shares
 
 logger = logging.getLogger(__name__)
 
@@ -165,16 +165,6 @@ class ScanResult:
         return sorted(layer for layer, g in gains.items() if g >= share * best)
 
 
-def _shares(answers: Sequence[str], items: Sequence[ConflictItem]) -> dict[str, float]:
-    labels = [behaviour_label(a, it) for a, it in zip(answers, items)]
-    n = max(len(labels), 1)
-    return {
-        "EM_C": 100.0 * labels.count("context") / n,
-        "EM_M": 100.0 * labels.count("memory") / n,
-        "neither": 100.0 * labels.count("neither") / n,
-    }
-
-
 def donor_prompts(
     items: Sequence[ConflictItem], demonstrations: Sequence[Sequence[ConflictItem]]
 ) -> dict[str, list[str]]:
@@ -220,7 +210,7 @@ def steerability_scan(
         own = answer_prompts(
             model, donors[direction], [Condition("donor", NoSteering())], progress=False, **gen
         )
-        donor_answers[direction] = _shares(own["donor"], items)
+        donor_answers[direction] = answer_shares(own["donor"], items)
         for layer in layers:
             for site in config.sites:
                 hook = site_hook_name(site, layer)
@@ -234,12 +224,12 @@ def steerability_scan(
         direction, site, layer = cond.name.split("|")
         rows.append(
             {"direction": direction, "site": site, "layer": int(layer)}
-            | _shares(answers[cond.name], items)
+            | answer_shares(answers[cond.name], items)
         )
     return ScanResult(
         model_name=model.cfg.model_name,
         n_items=len(items),
-        baseline=_shares(answers["none"], items),
+        baseline=answer_shares(answers["none"], items),
         donors=donor_answers,
         rows=rows,
         config=json.loads(json.dumps(asdict(config) | {"layers": layers})),

@@ -152,3 +152,21 @@ def save_tiny_hf_llama(directory: str | Path, seed: int = 0, n_layers: int = 2) 
     )
     LlamaForCausalLM(config).save_pretrained(directory)
     return directory
+
+
+def conflict_items(n: int, start: int = 0) -> list:
+    """``n`` synthetic conflict items ``q{i}?`` (memory answer ``m{i}``, context ``c{i}``),
+    two relations alternating: for tests of prompts, evaluation and steering."""
+    from spare_tl.data.schema import ConflictItem
+
+    return [
+        ConflictItem(
+            question=f"q{i}?",
+            org_context=f"X{i} is m{i}.",
+            org_answer=(f"m{i}",),
+            sub_context=f"X{i} is c{i}.",
+            sub_answer=(f"c{i}",),
+            relation=f"r{i % 2}",
+        )
+        for i in range(start, start + n)
+    ]

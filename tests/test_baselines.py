@@ -28,12 +28,11 @@ from spare_tl.baselines import (
 )
 from spare_tl.behaviours import GroupedPrompts
 from spare_tl.data.prompts import PoolSplit, conflict_prompt
-from spare_tl.data.schema import ConflictItem
 from spare_tl.evaluation import EvaluationConfig, evaluate, evaluation_demonstrations
 from spare_tl.features import FunctionalFeatures, LayerFeatures
 from spare_tl.generation import _tokenize, greedy_generate
 from spare_tl.steering import resid_post_hook_name
-from spare_tl.testing import tiny_sae
+from spare_tl.testing import conflict_items, tiny_sae
 
 LAYERS = (1, 2)
 CONFIG = EvaluationConfig(seeds=(0, 1), n_shots=2, max_new_tokens=3, batch_size=4)
@@ -43,18 +42,7 @@ GEN = dict(max_new_tokens=4, progress=False)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _items(n: int, start: int = 0) -> list[ConflictItem]:
-    return [
-        ConflictItem(
-            question=f"q{i}?",
-            org_context=f"X{i} is m{i}.",
-            org_answer=(f"m{i}",),
-            sub_context=f"X{i} is c{i}.",
-            sub_answer=(f"c{i}",),
-            relation=f"r{i % 2}",
-        )
-        for i in range(start, start + n)
-    ]
+_items = conflict_items
 
 
 POOL, HELD_OUT = _items(8), _items(5, start=100)

@@ -7,7 +7,6 @@ import torch
 
 from spare_tl.activations import last_position_activations
 from spare_tl.data.prompts import conflict_prompt
-from spare_tl.data.schema import ConflictItem
 from spare_tl.evaluation import development_items, evaluation_demonstrations
 from spare_tl.generation import _tokenize
 from spare_tl.harness import Condition, NoSteering, answer_prompts
@@ -21,22 +20,12 @@ from spare_tl.scan import (
     site_hook_name,
     steerability_scan,
 )
+from spare_tl.testing import conflict_items
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _items(n: int, start: int = 0) -> list[ConflictItem]:
-    return [
-        ConflictItem(
-            question=f"q{i}?",
-            org_context=f"X{i} is m{i}.",
-            org_answer=(f"m{i}",),
-            sub_context=f"X{i} is c{i}.",
-            sub_answer=(f"c{i}",),
-            relation=f"r{i % 2}",
-        )
-        for i in range(start, start + n)
-    ]
+_items = conflict_items
 
 
 POOL, DEV = _items(6), _items(5, start=50)
