@@ -122,6 +122,17 @@ def _scan_section(directory: Path, missing: list[str]) -> list[str]:
             f"- steerable to {direction} (residual patch reaching at least half the best "
             f"gain): layers {scan.steerable_layers(direction)}"
         )
+    donors = ", ".join(
+        f"{d} donor EM_C {v['EM_C']:.1f} / EM_M {v['EM_M']:.1f}" for d, v in scan.donors.items()
+    )
+    lines += [
+        f"- what the donor runs answer themselves: {donors}",
+        "",
+        "![Steerability scan beside the layer-wise mutual information](img/steerability_scan.png)",
+        "",
+        "(The picture is `spare_tl.figures.steerability_scan(scan, statistics)`, as in "
+        "`spare-tl report`; shaded: the layers the committed features edit.)",
+    ]
     return [*lines, "", f"Regenerate: `{COMMANDS['scan']}`.", ""]
 
 
