@@ -149,6 +149,7 @@ def load_report_inputs(
     baselines: str | Path | None = None,
     probes: str | Path | None = None,
     original: str | Path | None = None,
+    scan: str | Path | None = None,
     model: str = DEFAULT_MODEL,
     cache_root: Path | None = None,
 ) -> ReportInputs:
@@ -227,7 +228,7 @@ def load_report_inputs(
 
     out.baselines = _load_baselines(study_dir(baselines, "baselines"), out.missing)
     out.probes = _load_probes(study_dir(probes, "probes"), out.missing)
-    scan_dir = study_dir(None, "scan")
+    scan_dir = study_dir(scan, "scan")
     if (scan_dir / "scan.json").is_file():
         from spare_tl.scan import ScanResult
 
@@ -1007,6 +1008,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="probes folder (resid/, sae/, latents.json, conditional/)",
     )
+    p.add_argument("--scan", type=Path, metavar="DIR", help="steerability scan folder (scan.json)")
     p.add_argument("--original", type=Path, help="a model folder of the paper's cache")
     p.add_argument("--original-layer", type=int, help="layer of the paper's cache to inspect")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model whose cache_data/ to use")
@@ -1024,6 +1026,7 @@ def _run_report(args: argparse.Namespace) -> int:
         baselines=args.baselines,
         probes=args.probes,
         original=args.original,
+        scan=args.scan,
         model=args.model,
     )
     text = build_report(

@@ -391,8 +391,10 @@ def test_report_lists_missing_parts(tmp_path):
         grouped=tmp_path,
         baselines=tmp_path / "no-baselines",
         probes=tmp_path / "no-probes",
+        scan=tmp_path / "no-scan",
     )
     assert inputs.features is None and not inputs.statistics and not inputs.results
+    assert inputs.scan is None
     joined = "\n".join(inputs.missing)
     for part in (
         "functional features",
@@ -725,6 +727,7 @@ def test_report_baselines_from_method_results_without_table(tmp_path):
         grouped=tmp_path,
         baselines=directory,
         probes=tmp_path / "no-probes",
+        scan=tmp_path / "no-scan",
     )
     assert list(inputs.baselines) == sorted(results)  # not sweep-cad.json nor predictions
     assert inputs.baselines["cad"] == results["cad"]
@@ -745,6 +748,7 @@ def test_report_says_when_baselines_and_probes_are_absent(tmp_path):
         statistics=tmp_path,
         results=[tmp_path],
         grouped=tmp_path,
+        scan=tmp_path / "no-scan",
         baselines=tmp_path / "none",
         probes=tmp_path / "probes",
     )
@@ -800,6 +804,8 @@ def test_report_cli_baselines_and_probes(tmp_path, capsys):
             str(tmp_path / "b"),
             "--probes",
             str(tmp_path / "p"),
+            "--scan",
+            none,
             "--output",
             str(out),
         ]
