@@ -215,6 +215,7 @@ class ProbeDataset:
             "question_ids": self.question_ids,
             "item_ids": self.item_ids,
         }
+        cache.begin_stage(directory)  # incomplete until config.json is written last
         cache.write_tensors(directory / "probe_dataset.safetensors", tensors)
         cache.write_json(
             directory / "questions.json",
@@ -1241,6 +1242,7 @@ def run_probe_study(
         res = train_probes(
             dataset, seeds=seeds, test_fraction=test_fraction, features=kind, progress=progress
         )  # type: ignore[arg-type]
+        cache.begin_stage(sub)
         res.save(sub / "results.json")
         cache.mark_complete(sub, config)
         results[kind] = res
@@ -1310,6 +1312,7 @@ def run_probe_study(
                 batch_size=batch_size,
                 progress=progress,
             )
+            cache.begin_stage(sub)
             cond_result.save(sub / "results.json", sub / "predictions.jsonl")
             cache.mark_complete(sub, cond_cfg)
     return ProbeStudy(
