@@ -44,7 +44,9 @@ def _versus(d: dict[str, Any], key: str) -> str:
     if not test:
         return "–"
     pb = test["paired_bootstrap"]
-    return f"{pb['difference']:+.1f} [{pb['low']:+.1f}, {pb['high']:+.1f}], p = {pb['p_value']:.3g}"
+    p = pb["p_value"]  # resolution 1 / resamples (2,000)
+    shown = "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
+    return f"{pb['difference']:+.1f} [{pb['low']:+.1f}, {pb['high']:+.1f}], {shown}"
 
 
 TARGET = {"steer_to_context": "EM_C", "steer_to_memory": "EM_M"}

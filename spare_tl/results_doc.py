@@ -18,8 +18,6 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 COMMANDS = {
     "results": "python -m spare_tl.results --n-items 200 --seeds 0 1 2 3 4 --cases doo dso dss",
-    "baselines": "python -m spare_tl.baselines table --methods none spare icl actadd taskvec "
-    "cad --n-items 200 --seeds 0 1 2 3 4",
     "sweep": "python -m spare_tl.sweep configs/smollm2.toml ... --write-features",
     "scan": "spare-tl scan configs/smollm2.toml --n-items 64",
     "probes": "python -m spare_tl.probes run --layers 6-20 --seeds 0 1 2 3 4 --n-items 40 "
@@ -58,18 +56,17 @@ def _baselines_section(directory: Path, missing: list[str]) -> list[str]:
         missing.append(f"baselines: no <method>.json in {directory}")
         return []
     first = next(iter(results.values()))
+    seeds = " ".join(map(str, first["seeds"]))
+    command = (
+        f"python -m spare_tl.baselines table --methods {' '.join(results)} "
+        f"--n-items {first['n_items']} --seeds {seeds}"
+    )
     return [
         "## Against the baselines",
         "",
-        baseline_table(results),
+        baseline_table(results),  # with its own caption: questions, seeds, settings, time
         "",
-        f"{first['model']}: {first['n_items']} held-out memorised questions, "
-        f"{first['demo_type']} demonstrations, seeds {first['seeds']}. Settings chosen on the "
-        "development questions (`cache_data/<model>/baselines/sweep-*.json`). Time: wall time "
-        "per item relative to no steering in the same run; methods that edit only the last "
-        "prompt position share the prompt pass.",
-        "",
-        f"Regenerate the JSON: `{COMMANDS['baselines']}`.",
+        f"Regenerate the JSON: `{command}`.",
         "",
     ]
 

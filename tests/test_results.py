@@ -36,7 +36,7 @@ def test_table_and_results_document(tmp_path):
         f"| doo | steer to memory | 25.0 ± 25.0 [{ci_mc['low']:.1f}, {ci_mc['high']:.1f}] | "
         f"75.0 ± 25.0 [{ci_m['low']:.1f}, "
         f"{ci_m['high']:.1f}] | 0.0 | +62.5 [{test['low']:+.1f}, {test['high']:+.1f}], "
-        f"p = {test['p_value']:.3g} |" in table
+        f"p = {test['p_value']:.2g} |" in table
     )
     assert f"| doo | no steering | 75.0 ± 25.0 [{ci_c['low']:.1f}, {ci_c['high']:.1f}]" in table
     assert "EM_C->M" in table
