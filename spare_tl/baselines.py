@@ -63,7 +63,7 @@ from spare_tl.generation import (
     _last_logits,
     _tokenize,
     left_pad,
-    newline_token_ids,
+    stop_token_ids,
 )
 from spare_tl.hardware import add_dtype_argument, load_steering_setup_for
 from spare_tl.harness import (
@@ -226,13 +226,6 @@ def contrastive_scores(
     return logits_with_context.float() + alpha * (lp_c - lp_n)
 
 
-def _stop_ids(model, stop_at_newline: bool) -> Tensor:
-    stop = set(newline_token_ids(model)) if stop_at_newline else set()
-    if model.tokenizer.eos_token_id is not None:
-        stop.add(model.tokenizer.eos_token_id)
-    return torch.tensor(sorted(stop), dtype=torch.long, device=model.cfg.device)
-
-
 @torch.no_grad()
 def cad_generate(
     model,
@@ -264,7 +257,7 @@ def cad_generate(
     with_ctx = _tokenize(model, prompts)
     without = _tokenize(model, prompts_without_context)
     order = sorted(range(len(prompts)), key=lambda i: len(with_ctx[i]))
-    stop_ids = _stop_ids(model, stop_at_newline)
+    stop_ids = stop_token_ids(model, stop_at_newline)
     n_layers = model.cfg.n_layers
     device = model.cfg.device
     outputs = [""] * len(prompts)

@@ -25,18 +25,26 @@ DEFAULT_SAES = EMBEDDED_DIR / "saes"
 
 
 def load_steering_setup(
-    features_dir: str | Path = DEFAULT_FEATURES, saes_dir: str | Path = DEFAULT_SAES, model=None
+    features_dir: str | Path = DEFAULT_FEATURES,
+    saes_dir: str | Path = DEFAULT_SAES,
+    model=None,
+    dtype=None,
 ):
     """``(model, features, saes)`` from a functional-feature folder and a folder of SAEs.
 
-    Defaults to the embedded model's committed features and SAEs.
+    Defaults to the embedded model's committed features and SAEs. ``dtype`` (a torch dtype or
+    ``"auto"`` / ``"float32"`` / ``"bfloat16"``; default float32) is the model's when it is
+    loaded here; the SAEs keep their own (the edit runs in it).
     """
     from spare_tl.features import FunctionalFeatures
     from spare_tl.models import load_model
     from spare_tl.saes import load_saes_for_layers
 
     features = FunctionalFeatures.load(features_dir)
-    model = model if model is not None else load_model(features.model_name)
+    if model is None:
+        from spare_tl.hardware import resolve_dtype
+
+        model = load_model(features.model_name, dtype=resolve_dtype(dtype or "float32"))
     saes = load_saes_for_layers(model, saes_dir, features.all_layers)
     return model, features, saes
 

@@ -81,21 +81,24 @@ def _batches(order: list[int], batch_size: int):
         yield order[start : start + batch_size]
 
 
-def _expand_cache(kv, batch: int):
-    """A batch-``batch`` view of a batch-1 (or batch-``batch``) KV cache: new cache objects
-    over the same tensors, so appending to the copy (which concatenates) never changes the
-    original."""
+def _map_cache(kv, fn: Callable[[Tensor], Tensor]):
+    """A new KV cache whose keys, values and attention mask are ``fn`` of ``kv``'s (applied
+    along the batch dimension); the original is never changed (appending concatenates)."""
     from copy import copy
 
     out = copy(kv)
     out.entries = []
     for entry in kv.entries:
         e = copy(entry)
-        e.past_keys = entry.past_keys.expand(batch, *entry.past_keys.shape[1:])
-        e.past_values = entry.past_values.expand(batch, *entry.past_values.shape[1:])
+        e.past_keys, e.past_values = fn(entry.past_keys), fn(entry.past_values)
         out.entries.append(e)
-    out.previous_attention_mask = kv.previous_attention_mask.expand(batch, -1)
+    out.previous_attention_mask = fn(kv.previous_attention_mask)
     return out
+
+
+def _expand_cache(kv, batch: int):
+    """A batch-``batch`` view of a batch-1 (or batch-``batch``) KV cache (the shared prefix)."""
+    return _map_cache(kv, lambda t: t.expand(batch, *t.shape[1:]))
 
 
 def _last_logits(model, resid: Tensor) -> Tensor:
@@ -113,17 +116,7 @@ def stop_token_ids(model, stop_at_newline: bool = True) -> Tensor:
 
 def _select_rows(kv, rows: Tensor):
     """A KV cache holding only ``rows`` of ``kv`` (for dropping finished rows)."""
-    from copy import copy
-
-    out = copy(kv)
-    out.entries = []
-    for entry in kv.entries:
-        e = copy(entry)
-        e.past_keys = entry.past_keys[rows]
-        e.past_values = entry.past_values[rows]
-        out.entries.append(e)
-    out.previous_attention_mask = kv.previous_attention_mask[rows]
-    return out
+    return _map_cache(kv, lambda t: t[rows])
 
 
 def _greedy_steps(

@@ -86,11 +86,7 @@ def load_model_for(model_name: str, dtype: str | torch.dtype = "auto", **kwargs:
 
 
 def load_steering_setup_for(features_dir, saes_dir, dtype: str | torch.dtype = "auto"):
-    """:func:`spare_tl.embedded.load_steering_setup` with the model in ``dtype`` (the SAEs
-    keep their own dtype: the edit runs in it)."""
+    """:func:`spare_tl.embedded.load_steering_setup` with the model in ``dtype``."""
     from spare_tl.embedded import load_steering_setup
-    from spare_tl.features import FunctionalFeatures
 
-    name = FunctionalFeatures.load(features_dir).model_name
-    model = load_model_for(name, dtype)
-    return load_steering_setup(features_dir, saes_dir, model=model)
+    return load_steering_setup(features_dir, saes_dir, dtype=dtype)

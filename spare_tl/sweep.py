@@ -16,7 +16,7 @@ from typing import Any
 
 from spare_tl import cache
 from spare_tl.activations import LayerStatistics, directional_features, functional_features
-from spare_tl.data.prompts import conflict_prompt, sample_demonstrations
+from spare_tl.data.prompts import sample_demonstrations
 from spare_tl.data.schema import ConflictItem
 from spare_tl.data.scoring import behaviour_label
 from spare_tl.features import FunctionalFeatures
@@ -48,14 +48,6 @@ def dev_demonstrations(
         sample_demonstrations(pool, n_shots, seed * 7 + i, exclude=it) for i, it in enumerate(items)
     ]
     return items, demos
-
-
-def dev_prompts(
-    pool: Sequence[ConflictItem], n_items: int | None, n_shots: int, seed: int, demo_type: str
-) -> tuple[list[ConflictItem], list[str]]:
-    """Pool questions as development queries, demonstrations from the rest of the pool."""
-    items, demos = dev_demonstrations(pool, n_items, n_shots, seed)
-    return items, [conflict_prompt(it, d, demo_type) for it, d in zip(items, demos)]
 
 
 def sweep(
