@@ -37,10 +37,13 @@ from spare_tl.features import (
 from spare_tl.generation import _tokenize, left_pad
 from spare_tl.mutual_info import expectation_difference, mutual_information
 from spare_tl.saes import (
+    DEFAULT_SITE,
     check_latent_code,
+    check_site,
     encode_latents,
     hook_name,
     sae_identity,
+    site_hook_name,
     validate_sae,
 )
 
@@ -109,30 +112,43 @@ def last_position_resid(
     prompts: Sequence[str],
     layers: Sequence[int],
     *,
+    site: str = DEFAULT_SITE,
     batch_size: int = 16,
     progress: bool = True,
 ) -> dict[int, Float[Tensor, "n d_model"]]:
-    """Residual stream after each layer at the last prompt position, one pass per batch."""
+    """The activation at ``site`` of each layer (default: the residual after it) at the last
+    prompt position, one pass per batch."""
     layers = check_layers(model, layers)
     acts = last_position_activations(
         model,
         prompts,
-        [resid_hook(layer) for layer in layers],
+        [site_hook_name(layer, site) for layer in layers],
         batch_size=batch_size,
         progress=progress,
     )
-    return {layer: acts[resid_hook(layer)] for layer in layers}
+    return {layer: acts[site_hook_name(layer, site)] for layer in layers}
+
+
+def stage_name(stage: str, site: str = DEFAULT_SITE) -> str:
+    """The cache folder of a per-site stage: ``stage`` for the residual, ``stage_<site>``
+    for another site (``activations_attn_out``)."""
+    return stage if check_site(site) == DEFAULT_SITE else f"{stage}_{site}"
 
 
 @dataclass
 class Activations:
-    """Last-position residuals of the two behaviour groups."""
+    """Last-position activations of the two behaviour groups at one site per layer (the
+    residual unless ``site`` says otherwise)."""
 
     model_name: str
     resid: dict[int, Float[Tensor, "n d_model"]]
     labels: Int[Tensor, " n"]  # 1 context, 0 memory
     weights: Float[Tensor, " n"]  # confidence weights
     config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def site(self) -> str:
+        return str(self.config.get("hook", "hook_" + DEFAULT_SITE)).removeprefix("hook_")
 
     def save(self, directory: Path) -> None:
         directory = Path(directory)
@@ -164,8 +180,10 @@ def collect_activations(
     cache_root: Path | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    site: str = DEFAULT_SITE,
 ) -> Activations:
-    """Stage 2: residuals of the use-context and use-memory prompts (cached)."""
+    """Stage 2: last-position activations at ``site`` (default the residual) of the
+    use-context and use-memory prompts (cached)."""
     layers = check_layers(model, layers)
     require_groups(grouped, min_per_group)
     prompts, labels, weights = grouped.labelled()
@@ -175,12 +193,14 @@ def collect_activations(
         "layers": layers,
         "grouped_hash": cache.fingerprint({"p": prompts, "l": labels.tolist()}),
         "position": "last prompt token",
-        "hook": "hook_resid_post",
+        "hook": f"hook_{check_site(site)}",
     }
-    directory = cache.stage_dir(model.cfg.model_name, "activations", cache_root)
+    directory = cache.stage_dir(model.cfg.model_name, stage_name("activations", site), cache_root)
     if use_cache and cache.is_fresh(directory, config):
         return Activations.load(directory)
-    resid = last_position_resid(model, prompts, layers, batch_size=batch_size, progress=progress)
+    resid = last_position_resid(
+        model, prompts, layers, site=site, batch_size=batch_size, progress=progress
+    )
     result = Activations(model.cfg.model_name, resid, labels, weights, config)
     if use_cache:
         result.save(directory)
@@ -309,7 +329,10 @@ def feature_statistics(
     """Stage 3: per-layer statistics (cached per layer under ``mutual_information/``) on the
     SAE code ``latent_code`` (``"encode"`` or ``"relu_pre"``, see :mod:`spare_tl.saes`)."""
     check_latent_code(latent_code)
-    directory = cache.stage_dir(model.cfg.model_name, "mutual_information", cache_root)
+    site = activations.site
+    directory = cache.stage_dir(
+        model.cfg.model_name, stage_name("mutual_information", site), cache_root
+    )
     out: dict[int, LayerStatistics] = {}
     for layer in tqdm(sorted(saes), desc="feature statistics", disable=not progress):
         if layer not in activations.resid:
@@ -317,7 +340,7 @@ def feature_statistics(
                 f"no activations for layer {layer}; collected layers: {sorted(activations.resid)}"
             )
         sae = saes[layer]
-        validate_sae(model, sae, layer)
+        validate_sae(model, sae, layer, site=site)
         config = {
             "stage": "mutual_information",
             "layer": layer,
@@ -396,8 +419,28 @@ def functional_features(
     )
 
 
+def statistics_at(
+    statistics: Mapping[int, LayerStatistics] | Mapping[str, Mapping[int, LayerStatistics]],
+    site: str = DEFAULT_SITE,
+) -> Mapping[int, LayerStatistics]:
+    """The per-layer statistics at ``site`` from per-layer statistics (the residual's) or
+    from statistics by site (``{"resid_post": {...}, "attn_out": {...}}``)."""
+    check_site(site)
+    if statistics and all(isinstance(k, str) for k in statistics):
+        by_site: Mapping[str, Mapping[int, LayerStatistics]] = statistics  # type: ignore[assignment]
+        if site not in by_site:
+            raise ValueError(
+                f"no statistics at site {site!r} (have {sorted(by_site)}); add its layers to "
+                "the config's site_layers and rerun `spare-tl statistics`"
+            )
+        return by_site[site]
+    if site != DEFAULT_SITE:
+        raise ValueError(f"statistics for site {site!r} needed, only residual ones given")
+    return statistics  # type: ignore[return-value]
+
+
 def directional_features(
-    statistics: Mapping[int, LayerStatistics],
+    statistics: Mapping[int, LayerStatistics] | Mapping[str, Mapping[int, LayerStatistics]],
     *,
     model_name: str,
     context: Mapping[str, Any],
@@ -405,15 +448,16 @@ def directional_features(
     metadata: dict[str, Any] | None = None,
 ) -> FunctionalFeatures:
     """The feature set steering to context with ``context`` and to memory with ``memory``
-    (each a mapping with ``layers``, ``proportion`` and ``edit_strength``).
+    (each a mapping with ``layers``, ``proportion``, ``edit_strength`` and optionally
+    ``site``; ``statistics`` per layer, or by site then layer).
 
-    When both name the same layers and K, one set with an α per direction; otherwise the
-    context set carries a separate :attr:`~FunctionalFeatures.to_memory` set.
+    When both name the same site, layers and K, one set with an α per direction; otherwise
+    the context set carries a separate :attr:`~FunctionalFeatures.to_memory` set.
     """
 
     def feature_set(setting: Mapping[str, Any], alpha_to_memory: float | None = None):
         return functional_features(
-            statistics,
+            statistics_at(statistics, setting.get("site", DEFAULT_SITE)),
             model_name=model_name,
             proportion=setting["proportion"],
             edit_strength=setting["edit_strength"],
@@ -422,10 +466,11 @@ def directional_features(
             metadata=metadata,
         )
 
-    if (sorted(context["layers"] or []), context["proportion"]) == (
-        sorted(memory["layers"] or []),
-        memory["proportion"],
-    ):
+    if (
+        context.get("site", DEFAULT_SITE),
+        sorted(context["layers"] or []),
+        context["proportion"],
+    ) == (memory.get("site", DEFAULT_SITE), sorted(memory["layers"] or []), memory["proportion"]):
         alpha_mem = memory["edit_strength"]
         return feature_set(context, None if alpha_mem == context["edit_strength"] else alpha_mem)
     return replace(feature_set(context), to_memory=feature_set(memory))

@@ -26,6 +26,7 @@ REGISTRARS: list[str] = [
     "spare_tl.train_saes:register",
     "spare_tl.report:register",
     "spare_tl.scan:register",
+    "spare_tl.sweep:register",
     "spare_tl.results_doc:register",
     "spare_tl.cache:register",
 ]

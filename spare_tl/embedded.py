@@ -30,7 +30,8 @@ def load_steering_setup(
     model=None,
     dtype=None,
 ):
-    """``(model, features, saes)`` from a functional-feature folder and a folder of SAEs.
+    """``(model, features, saes)`` from a functional-feature folder and a folder of SAEs
+    (``saes`` keyed by hook name, e.g. ``"blocks.12.hook_resid_post"``; pass it to ``steer``).
 
     Defaults to the embedded model's committed features and SAEs. ``dtype`` (a torch dtype or
     ``"auto"`` / ``"float32"`` / ``"bfloat16"``; default float32) is the model's when it is
@@ -38,14 +39,14 @@ def load_steering_setup(
     """
     from spare_tl.features import FunctionalFeatures
     from spare_tl.models import load_model
-    from spare_tl.saes import load_saes_for_layers
+    from spare_tl.saes import load_saes_for_hooks
 
     features = FunctionalFeatures.load(features_dir)
     if model is None:
         from spare_tl.hardware import resolve_dtype
 
         model = load_model(features.model_name, dtype=resolve_dtype(dtype or "float32"))
-    saes = load_saes_for_layers(model, saes_dir, features.all_layers)
+    saes = load_saes_for_hooks(model, saes_dir, features.hook_names)
     return model, features, saes
 
 

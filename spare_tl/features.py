@@ -219,6 +219,37 @@ class FunctionalFeatures:
         mem = self.to_memory.layers if self.to_memory is not None else {}
         return sorted(set(self.layers) | set(mem))
 
+    def last_probe_layer(self, direction: str) -> int:
+        """The deepest layer whose residual a conflict probe may read before steering to
+        ``direction`` edits: the first edited layer for a residual edit, the one before it
+        for an attention/MLP edit (made inside that block)."""
+        f = self.for_direction(direction)
+        first = min(f.layers)
+        return first if f.site == "resid_post" else first - 1
+
+    @property
+    def hook_names(self) -> list[str]:
+        """The hook of every layer either direction edits (the SAEs steering needs)."""
+        sets = [self] + ([self.to_memory] if self.to_memory is not None else [])
+        return sorted(
+            {
+                f.hook_name or f"blocks.{f.layer}.hook_resid_post"
+                for s in sets
+                for f in s.layers.values()
+            },
+            key=lambda h: (int(h.split(".")[1]), h),
+        )
+
+    @property
+    def site(self) -> str:
+        """Where this set edits: ``resid_post`` (the residual), ``attn_out`` or ``mlp_out``."""
+        sites = {
+            (f.hook_name or "hook_resid_post").rsplit("hook_", 1)[1] for f in self.layers.values()
+        }
+        if len(sites) > 1:
+            raise ValueError(f"the set mixes sites {sorted(sites)}; use one site per set")
+        return sites.pop() if sites else "resid_post"
+
     def strength(self, direction: str) -> float:
         """α for ``direction`` ('context' or 'memory')."""
         if direction == "memory" and self.to_memory is not None:

@@ -18,7 +18,7 @@ from spare_tl import cache
 from spare_tl.behaviours import BehaviourConfig
 from spare_tl.checks import at_least, finite_non_negative
 from spare_tl.evaluation import EvaluationConfig
-from spare_tl.saes import check_latent_code
+from spare_tl.saes import DEFAULT_SITE, check_latent_code, check_site
 
 if TYPE_CHECKING:
     from spare_tl.features import FunctionalFeatures
@@ -54,9 +54,19 @@ class PipelineConfig:
     #: the layers the feature set edits (default: every layer of ``layers``, which are the
     #: candidate layers whose activations and statistics are computed)
     feature_layers: list[int] = field(default_factory=list)
-    #: a separate set for steering to memory: ``{layers, proportion, edit_strength}``
+    #: where the feature set edits: ``resid_post`` (candidate layers ``layers``) or a site of
+    #: ``site_layers`` (``attn_out``: the attention output)
+    feature_site: str = DEFAULT_SITE
+    #: a separate set for steering to memory: ``{layers, proportion, edit_strength, site}``
     #: (FunctionalFeatures.to_memory); None: one set steers both ways
     to_memory: dict[str, Any] | None = None
+    #: candidate layers at other sites, e.g. ``{attn_out = [19, 20, 21]}``: their activations
+    #: and statistics are computed too (SAEs ``blocks.<l>.hook_<site>`` in ``saes``)
+    site_layers: dict[str, list[int]] = field(default_factory=dict)
+
+    def candidate_layers(self, site: str = DEFAULT_SITE) -> list[int]:
+        """The candidate layers at ``site``."""
+        return list(self.layers) if site == DEFAULT_SITE else list(self.site_layers.get(site, []))
 
     def __post_init__(self) -> None:
         if isinstance(self.behaviours, dict):
@@ -98,22 +108,37 @@ class PipelineConfig:
         at_least(e.max_new_tokens, 1, "evaluation.max_new_tokens")
         at_least(e.batch_size, 1, "evaluation.batch_size")
         check_latent_code(self.latent_code)
-        outside = sorted(set(self.feature_layers) - set(self.layers)) if self.layers else []
+        for site, layers in self.site_layers.items():
+            check_site(site)
+            if site == DEFAULT_SITE:
+                raise ValueError("site_layers lists other sites; put residual layers in 'layers'")
+            if not layers:
+                raise ValueError(f"site_layers.{site} is empty: give its candidate layers")
+        check_site(self.feature_site)
+        candidates = self.candidate_layers(self.feature_site)
+        outside = sorted(set(self.feature_layers) - set(candidates)) if candidates else []
         if outside:
             raise ValueError(
-                f"feature_layers {outside} are not among the candidate layers {self.layers}"
+                f"feature_layers {outside} are not among the {self.feature_site} candidate "
+                f"layers {candidates}"
             )
+        if self.feature_site != DEFAULT_SITE and not self.feature_layers:
+            raise ValueError(f"feature_site {self.feature_site!r} needs feature_layers")
         if self.to_memory is not None:
-            unknown = sorted(set(self.to_memory) - {"layers", "proportion", "edit_strength"})
+            keys = {"layers", "proportion", "edit_strength", "site"}
+            unknown = sorted(set(self.to_memory) - keys)
             if unknown or not self.to_memory.get("layers"):
                 raise ValueError(
-                    "to_memory needs 'layers' (and may set 'proportion', 'edit_strength'); "
-                    f"got keys {sorted(self.to_memory)}"
+                    "to_memory needs 'layers' (and may set 'proportion', 'edit_strength', "
+                    f"'site'); got keys {sorted(self.to_memory)}"
                 )
-            outside = sorted(set(self.to_memory["layers"]) - set(self.layers or []))
-            if self.layers and outside:
+            site = check_site(self.to_memory.get("site", DEFAULT_SITE))
+            candidates = self.candidate_layers(site)
+            outside = sorted(set(self.to_memory["layers"]) - set(candidates))
+            if (candidates or site != DEFAULT_SITE) and outside:
                 raise ValueError(
-                    f"to_memory layers {outside} are not among the candidate layers {self.layers}"
+                    f"to_memory layers {outside} are not among the {site} candidate layers "
+                    f"{candidates}"
                 )
             proportion = self.to_memory.get("proportion", self.proportion)
             if not isinstance(proportion, (int, float)) or not 0 < proportion <= 1:
@@ -175,21 +200,30 @@ class PipelineResult:
     split: Any = None
     grouped: Any = None
     activations: Any = None
-    statistics: Any = None
+    statistics: Any = None  # residual statistics by layer
+    #: statistics by site, then layer (the residual's are ``statistics``)
+    site_statistics: dict[str, Any] = field(default_factory=dict)
+    #: every SAE loaded, keyed by hook name (``blocks.23.hook_attn_out``)
+    saes: dict[str, Any] = field(default_factory=dict)
     features: Any = None
     evaluation: Any = None
 
 
 def features_from_config(
-    config: PipelineConfig, statistics: Mapping[int, Any], model_name: str
+    config: PipelineConfig,
+    statistics: Mapping[int, Any],
+    model_name: str,
+    site_statistics: Mapping[str, Mapping[int, Any]] | None = None,
 ) -> FunctionalFeatures:
-    """The functional-feature set ``config`` describes, from per-layer ``statistics``."""
+    """The functional-feature set ``config`` describes, from per-layer ``statistics`` (the
+    residual's) and ``site_statistics`` (other sites')."""
     from spare_tl.activations import directional_features
 
     context = {
         "layers": config.feature_layers or config.layers or None,
         "proportion": config.proportion,
         "edit_strength": config.edit_strength,
+        "site": config.feature_site,
     }
     alpha_mem = config.edit_strength_to_memory
     memory = {
@@ -198,7 +232,7 @@ def features_from_config(
         **(config.to_memory or {}),
     }
     return directional_features(
-        statistics,
+        {DEFAULT_SITE: statistics, **(site_statistics or {})},
         model_name=model_name,
         context=context,
         memory=memory,
@@ -222,7 +256,7 @@ def run_pipeline(
     from spare_tl.evaluation import evaluate
     from spare_tl.memorised import find_memorised
     from spare_tl.models import load_model
-    from spare_tl.saes import load_saes_for_layers
+    from spare_tl.saes import load_saes_for_layers, site_hook_name
 
     if until not in STAGES:
         raise ValueError(f"unknown stage {until!r}: one of {STAGES}")
@@ -241,6 +275,15 @@ def run_pipeline(
             saes = load_saes_for_layers(model, config.saes, config.layers)
         else:
             saes = load_saes_for_layers(model, saes, config.layers)
+        site_saes = {DEFAULT_SITE: saes}
+        for site, layers in config.site_layers.items():
+            check_layers(model, layers)
+            site_saes[site] = load_saes_for_layers(model, config.saes, layers, site=site)
+        out.saes = {
+            site_hook_name(layer, site): sae
+            for site, by_layer in site_saes.items()
+            for layer, sae in by_layer.items()
+        }
     items = load_dataset(config.dataset)
     out.memorised = find_memorised(
         model,
@@ -282,9 +325,31 @@ def run_pipeline(
         cache_root=root,
         progress=progress,
     )
+    out.site_statistics = {DEFAULT_SITE: out.statistics}
+    for site, layers in config.site_layers.items():
+        site_activations = collect_activations(
+            model,
+            out.grouped,
+            layers,
+            batch_size=config.batch_size,
+            cache_root=root,
+            progress=progress,
+            site=site,
+        )
+        out.site_statistics[site] = feature_statistics(
+            model,
+            site_activations,
+            site_saes[site],
+            seed=config.mi_seed,
+            latent_code=config.latent_code,
+            cache_root=root,
+            progress=progress,
+        )
     if stop == 3:
         return out
-    out.features = features_from_config(config, out.statistics, model.cfg.model_name)
+    out.features = features_from_config(
+        config, out.statistics, model.cfg.model_name, out.site_statistics
+    )
     features_dir = (
         Path(config.features_dir)
         if config.features_dir
@@ -301,7 +366,7 @@ def run_pipeline(
         evaluation_items,
         out.split.pool,
         features=out.features,
-        saes=saes,
+        saes=out.saes,
         config=config.evaluation,
         dataset_name=config.dataset,
         progress=progress,

@@ -915,7 +915,7 @@ def evaluate_conditional(
     leaked = [it.question for it in items if _question_key(it) in pool_q]
     if leaked:
         raise ValueError(f"{len(leaked)} evaluation item(s) are pool questions, e.g. {leaked[0]!r}")
-    first_edit = min(features.edit_layers(direction))
+    first_edit = features.last_probe_layer(direction)
     if probe.layer > first_edit:
         raise ValueError(
             f"the probe reads layer {probe.layer}, after the first edited layer "
@@ -1209,7 +1209,7 @@ def run_probe_study(
             f"{len(evaluation)} held-out questions; lower --probe-items or --n-items"
         )
     probe_questions = list(pool) + (list(evaluation[-probe_items:]) if probe_items else [])
-    first_edit = min(features.edit_layers(direction))
+    first_edit = features.last_probe_layer(direction)
     sae_layers = sorted(k for k in saes if k in layers)
     dataset = build_probe_dataset(
         model,
@@ -1332,12 +1332,16 @@ def run_probe_study(
 
 
 def _available_sae_layers(saes_dir: Path) -> list[int]:
-    from spare_tl.saes import CFG, sae_layer_from_folder
+    from spare_tl.saes import CFG, folder_site, sae_layer_from_folder
 
     root = Path(saes_dir)
     if not root.is_dir():
         return []
-    return sorted(sae_layer_from_folder(p) for p in root.iterdir() if (p / CFG).exists())
+    return sorted(
+        sae_layer_from_folder(p)
+        for p in root.iterdir()
+        if (p / CFG).exists() and folder_site(p) == "resid_post"
+    )
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -1348,8 +1352,7 @@ def _run(args: argparse.Namespace) -> int:
     start = time.time()
     layers = parse_layers(args.layers)
     model, features, saes = load_steering_setup_for(args.features, args.saes, args.dtype)
-    wanted = sorted(set(layers) | set(features.all_layers))
-    have = [k for k in _available_sae_layers(Path(args.saes)) if k in wanted and k not in saes]
+    have = [k for k in _available_sae_layers(Path(args.saes)) if k in layers]
     saes = {**load_saes_for_layers(model, args.saes, have), **saes}
     split = memorised_split(model, features, args.dataset, progress=not args.quiet)
     study = run_probe_study(

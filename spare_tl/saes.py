@@ -147,6 +147,40 @@ def hook_name(sae) -> str:
     return str(name)
 
 
+#: The hook points SpARE can read and edit in a block: the residual after it, or its
+#: attention / MLP output (``blocks.<l>.hook_<site>``).
+SITES: tuple[str, ...] = ("resid_post", "attn_out", "mlp_out")
+DEFAULT_SITE = "resid_post"
+
+
+def check_site(site: str) -> str:
+    """``site`` if SpARE can edit there, else a ValueError listing the sites."""
+    if site not in SITES:
+        raise ValueError(f"site must be one of {', '.join(SITES)}, got {site!r}")
+    return site
+
+
+def site_hook_name(layer: int, site: str = DEFAULT_SITE) -> str:
+    """The TransformerLens hook of ``site`` in block ``layer``: ``blocks.<l>.hook_<site>``."""
+    return f"blocks.{int(layer)}.hook_{check_site(site)}"
+
+
+def site_of_hook(name: str) -> str:
+    """The site of a block hook name (``blocks.23.hook_attn_out`` -> ``attn_out``)."""
+    m = re.fullmatch(r"blocks\.\d+\.hook_(\w+)", name)
+    if not m or m.group(1) not in SITES:
+        raise SAEError(
+            f"hook {name!r} is not a site SpARE edits (blocks.<l>.hook_<site>, site one of "
+            f"{', '.join(SITES)})"
+        )
+    return m.group(1)
+
+
+def sae_site(sae) -> str:
+    """The site the SAE reads (``resid_post``, ``attn_out`` or ``mlp_out``)."""
+    return site_of_hook(hook_name(sae))
+
+
 def sae_layer(sae) -> int:
     """The block index of the SAE's hook (``blocks.{l}.…``)."""
     name = hook_name(sae)
@@ -170,11 +204,19 @@ def _norm_model_name(name: str | None) -> str:
     return (name or "").split("/")[-1].lower()
 
 
-def validate_sae(model, sae, layer: int | None = None, *, check_model_name: bool = True) -> None:
-    """Fail with a clear message when ``sae`` does not fit ``model`` (and ``layer``).
+def validate_sae(
+    model,
+    sae,
+    layer: int | None = None,
+    *,
+    site: str | None = None,
+    check_model_name: bool = True,
+) -> None:
+    """Fail with a clear message when ``sae`` does not fit ``model`` (and ``layer``, ``site``).
 
     Checks: the hook exists in the model; ``d_in == d_model``; the layer is in range and
-    matches the SAE's hook; the SAE's recorded model name (when both are known) matches.
+    matches the SAE's hook; the site (when given) matches the SAE's hook; the SAE's recorded
+    model name (when both are known) matches.
     """
     name = hook_name(sae)
     ident = sae_identity(sae)
@@ -191,7 +233,12 @@ def validate_sae(model, sae, layer: int | None = None, *, check_model_name: bool
     if layer is not None and sae_layer(sae) != layer:
         raise SAEError(
             f"SAE {ident} is trained on {name!r} but is used for layer {layer}; "
-            f"use an SAE for blocks.{layer}.hook_resid_post"
+            f"use an SAE for {site_hook_name(layer, site or DEFAULT_SITE)}"
+        )
+    if site is not None and not name.endswith(f".hook_{check_site(site)}"):
+        raise SAEError(
+            f"SAE {ident} is trained on {name!r} but is used for the {site} site; "
+            f"use an SAE for {site_hook_name(sae_layer(sae), site)}"
         )
     if sae.cfg.d_in != model.cfg.d_model:
         raise SAEError(
@@ -222,10 +269,16 @@ def attach_sae(model, sae, *, use_error_term: bool = True, check_model_name: boo
 
 
 def load_saes_for_layers(
-    model, source: Mapping[int, Any] | str | os.PathLike, layers: list[int] | None = None
+    model,
+    source: Mapping[int, Any] | str | os.PathLike,
+    layers: list[int] | None = None,
+    *,
+    site: str = DEFAULT_SITE,
 ) -> dict[int, Any]:
-    """SAEs keyed by layer: from a mapping of layer → SAE/path, or from a folder that holds
-    one sub-folder per hook (``blocks.<l>.hook_resid_post``), validated against ``model``."""
+    """SAEs at ``site`` keyed by layer: from a mapping of layer → SAE/path, or from a folder
+    that holds one sub-folder per hook (``blocks.<l>.hook_<site>``; folders of other sites
+    are left out), validated against ``model``."""
+    check_site(site)
     out: dict[int, Any] = {}
     if isinstance(source, Mapping):
         items = source.items()
@@ -233,12 +286,18 @@ def load_saes_for_layers(
         root = Path(source)
         if not root.is_dir():
             raise SAEError(f"no SAE folder at {root}")
-        found = {sae_layer_from_folder(p): p for p in sorted(root.iterdir()) if (p / CFG).exists()}
+        found = {
+            sae_layer_from_folder(p): p
+            for p in sorted(root.iterdir())
+            if (p / CFG).exists() and folder_site(p) == site
+        }
         if layers is not None:
             missing = [layer for layer in layers if layer not in found]
             if missing:
                 raise SAEError(
-                    f"no SAE for layer(s) {missing} in {root}; available: {sorted(found)}"
+                    f"no {site} SAE for layer(s) {missing} in {root}; available: "
+                    f"{sorted(found)} (train them with `spare-tl train-saes --site {site} "
+                    f"--layers {' '.join(map(str, missing))}`)"
                 )
         items = found.items()
     for layer, sae in items:
@@ -246,8 +305,18 @@ def load_saes_for_layers(
             continue
         if not hasattr(sae, "encode"):
             sae = load_sae(sae)
-        validate_sae(model, sae, layer)
+        validate_sae(model, sae, layer, site=site)
         out[int(layer)] = sae
+    return out
+
+
+def load_saes_for_hooks(model, folder: str | os.PathLike, hook_names: list[str]) -> dict[str, Any]:
+    """SAEs keyed by hook name from a folder with one sub-folder per hook (any site)."""
+    out: dict[str, Any] = {}
+    for name in dict.fromkeys(hook_names):
+        site = site_of_hook(name)
+        layer = int(name.split(".")[1])
+        out[name] = load_saes_for_layers(model, folder, [layer], site=site)[layer]
     return out
 
 
@@ -256,6 +325,13 @@ def sae_layer_from_folder(path: Path) -> int:
     if not m:
         raise SAEError(f"cannot tell the layer of SAE folder {path}")
     return int(m.group(1) or m.group(2))
+
+
+def folder_site(path: Path) -> str:
+    """The site of an SAE folder named after its hook (``blocks.23.hook_attn_out``); a
+    folder named otherwise (``layer_12``, a sparsify checkpoint) is taken as residual."""
+    m = re.search(r"\.hook_(\w+)$", Path(path).name)
+    return m.group(1) if m and m.group(1) in SITES else DEFAULT_SITE
 
 
 def check_latent_code(code: str) -> str:

@@ -41,22 +41,15 @@ from spare_tl.data.schema import ConflictItem
 from spare_tl.evaluation import evaluation_demonstrations
 from spare_tl.hardware import add_dtype_argument, load_model_for
 from spare_tl.harness import Condition, NoSteering, PromptMethod, answer_prompts
+from spare_tl.saes import SITES, site_hook_name
 from spare_tl.steering import Direction, LastPromptPositionHook, attach_hooks
 from spare_tl.sweep import answer_shares
 
 logger = logging.getLogger(__name__)
 
 STAGE = "scan"
-SITES: tuple[str, ...] = ("resid_post", "attn_out", "mlp_out")
 TARGET = {"memory": "EM_M", "context": "EM_C"}
 DONOR_DEMO_TYPE = "dss"  # the context donor's demonstrations (follow the context)
-
-
-def site_hook_name(site: str, layer: int) -> str:
-    """The TransformerLens hook of ``site`` (one of :data:`SITES`) in block ``layer``."""
-    if site not in SITES:
-        raise ValueError(f"site must be one of {SITES}, got {site!r}")
-    return f"blocks.{layer}.hook_{site}"
 
 
 @dataclass(frozen=True)
@@ -199,7 +192,7 @@ def steerability_scan(
     demos = evaluation_demonstrations(items, pool, config.n_shots, config.seed)
     target = [conflict_prompt(it, d, config.demo_type) for it, d in zip(items, demos)]
     donors = donor_prompts(items, demos)
-    hooks = [site_hook_name(site, layer) for layer in layers for site in config.sites]
+    hooks = [site_hook_name(layer, site) for layer in layers for site in config.sites]
     gen = dict(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
     conditions = [Condition("none", NoSteering())]
     donor_answers: dict[str, dict[str, float]] = {}
@@ -213,7 +206,7 @@ def steerability_scan(
         donor_answers[direction] = answer_shares(own["donor"], items)
         for layer in layers:
             for site in config.sites:
-                hook = site_hook_name(site, layer)
+                hook = site_hook_name(layer, site)
                 patch = DonorPatch(hook, acts[hook])
                 conditions.append(Condition(f"{direction}|{site}|{layer}", patch, direction))  # type: ignore[arg-type]
     answers = answer_prompts(

@@ -39,7 +39,7 @@ from torch import Tensor
 
 from spare_tl.errors import SAEMismatchError
 from spare_tl.features import FunctionalFeatures, LayerFeatures, sae_fingerprint
-from spare_tl.saes import encode_with
+from spare_tl.saes import encode_with, site_of_hook
 
 if TYPE_CHECKING:
     from sae_lens import SAE
@@ -67,6 +67,7 @@ __all__ = [
     "LastPromptPositionHook",
     "Steering",
     "attach_hooks",
+    "edit_hook_name",
     "resid_post_hook_name",
     "spare_edit",
     "spare_edit_latents",
@@ -527,9 +528,19 @@ class Steering:
         return {layer: h.stats for layer, h in self.hooks.items()}
 
 
-def _sae_for_layer(saes: Mapping[Any, SAE], layer: int) -> SAE:
-    hook_name = resid_post_hook_name(layer)
-    for key in (layer, hook_name, str(layer)):
+def edit_hook_name(layer: int, layer_features: LayerFeatures) -> str:
+    """The hook SpARE edits for ``layer``: where its features were found (the residual
+    ``blocks.{l}.hook_resid_post`` unless the set records another site, e.g. ``hook_attn_out``)."""
+    name = layer_features.hook_name or resid_post_hook_name(layer)
+    site_of_hook(name)  # a clear error for a hook SpARE does not edit
+    if int(name.split(".")[1]) != int(layer):
+        raise ValueError(f"layer {layer}: the functional features record hook {name!r}")
+    return name
+
+
+def _sae_for_layer(saes: Mapping[Any, SAE], layer: int, hook_name: str | None = None) -> SAE:
+    hook_name = hook_name or resid_post_hook_name(layer)
+    for key in (hook_name, layer, str(layer)):
         if key in saes:
             return saes[key]
     raise ValueError(
@@ -541,7 +552,7 @@ def _sae_for_layer(saes: Mapping[Any, SAE], layer: int) -> SAE:
 def _validate_layer(
     model: HookedTransformer, layer: int, sae: SAE, layer_features: LayerFeatures
 ) -> None:
-    hook_name = resid_post_hook_name(layer)
+    hook_name = edit_hook_name(layer, layer_features)
     n_layers = int(model.cfg.n_layers)
     if not 0 <= layer < n_layers:
         raise ValueError(f"layer {layer} is outside the model's {n_layers} layers [0, {n_layers})")
@@ -591,7 +602,11 @@ def _check_same_sae(layer: int, sae: SAE, layer_features: LayerFeatures) -> None
         )
 
 
-def _validate_probe(model: HookedTransformer, probe: ConflictProbe, edited: Sequence[int]) -> None:
+def _validate_probe(
+    model: HookedTransformer, probe: ConflictProbe, edited: Mapping[int, str]
+) -> None:
+    """``edited``: edited layer → its site. The probe reads the residual after its layer, so
+    it may share a layer with a residual edit but must precede an attention/MLP edit."""
     layer = int(probe.layer)
     n_layers = int(model.cfg.n_layers)
     if not 0 <= layer < n_layers:
@@ -610,6 +625,13 @@ def _validate_probe(model: HookedTransformer, probe: ConflictProbe, edited: Sequ
             f"first: the probe must run at or before the first edited layer (<= {min(edited)}) "
             "so that it reads the unedited residual stream and its decision is known before "
             "the first edit is made"
+        )
+    inside = [f"{site} {e}" for e, site in edited.items() if e == layer and site != "resid_post"]
+    if inside:
+        raise ValueError(
+            f"the conflict probe reads the residual after layer {layer}, but SpARE edits "
+            f"{inside[0]} inside that block, before the probe runs: use a probe at layer "
+            f"<= {layer - 1}"
         )
 
 
@@ -654,7 +676,8 @@ def steer(
 ) -> Iterator[Steering]:
     """Steer ``model`` towards ``direction`` with SpARE inside the ``with`` block.
 
-    Adds one forward hook per edited layer at ``blocks.{l}.hook_resid_post`` (layers: all of
+    Adds one forward hook per edited layer at the features' hook (``blocks.{l}.hook_resid_post``,
+    or the attention / MLP output for a set found there; layers: all of
     ``features.for_direction(direction).layers`` unless ``layers`` is given) and removes
     exactly those hooks on exit, also after an exception; hooks the user added stay. Works around ``model.generate(...)``
     (left-padded batches, KV cache on or off) and ``model(...)``; pass ``positions`` for
@@ -685,17 +708,19 @@ def steer(
     )
     chosen = sorted(features.layers) if layers is None else [int(layer) for layer in layers]
     steering = Steering(direction=direction, edit_strength=alpha)
-    if when == "conflict":
-        assert probe is not None
-        _validate_probe(model, probe, chosen)
-        steering.gate = ConflictGate(probe, positions=positions)
     for layer in chosen:
         if layer not in features.layers:
             raise ValueError(
                 f"layer {layer} has no functional features (feature layers: "
                 f"{sorted(features.layers)})"
             )
-        sae = _sae_for_layer(saes, layer)
+    hooks = {layer: edit_hook_name(layer, features.layers[layer]) for layer in chosen}
+    if when == "conflict":
+        assert probe is not None
+        _validate_probe(model, probe, {layer: site_of_hook(h) for layer, h in hooks.items()})
+        steering.gate = ConflictGate(probe, positions=positions)
+    for layer in chosen:
+        sae = _sae_for_layer(saes, layer, hooks[layer])
         _validate_layer(model, layer, sae, features.layers[layer])
         steering.hooks[layer] = LastPromptPositionEdit(
             sae=sae,
@@ -709,7 +734,7 @@ def steer(
     named: list[tuple[str, Callable[..., Any]]] = []
     if steering.gate is not None:  # first: it reads the residual before an edit there
         named.append((resid_post_hook_name(int(steering.gate.probe.layer)), steering.gate))
-    named += [(resid_post_hook_name(layer), fn) for layer, fn in steering.hooks.items()]
+    named += [(hooks[layer], fn) for layer, fn in steering.hooks.items()]
     with attach_hooks(model, named):
         logger.debug("steering to %s with α=%s at layers %s", direction, alpha, chosen)
         yield steering

@@ -60,6 +60,8 @@ logger = logging.getLogger(__name__)
 STAGE = "saes"
 METRICS_FILE = "metrics.json"
 DEFAULT_LAYERS: tuple[int, ...] = tuple(range(10, 18))
+#: Where an SAE can read: the residual after a block, or the block's attention / MLP output.
+SAE_SITES: tuple[str, ...] = ("resid_post", "attn_out", "mlp_out")
 
 #: Prompt kinds and how often each is drawn for the training text.
 PROMPT_KIND_WEIGHTS: dict[str, float] = {"dss": 0.25, "dso": 0.25, "doo": 0.3, "closed": 0.2}
@@ -74,7 +76,7 @@ METRIC_DEFINITIONS: dict[str, str] = {
     "mean_l0": "mean number of non-zero latents per held-out token",
     "dead_fraction": "fraction of latents never non-zero on the held-out tokens",
     "ce_clean": "mean next-token cross-entropy of the model on the held-out prompts (nats)",
-    "ce_spliced": "the same with the SAE reconstruction replacing the residual at the layer",
+    "ce_spliced": "the same with the SAE reconstruction replacing the activation at its hook",
     "ce_increase": "ce_spliced - ce_clean",
     "positions": "all prompt positions except position 0 (the attention sink)",
 }
@@ -85,7 +87,9 @@ class SAETrainingConfig:
     """What to train and how; stored in ``metrics.json`` beside the SAEs."""
 
     layers: tuple[int, ...] = DEFAULT_LAYERS
-    hook_template: str = "blocks.{layer}.hook_resid_post"
+    #: where the SAEs read: ``resid_post`` (the residual after the block), ``attn_out`` or
+    #: ``mlp_out`` (the block's attention or MLP output)
+    site: str = "resid_post"
     d_sae: int | None = None  # default: expansion_factor * d_model
     expansion_factor: int = 4
     k: int = 64
@@ -130,10 +134,16 @@ class SAETrainingConfig:
             )
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.site not in SAE_SITES:
+            raise ValueError(f"site must be one of {', '.join(SAE_SITES)}, got {self.site!r}")
         if self.decoder_bias_init not in ("mean", "zero"):
             raise ValueError(
                 f"decoder_bias_init must be 'mean' or 'zero', got {self.decoder_bias_init!r}"
             )
+
+    @property
+    def hook_template(self) -> str:
+        return "blocks.{layer}.hook_" + self.site
 
     def hook_name(self, layer: int) -> str:
         return self.hook_template.format(layer=layer)
@@ -425,11 +435,16 @@ def evaluate_saes(
         ce_clean_sum += float(_token_losses(logits, tokens)[target_mask].sum())
         del logits
         for layer, sae in saes.items():
-            resid = cache[hooks[layer]]
-            x_hat = sae.decode(sae.encode(resid[edit_mask].to(sae.W_enc.dtype)))
-            spliced = resid.clone()
-            spliced[edit_mask] = x_hat.to(resid.dtype)
-            out = model(spliced, start_at_layer=layer + 1)
+            act = cache[hooks[layer]]
+            x_hat = sae.decode(sae.encode(act[edit_mask].to(sae.W_enc.dtype)))
+            spliced = act.clone()
+            spliced[edit_mask] = x_hat.to(act.dtype)
+            if hooks[layer].endswith("hook_resid_post"):
+                out = model(spliced, start_at_layer=layer + 1)
+            else:  # another site: splice it into a full forward pass
+                out = model.run_with_hooks(
+                    tokens, fwd_hooks=[(hooks[layer], lambda a, hook, s=spliced: s)]
+                )
             ce_spliced_sum[layer] += float(_token_losses(out, tokens)[target_mask].sum())
             del out
     ce_clean = ce_clean_sum / n_targets
@@ -700,6 +715,19 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
+def metrics_key(hook_name: str) -> str:
+    """The key of an SAE in ``metrics.json``: the layer for a residual SAE (``"12"``), else
+    ``"<layer>.<site>"`` (``"23.attn_out"``)."""
+    parts = hook_name.split(".")
+    layer, site = parts[1], parts[-1].removeprefix("hook_")
+    return layer if site == "resid_post" else f"{layer}.{site}"
+
+
+def _key_order(key: str) -> tuple[int, str]:
+    layer, _, site = key.partition(".")
+    return int(layer), site
+
+
 def _merge_metrics(
     path: Path,
     model_name: str,
@@ -721,16 +749,16 @@ def _merge_metrics(
     layers = dict(old.get("layers", {}))
     for layer, m in metrics.items():
         sae = saes[layer]
-        layers[str(layer)] = {
+        layers[metrics_key(cfg.hook_name(layer))] = {
             "hook_name": cfg.hook_name(layer),
             "d_sae": sae.cfg.d_sae,
             "k": sae.cfg.k,
             **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in m.items()},
             "run": fp,
         }
-    layers = dict(sorted(layers.items(), key=lambda kv: int(kv[0])))
+    layers = dict(sorted(layers.items(), key=lambda kv: _key_order(kv[0])))
     runs = dict(old.get("runs", {}))
-    runs[fp] = {**run, "layers": sorted(metrics)}
+    runs[fp] = {**run, "layers": sorted(metrics), "site": cfg.site}
     used = {entry["run"] for entry in layers.values()}
     runs = {k: v for k, v in runs.items() if k in used}
     return {
@@ -762,13 +790,13 @@ def load_metrics(directory: str | os.PathLike | None = None) -> dict[str, Any]:
 def format_metrics_table(record: dict[str, Any]) -> str:
     """A plain-text table: one row per layer, plus each run's wall time."""
     header = (
-        f"{'layer':>5}  {'d_sae':>6}  {'k':>4}  {'EV':>6}  {'L0':>6}  {'dead %':>6}  "
+        f"{'layer':>11}  {'d_sae':>6}  {'k':>4}  {'EV':>6}  {'L0':>6}  {'dead %':>6}  "
         f"{'CE clean':>8}  {'CE SAE':>8}  {'dCE':>7}"
     )
     lines = [f"SAEs for {record.get('model_name', '?')} (held-out prompts)", header]
     for layer, m in record.get("layers", {}).items():
         lines.append(
-            f"{layer:>5}  {m['d_sae']:>6}  {m['k']:>4}  {m['explained_variance']:>6.3f}  "
+            f"{layer:>11}  {m['d_sae']:>6}  {m['k']:>4}  {m['explained_variance']:>6.3f}  "
             f"{m['mean_l0']:>6.1f}  {100 * m['dead_fraction']:>6.1f}  {m['ce_clean']:>8.3f}  "
             f"{m['ce_spliced']:>8.3f}  {m['ce_increase']:>7.3f}"
         )
@@ -791,6 +819,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--layers", type=int, nargs="+", default=list(d.layers), help="layers (default 10-17)"
     )
+    parser.add_argument(
+        "--site",
+        choices=SAE_SITES,
+        default=d.site,
+        help="where the SAEs read: the residual (default) or the attention / MLP output",
+    )
     parser.add_argument("--tokens", type=int, default=d.training_tokens, help="training tokens")
     parser.add_argument("--output", default=None, help="output folder (default: cache_data)")
     parser.add_argument("--k", type=int, default=d.k, help="TopK k")
@@ -811,6 +845,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> SAETrainingConfig:
     return SAETrainingConfig(
         layers=tuple(args.layers),
+        site=args.site,
         k=args.k,
         d_sae=args.d_sae,
         training_tokens=args.tokens,

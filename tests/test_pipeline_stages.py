@@ -16,6 +16,7 @@ from spare_tl.behaviours import BehaviourConfig, GroupedPrompts, group_prompts, 
 from spare_tl.data.schema import ConflictItem
 from spare_tl.evaluation import EvaluationConfig, evaluate
 from spare_tl.features import FunctionalFeatures, select_functional_features
+from spare_tl.steering import steer
 from spare_tl.testing import tiny_sae
 
 
@@ -179,25 +180,16 @@ def test_evaluate_both_directions(tiny_model, tmp_path):
 
 
 def test_sweep_on_the_development_set(tiny_model, tmp_path):
-    from spare_tl.sweep import best_settings, features_from_sweep, save_sweep, sweep
+    from spare_tl.sweep import best_settings, features_from_sweep, grid, save_sweep, sweep
 
     grouped = _synthetic_grouped("tiny-llama")
     acts = collect_activations(tiny_model, grouped, [1, 2], cache_root=tmp_path, progress=False)
     saes = {layer: tiny_sae(f"blocks.{layer}.hook_resid_post", k=16) for layer in (1, 2)}
     stats = feature_statistics(tiny_model, acts, saes, cache_root=tmp_path, progress=False)
     pool = _items(8)
-    records = sweep(
-        tiny_model,
-        stats,
-        saes,
-        pool,
-        layer_sets=[[1], [1, 2]],
-        proportions=[0.2],
-        strengths=[1.0, 4.0],
-        n_items=4,
-        n_shots=2,
-        progress=False,
-    )
+    dev = _items(12)[8:]
+    settings = grid({"resid_post": [[1], [1, 2]]}, [0.2], [1.0, 4.0])
+    records = sweep(tiny_model, stats, saes, dev, pool, settings, n_shots=2, progress=False)
     assert records[0]["direction"] == "none"
     assert len(records) == 1 + 2 * 1 * 2 * 2
     best = best_settings(records)
@@ -223,3 +215,91 @@ def test_sweep_on_the_development_set(tiny_model, tmp_path):
     assert two.to_memory.proportion == 0.5 and two.strength("memory") == 1.0
     with pytest.raises(ValueError, match="both directions"):
         features_from_sweep(same[:2], stats, "tiny-llama")
+
+
+def test_windows_grid_neither_cap_and_oracle_shares():
+    from spare_tl.scan import ScanResult
+    from spare_tl.sweep import Setting, best_settings, grid, oracle_shares, windows
+
+    assert windows([19, 20, 21, 22], sizes=(2, 3)) == [
+        (19, 20), (20, 21), (21, 22), (19, 20, 21), (20, 21, 22)
+    ]  # fmt: skip
+    assert windows([10, 11, 13, 14], sizes=(2,)) == [(10, 11), (13, 14)]  # no gaps inside
+    assert windows(range(10, 18), sizes=(4,), stride=3) == [(10, 11, 12, 13), (13, 14, 15, 16)]
+    settings = grid({"resid_post": [[20, 21]], "attn_out": [[22, 23]]}, [0.1], [2.0])
+    assert len(settings) == 4 and {s.site for s in settings} == {"resid_post", "attn_out"}
+    with pytest.raises(ValueError, match="site"):
+        Setting("memory", "hook_z", (1,), 0.1, 1.0)
+
+    def rec(direction, site, layers, em_m, neither):
+        return dict(direction=direction, site=site, layers=layers, proportion=0.1,
+                    edit_strength=2.0, EM_C=0.0, EM_M=em_m, neither=neither)  # fmt: skip
+
+    records = [rec("none", "", [], 10.0, 20.0), rec("memory", "resid_post", [20, 21], 50.0, 45.0),
+               rec("memory", "attn_out", [22, 23], 40.0, 25.0)]  # fmt: skip
+    assert best_settings(records)["memory"]["EM_M"] == 50.0  # no cap: the highest
+    assert best_settings(records, 10.0)["memory"]["site"] == "attn_out"  # 45 > 20 + 10
+    assert best_settings(records, 1.0)["memory"]["EM_M"] == 50.0  # none qualifies: highest
+    scan = ScanResult(
+        model_name="m", n_items=4, baseline={"EM_C": 50.0, "EM_M": 10.0, "neither": 40.0},
+        donors={}, rows=[
+            {"direction": "memory", "site": "attn_out", "layer": 22, "EM_C": 0, "EM_M": 60.0},
+            {"direction": "memory", "site": "attn_out", "layer": 23, "EM_C": 0, "EM_M": 70.0},
+            {"direction": "memory", "site": "resid_post", "layer": 23, "EM_C": 0, "EM_M": 90.0},
+        ],
+    )  # fmt: skip
+    shares = oracle_shares(records, best_settings(records, 10.0), scan)
+    assert shares["memory"]["oracle_EM"] == 70.0  # the best attention patch at 22-23
+    assert shares["memory"]["share"] == pytest.approx(30.0 / 60.0)
+
+
+def test_attention_output_statistics_and_a_memory_set_there(tiny_model, tmp_path):
+    """Activations and statistics at another site are cached apart from the residual's; a
+    to-memory set at the attention output round-trips and loads its SAEs by hook name."""
+    from spare_tl.activations import directional_features
+    from spare_tl.pipeline import PipelineConfig
+    from spare_tl.saes import load_saes_for_hooks
+
+    grouped = _synthetic_grouped("tiny-llama")
+    resid = collect_activations(tiny_model, grouped, [1], cache_root=tmp_path, progress=False)
+    attn = collect_activations(
+        tiny_model, grouped, [1, 2], cache_root=tmp_path, progress=False, site="attn_out"
+    )
+    assert attn.site == "attn_out" and resid.site == "resid_post"
+    assert not torch.allclose(attn.resid[1], resid.resid[1])
+    model_dir = tmp_path / "tiny-llama"
+    assert (model_dir / "activations_attn_out").is_dir() and (model_dir / "activations").is_dir()
+    r_saes = {1: tiny_sae("blocks.1.hook_resid_post", k=16)}
+    a_saes = {x: tiny_sae(f"blocks.{x}.hook_attn_out", k=16, seed=x) for x in (1, 2)}
+    with pytest.raises(Exception, match="attn_out"):  # a residual SAE on attention outputs
+        feature_statistics(tiny_model, attn, r_saes, cache_root=tmp_path, progress=False)
+    r_stats = feature_statistics(tiny_model, resid, r_saes, cache_root=tmp_path, progress=False)
+    a_stats = feature_statistics(tiny_model, attn, a_saes, cache_root=tmp_path, progress=False)
+    assert (model_dir / "mutual_information_attn_out" / "layer2").is_dir()
+    features = directional_features(
+        {"resid_post": r_stats, "attn_out": a_stats},
+        model_name="tiny-llama",
+        context={"layers": [1], "proportion": 0.2, "edit_strength": 2.0},
+        memory={"site": "attn_out", "layers": [1, 2], "proportion": 0.2, "edit_strength": 3.0},
+    )
+    assert features.site == "resid_post" and features.to_memory.site == "attn_out"
+    loaded = FunctionalFeatures.load(features.save(tmp_path / "set"))
+    assert loaded.hook_names == [
+        "blocks.1.hook_attn_out", "blocks.1.hook_resid_post", "blocks.2.hook_attn_out"
+    ]  # fmt: skip
+    saes_dir = tmp_path / "saes"
+    for sae in [*r_saes.values(), *a_saes.values()]:
+        sae.save_model(saes_dir / sae.cfg.metadata.hook_name)
+    saes = load_saes_for_hooks(tiny_model, saes_dir, loaded.hook_names)
+    assert set(saes) == set(loaded.hook_names)
+    tokens = tiny_model.to_tokens("what is thing 3?")
+    base = tiny_model(tokens)
+    with steer(tiny_model, loaded, "memory", saes):
+        assert not torch.equal(tiny_model(tokens), base)
+    with pytest.raises(ValueError, match="site_layers.attn_out is empty"):
+        PipelineConfig(layers=[1], site_layers={"attn_out": []})
+    with pytest.raises(ValueError, match="not among the attn_out candidate layers"):
+        PipelineConfig(layers=[1], site_layers={"attn_out": [2]},
+                       to_memory={"layers": [1], "site": "attn_out"})  # fmt: skip
+    PipelineConfig(layers=[1], site_layers={"attn_out": [2]},
+                   to_memory={"layers": [2], "site": "attn_out"})  # fmt: skip

@@ -426,3 +426,63 @@ def test_a_separate_memory_set_steers_to_memory(model, tmp_path):
         dataclasses.replace(make_features(), to_memory=other)
     with pytest.raises(ValueError, match="plain feature set"):
         dataclasses.replace(make_features(), to_memory=features)
+
+
+def _attn_features(layers=LAYERS, edit_strength: float = 3.0) -> FunctionalFeatures:
+    features = make_features(layers=layers, edit_strength=edit_strength)
+    for layer, f in features.layers.items():
+        f.hook_name = f"blocks.{layer}.hook_attn_out"
+    return features
+
+
+def test_attention_output_site_is_edited_where_the_features_were_found(model):
+    """A set found on ``hook_attn_out`` edits the attention output (the same pure edit on
+    another hook), its SAEs must be for that hook, and the residual hooks stay untouched."""
+    features = _attn_features()
+    saes = {
+        f"blocks.{layer}.hook_attn_out": tiny_sae(f"blocks.{layer}.hook_attn_out", seed=layer)
+        for layer in LAYERS
+    }
+    assert features.site == "attn_out" and features.last_probe_layer("memory") == 0
+    assert features.hook_names == ["blocks.1.hook_attn_out", "blocks.2.hook_attn_out"]
+    tokens = model.to_tokens(PROMPTS[1])
+    base = model(tokens)
+    with steer(model, features, "memory", saes) as s:
+        for layer in LAYERS:
+            assert len(model.hook_dict[f"blocks.{layer}.hook_attn_out"].fwd_hooks) == 1
+            assert not _fwd_hooks(model, layer)  # nothing on the residual
+        steered = model(tokens)
+        assert all(st.rows_edited > 0 for st in s.stats.values())
+    assert not any(model.hook_dict[f"blocks.{x}.hook_attn_out"].fwd_hooks for x in LAYERS)
+    assert not torch.equal(steered, base)
+    # the edit at layer 1's attention output is the pure edit of that activation
+    _, cache = model.run_with_cache(tokens, names_filter="blocks.1.hook_attn_out")
+    attn = cache["blocks.1.hook_attn_out"]
+    expected = attn.clone()
+    expected[:, -1] = spare_edit(attn[:, -1], saes["blocks.1.hook_attn_out"],
+                                 features.layers[1], "memory", 3.0)  # fmt: skip
+    with steer(model, features, "memory", saes, layers=[1]):
+        _, got = model.run_with_cache(tokens, names_filter="blocks.1.hook_attn_out")
+    torch.testing.assert_close(got["blocks.1.hook_attn_out"], expected)
+    # a residual SAE for an attention-output set is refused, naming the hook
+    resid = {layer: tiny_sae(resid_post_hook_name(layer), seed=layer) for layer in LAYERS}
+    with pytest.raises(ValueError, match="hook_attn_out"):
+        with steer(model, features, "memory", resid):
+            pass
+
+
+def test_probe_must_precede_an_attention_output_edit_in_its_block(model):
+    from spare_tl.probes import ConflictProbe
+
+    features = _attn_features(layers=(2,))
+    saes = {"blocks.2.hook_attn_out": tiny_sae("blocks.2.hook_attn_out", seed=2)}
+    probe = ConflictProbe(
+        layer=2, weight=torch.zeros(D_MODEL), bias=0.0, mean=torch.zeros(D_MODEL),
+        scale=torch.ones(D_MODEL), threshold=0.5,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="inside that block"):
+        with steer(model, features, "memory", saes, when="conflict", probe=probe):
+            pass
+    probe = dataclasses.replace(probe, layer=1)
+    with steer(model, features, "memory", saes, when="conflict", probe=probe):
+        pass

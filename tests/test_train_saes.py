@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -156,12 +157,21 @@ def test_tiny_training_run_writes_loadable_saes(tmp_path):
     run = next(iter(stored["runs"].values()))
     assert run["config"]["layers"] == [1, 2] and run["wall_time_s"] > 0
     table = format_metrics_table(stored)
-    assert "dead %" in table and "\n    1 " in table
+    assert "dead %" in table and re.search(r"\n +1 ", table)
 
     # retraining one layer keeps the other layer's entry
     cfg.layers = (2,)
     record2 = train_saes(model, _items(24), cfg, out, progress=False)
     assert set(record2["layers"]) == {"1", "2"} and len(record2["runs"]) == 2
+
+    # an attention-output SAE at layer 2 sits beside the residual one, under its own key
+    cfg.site = "attn_out"
+    record3 = train_saes(model, _items(24), cfg, out, progress=False)
+    assert set(record3["layers"]) == {"1", "2", "2.attn_out"}
+    m = record3["layers"]["2.attn_out"]
+    assert m["hook_name"] == "blocks.2.hook_attn_out" and math.isfinite(m["ce_increase"])
+    assert load_sae(out / "blocks.2.hook_attn_out").cfg.metadata.hook_name == m["hook_name"]
+    assert "2.attn_out" in format_metrics_table(record3)
 
 
 def test_decoder_bias_starts_at_the_scaled_activation_mean(tmp_path):
@@ -186,6 +196,8 @@ def test_decoder_bias_starts_at_the_scaled_activation_mean(tmp_path):
     assert all(float(s.b_dec.detach().abs().max()) == 0 for s in zero.values())
     with pytest.raises(ValueError, match="decoder_bias_init"):
         SAETrainingConfig(decoder_bias_init="median")
+    with pytest.raises(ValueError, match="site must be one of"):
+        SAETrainingConfig(site="hook_z")
 
 
 def test_cli_registration():
@@ -194,5 +206,7 @@ def test_cli_registration():
     parser = build_parser()
     args = parser.parse_args(["train-saes", "--layers", "3", "4", "--tokens", "1000"])
     assert args.layers == [3, 4] and args.tokens == 1000 and callable(args.func)
+    args = parser.parse_args(["train-saes", "--site", "attn_out", "--layers", "20"])
+    assert args.site == "attn_out"
     args = parser.parse_args(["sae-metrics", "/tmp/x"])
     assert args.directory == "/tmp/x"
