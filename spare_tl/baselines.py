@@ -57,6 +57,7 @@ from spare_tl.evaluation import (
     EvaluationConfig,
     EvaluationResult,
     evaluate,
+    evaluation_demonstrations,
     saved_questions,
 )
 from spare_tl.generation import (
@@ -67,13 +68,15 @@ from spare_tl.generation import (
 )
 from spare_tl.hardware import add_dtype_argument, load_steering_setup_for
 from spare_tl.harness import (
+    Condition,
     NoSteering,
     PromptMethod,
     SpareMethod,
     SteeringMethod,
+    answer_conditions,
 )
 from spare_tl.harness import check_direction as _check_direction
-from spare_tl.layer_spec import parse_layers
+from spare_tl.saes import DEFAULT_SITE, check_site, site_hook_name
 from spare_tl.steering import (
     DIRECTIONS,
     Direction,
@@ -81,7 +84,7 @@ from spare_tl.steering import (
     attach_hooks,
     resid_post_hook_name,
 )
-from spare_tl.sweep import answer_shares, best_settings, dev_demonstrations
+from spare_tl.sweep import answer_shares, best_settings, parse_layer_set
 
 logger = logging.getLogger(__name__)
 
@@ -145,18 +148,21 @@ def replace_with(
 
 @dataclass
 class ActAdd(_HookMethod):
-    """Add ``± coefficient · (μ_C − μ_M)`` at the last prompt position of each layer.
+    """Add ``± coefficient · (μ_C − μ_M)`` at the last prompt position of each layer's
+    ``site`` (the residual by default, or the attention / MLP output, as SpARE's edit).
 
-    ``vectors[layer]`` is μ_C − μ_M (see :func:`mean_difference`); to context the vector is
-    added, to memory subtracted. Coefficient 0 adds no hook at all.
+    ``vectors[layer]`` is μ_C − μ_M at that site (see :func:`mean_difference`); to context the
+    vector is added, to memory subtracted. Coefficient 0 adds no hook at all.
     """
 
     vectors: Mapping[int, Float[Tensor, " d_model"]]
     layers: tuple[int, ...]
     coefficient: float
+    site: str = DEFAULT_SITE
     name: ClassVar[str] = "actadd"
 
     def __post_init__(self) -> None:
+        check_site(self.site)
         self.layers = tuple(sorted(int(layer) for layer in self.layers))
         missing = [layer for layer in self.layers if layer not in self.vectors]
         if missing or not self.layers:
@@ -165,7 +171,8 @@ class ActAdd(_HookMethod):
             raise ValueError(f"coefficient must be finite, got {self.coefficient}")
 
     def hyperparameters(self, direction: Direction) -> dict[str, Any]:
-        return {"layers": list(self.layers), "coefficient": self.coefficient}
+        hp: dict[str, Any] = {"layers": list(self.layers), "coefficient": self.coefficient}
+        return hp | ({"site": self.site} if self.site != DEFAULT_SITE else {})
 
     def hooks(self, model, direction: Direction) -> list[tuple[str, Callable[..., Any]]]:
         if self.coefficient == 0:
@@ -176,7 +183,8 @@ class ActAdd(_HookMethod):
             _check_layer(model, layer)
             _check_vector(model, self.vectors[layer], f"the layer-{layer} vector")
             delta = sign * self.coefficient * self.vectors[layer].float()
-            out.append((resid_post_hook_name(layer), LastPromptPositionHook(add_vector(delta))))
+            hook = site_hook_name(layer, self.site)
+            out.append((hook, LastPromptPositionHook(add_vector(delta))))
         return out
 
 
@@ -432,18 +440,19 @@ def actadd_vectors(
     cache_root: Path | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    site: str = DEFAULT_SITE,
 ) -> dict[int, Float[Tensor, " d_model"]]:
-    """μ_C − μ_M at ``layers`` from SpARE's grouped prompts.
+    """μ_C − μ_M at ``site`` of ``layers`` from SpARE's grouped prompts.
 
-    Uses the cached activations (``cache_data/<model>/activations``) when they hold these
-    layers and were made from ``grouped`` (or ``grouped`` is None); otherwise runs the kept
-    grouped prompts (the cache is left as it is).
+    Uses the cached activations (``cache_data/<model>/activations[_<site>]``) when they hold
+    these layers and were made from ``grouped`` (or ``grouped`` is None); otherwise runs the
+    kept grouped prompts (the cache is left as it is).
     """
-    from spare_tl.activations import Activations, last_position_resid
+    from spare_tl.activations import Activations, last_position_resid, stage_name
     from spare_tl.behaviours import require_groups
 
     layers = sorted({int(layer) for layer in layers})
-    directory = cache.stage_dir(model.cfg.model_name, "activations", cache_root)
+    directory = cache.stage_dir(model.cfg.model_name, stage_name("activations", site), cache_root)
     expected = None
     if grouped is not None:
         prompts, labels, _ = grouped.labelled()
@@ -460,7 +469,9 @@ def actadd_vectors(
             "run `spare-tl group CONFIG` (and `spare-tl activations CONFIG`) first"
         )
     require_groups(grouped)
-    resid = last_position_resid(model, prompts, layers, batch_size=batch_size, progress=progress)
+    resid = last_position_resid(
+        model, prompts, layers, site=site, batch_size=batch_size, progress=progress
+    )
     return mean_difference(resid, labels)
 
 
@@ -546,10 +557,10 @@ def evaluate_method(
 def sweep_method(
     model,
     candidates: Sequence[SteeringMethod],
+    items: Sequence[ConflictItem],
     pool: Sequence[ConflictItem],
     *,
     directions: Sequence[str] = DIRECTIONS,
-    n_items: int | None = 48,
     n_shots: int = 3,
     seed: int = 0,
     demo_type: str = "doo",
@@ -557,33 +568,46 @@ def sweep_method(
     batch_size: int = 16,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """EM of every candidate setting in each direction on the development set (the pool
-    questions, demonstrations from the rest of the pool, as :func:`spare_tl.sweep.sweep`);
-    the first record is no steering. Test questions are never looked at."""
+    """EM of every candidate setting in each direction on the development ``items`` with the
+    test protocol (demonstrations from ``pool``), as :func:`spare_tl.sweep.sweep`: every
+    (candidate, direction) is a condition of the one harness; the first record is no
+    steering. Test questions are never looked at."""
     if not candidates:
         raise ValueError("no candidate settings to sweep")
+    if not items:
+        raise ValueError("the sweep needs at least one development question")
     names = {c.name for c in candidates}
     if len(names) != 1:
         raise ValueError(f"sweep one method at a time, got {sorted(names)}")
     name = names.pop()
-    items, demos = dev_demonstrations(pool, n_items, n_shots, seed)
-    gen = dict(
-        demo_type=demo_type, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False
+    demos = evaluation_demonstrations(items, pool, n_shots, seed)
+    grid = [(c, d) for c in candidates for d in directions]
+    conditions = [Condition("none", NoSteering())] + [
+        Condition(f"setting {i}", c, d)  # type: ignore[arg-type]
+        for i, (c, d) in enumerate(grid)
+    ]
+    answers = answer_conditions(
+        model,
+        items,
+        demos,
+        conditions,
+        demo_type=demo_type,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+        desc=f"sweep {name}",
     )
-    base = NoSteering().answer(model, items, demos, None, **gen)
     records: list[dict[str, Any]] = [
         {"method": name, "direction": "none", "hyperparameters": {}, "n": len(items)}
-        | answer_shares(base, items)
+        | answer_shares(answers["none"], items)
     ]
-    grid = [(c, d) for c in candidates for d in directions]
-    for candidate, direction in tqdm(grid, desc=f"sweep {name}", disable=not progress):
-        answers = candidate.answer(model, items, demos, direction, **gen)
+    for i, (candidate, direction) in enumerate(grid):
         rec = {
             "method": name,
             "direction": direction,
             "hyperparameters": candidate.hyperparameters(direction),
             "n": len(items),
-        } | answer_shares(answers, items)
+        } | answer_shares(answers[f"setting {i}"], items)
         logger.info("sweep %s", rec)
         records.append(rec)
     return records
@@ -636,7 +660,7 @@ class BaselineSetup:
     cache_root: Path | None = None
     task_vector_prompts: int = TASK_VECTOR_PROMPTS
     progress: bool = True
-    _actadd: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False)
+    _actadd: dict[str, dict[int, Tensor]] = field(default_factory=dict, init=False, repr=False)
     _taskvec: dict[str, dict[int, Tensor]] = field(
         default_factory=lambda: {"context": {}, "memory": {}}, init=False, repr=False
     )
@@ -678,19 +702,21 @@ class BaselineSetup:
                 self.grouped = GroupedPrompts.load(directory)
         return self.grouped
 
-    def actadd_vectors(self, layers: Iterable[int]) -> dict[int, Tensor]:
-        missing = sorted({int(layer) for layer in layers} - set(self._actadd))
+    def actadd_vectors(self, layers: Iterable[int], site: str = DEFAULT_SITE) -> dict[int, Tensor]:
+        have = self._actadd.setdefault(site, {})
+        missing = sorted({int(layer) for layer in layers} - set(have))
         if missing:
-            self._actadd.update(
+            have.update(
                 actadd_vectors(
                     self.model,
                     missing,
                     grouped=self._grouped(),
                     cache_root=self.cache_root,
                     progress=self.progress,
+                    site=site,
                 )
             )
-        return self._actadd
+        return have
 
     def task_vectors(self, layers: Iterable[int]) -> dict[str, dict[int, Tensor]]:
         missing = sorted({int(layer) for layer in layers} - set(self._taskvec["context"]))
@@ -711,7 +737,8 @@ class BaselineSetup:
             return SpareMethod(self.features, self.saes, hp.get("edit_strength"))
         if name == "actadd":
             layers = tuple(hp.get("layers") or sorted(self.features.layers))
-            return ActAdd(self.actadd_vectors(layers), layers, float(hp["coefficient"]))
+            site = hp.get("site", DEFAULT_SITE)
+            return ActAdd(self.actadd_vectors(layers, site), layers, float(hp["coefficient"]), site)
         if name == "taskvec":
             layer = int(hp["layer"])
             vectors = self.task_vectors([layer])
@@ -744,17 +771,17 @@ class BaselineSetup:
         self,
         name: str,
         *,
-        layer_sets: Sequence[Sequence[int]] | None = None,
+        layer_sets: Sequence[Sequence[int] | tuple[str, Sequence[int]]] | None = None,
         coefficients: Sequence[float] = DEFAULT_COEFFICIENTS,
         layers: Sequence[int] | None = None,
         alphas: Sequence[float] = DEFAULT_ALPHAS,
     ) -> list[SteeringMethod]:
         """Candidate settings of ``name`` for the development sweep."""
         if name == "actadd":
-            sets = layer_sets or [sorted(self.features.layers)]
+            sets = [_site_set(s) for s in layer_sets or [sorted(self.features.layers)]]
             return [
-                self.make(name, {"layers": list(s), "coefficient": c})
-                for s, c in itertools.product(sets, coefficients)
+                self.make(name, {"layers": list(ls), "coefficient": c, "site": site})
+                for (site, ls), c in itertools.product(sets, coefficients)
             ]
         if name == "taskvec":
             n = self.model.cfg.n_layers
@@ -768,6 +795,13 @@ class BaselineSetup:
         raise ValueError(
             f"no baseline sweep for {name!r}: SpARE has its own (`python -m spare_tl.sweep`)"
         )
+
+
+def _site_set(spec: Sequence[int] | tuple[str, Sequence[int]]) -> tuple[str, list[int]]:
+    """A layer set, or a (site, layer set) pair, as (site, layers)."""
+    if len(spec) == 2 and isinstance(spec[0], str):
+        return check_site(spec[0]), [int(x) for x in spec[1]]  # type: ignore[union-attr]
+    return DEFAULT_SITE, [int(x) for x in spec]  # type: ignore[union-attr]
 
 
 # ---------------------------------------------------------------------------------------
@@ -946,11 +980,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="choose a baseline's hyper-parameters on the pool")
     p.add_argument("--method", required=True, choices=[m for m in METHODS if m != "spare"])
     _add_setup_args(p)
-    p.add_argument("--layer-sets", nargs="+", default=None, help="ActAdd: e.g. 10-13 12-15 11")
+    p.add_argument(
+        "--layer-sets", nargs="+", default=None, help="ActAdd: e.g. 10-13 12-15 attn_out:20-23"
+    )
     p.add_argument("--coefficients", type=float, nargs="+", default=list(DEFAULT_COEFFICIENTS))
     p.add_argument("--layers", type=int, nargs="+", default=None, help="task vector layers")
     p.add_argument("--alphas", type=float, nargs="+", default=list(DEFAULT_ALPHAS), help="CAD |α|")
-    p.add_argument("--n-items", type=int, default=48, help="development questions")
+    p.add_argument("--n-items", type=int, default=128, help="development questions")
     p.add_argument("--shots", type=int, default=3)
     p.add_argument("--output", default=None, help="sweep JSON (default baselines/sweep-M.json)")
 
@@ -969,7 +1005,7 @@ def _sweep_command(args: argparse.Namespace, setup: BaselineSetup) -> int:
     import json
 
     start = time.time()
-    layer_sets = [parse_layers([s]) for s in args.layer_sets] if args.layer_sets else None
+    layer_sets = [parse_layer_set(s) for s in args.layer_sets] if args.layer_sets else None
     candidates = setup.grid(
         args.method,
         layer_sets=layer_sets,
@@ -977,16 +1013,18 @@ def _sweep_command(args: argparse.Namespace, setup: BaselineSetup) -> int:
         layers=args.layers,
         alphas=args.alphas,
     )
-    records = sweep_method(
-        setup.model, candidates, setup.pool, n_items=args.n_items, n_shots=args.shots
-    )
+    from spare_tl.evaluation import development_items
+
+    items = development_items(setup.evaluation, args.n_items)
+    records = sweep_method(setup.model, candidates, items, setup.pool, n_shots=args.shots)
     path = Path(args.output) if args.output else sweep_path(setup.model.cfg.model_name, args.method)
     config = {
         "method": args.method,
         "candidates": [c.hyperparameters("context") for c in candidates],
         "n_items": args.n_items,
-        "dev_set": f"pool questions, demonstrations from the rest of the pool (doo, "
-        f"{args.shots} shots, seed 0)",
+        "items": cache.fingerprint([it.question for it in items]),
+        "dev_set": f"the last held-out questions (development_items), the test protocol "
+        f"(doo, {args.shots} shots, demonstration seed 0)",
         "seconds": round(time.time() - start),
     }
     save_method_sweep(records, path, config)

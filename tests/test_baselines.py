@@ -46,6 +46,7 @@ _items = conflict_items
 
 
 POOL, HELD_OUT = _items(8), _items(5, start=100)
+DEV = _items(4, start=200)  # development questions: neither pool nor test
 
 
 def _grouped() -> GroupedPrompts:
@@ -315,6 +316,7 @@ class _Oracle(PromptMethod):
     """Answers C (to context) or M (to memory) for a share of items set by ``k``."""
 
     name = "oracle"
+    shares_prefix = False
 
     def __init__(self, k: int, seen: list) -> None:
         self.k, self.seen = k, seen
@@ -334,9 +336,9 @@ class _Oracle(PromptMethod):
 def test_sweep_picks_the_dev_best_and_saves_json(setup, tmp_path):
     seen: list[str] = []
     candidates = [_Oracle(k, seen) for k in (0, 1, 2)]
-    records = sweep_method(setup.model, candidates, POOL, n_items=4, n_shots=2, progress=False)
+    records = sweep_method(setup.model, candidates, DEV, POOL, n_shots=2, progress=False)
     assert len(records) == 1 + 3 * 2 and records[0]["direction"] == "none"
-    assert set(seen) <= {it.question for it in POOL}  # never a test question
+    assert set(seen) == {it.question for it in DEV}  # the development questions only
     path = tmp_path / "sweep-oracle.json"
     bl.save_method_sweep(records, path, {"method": "oracle"})
     saved = json.loads(path.read_text())
@@ -349,7 +351,7 @@ def test_sweep_picks_the_dev_best_and_saves_json(setup, tmp_path):
 
 def test_sweep_on_a_real_method_feeds_evaluation(setup, tmp_path):
     candidates = setup.grid("cad", alphas=[0.5, 2.0])
-    records = sweep_method(setup.model, candidates, POOL, n_items=3, n_shots=2, progress=False)
+    records = sweep_method(setup.model, candidates, DEV[:3], POOL, n_shots=2, progress=False)
     assert [r["hyperparameters"] for r in records[1:]] == [
         {"alpha": 0.5},
         {"alpha": -0.5},
@@ -363,6 +365,10 @@ def test_sweep_on_a_real_method_feeds_evaluation(setup, tmp_path):
     best = bl.best_hyperparameters(path)
     assert method.hyperparameters("memory") == best["memory"]
     assert len(setup.grid("actadd", layer_sets=[[1], [1, 2]], coefficients=[1.0, 2.0])) == 4
+    (attn,) = setup.grid("actadd", layer_sets=[("attn_out", [2])], coefficients=[1.0])
+    assert attn.hyperparameters("memory") == {"layers": [2], "coefficient": 1.0, "site": "attn_out"}
+    hooks = attn.hooks(setup.model, "memory")
+    assert [name for name, _ in hooks] == ["blocks.2.hook_attn_out"]
     assert [m.hyperparameters("context") for m in setup.grid("taskvec", layers=[1, 2])] == [
         {"layer": 1, "n_prompts": 4},
         {"layer": 2, "n_prompts": 4},
@@ -377,7 +383,7 @@ def test_sweep_on_a_real_method_feeds_evaluation(setup, tmp_path):
 def test_table_json_and_readme(setup, tmp_path):
     root = setup.cache_root
     sweep = bl.sweep_path(setup.model.cfg.model_name, "cad", root)
-    records = sweep_method(setup.model, [CAD(1.0)], POOL, n_items=2, n_shots=2, progress=False)
+    records = sweep_method(setup.model, [CAD(1.0)], DEV[:2], POOL, n_shots=2, progress=False)
     bl.save_method_sweep(records, sweep, {})
     out = tmp_path / "baselines"
     config = EvaluationConfig(seeds=(0,), n_shots=2, max_new_tokens=2)
@@ -423,7 +429,11 @@ def test_cli_method_option(setup, tmp_path, monkeypatch, capsys):
         parser.parse_args(["evaluate", "--output", "x", "--method", "dola"])
     capsys.readouterr()
     args = bl.build_parser().parse_args(["sweep", "--method", "actadd", "--layer-sets", "1-2"])
-    assert args.method == "actadd" and bl.parse_layers([args.layer_sets[0]]) == [1, 2]
+    assert args.method == "actadd" and bl.parse_layer_set(args.layer_sets[0]) == (
+        "resid_post",
+        [1, 2],
+    )
+    assert bl.parse_layer_set("attn_out:20-21") == ("attn_out", [20, 21])
 
     monkeypatch.setattr(
         cli_commands,
