@@ -918,7 +918,10 @@ def run_table(
 ) -> tuple[str, dict[str, dict[str, Any]]]:
     """Evaluate every method on the held-out items with its dev-best settings (or, with
     ``reuse``, take saved results of the same protocol and settings), save per-method JSON
-    and ``table.json``, return the markdown table and the results."""
+    and ``table.json``, return the markdown table and the results.
+
+    ``table.json`` holds the model, the protocol and :func:`table_rows` (what the report
+    renders); its ``markdown`` is the same table for people reading the file, never parsed."""
     items = setup.evaluation[:n_items] if n_items else setup.evaluation
     protocol = _protocol(config, len(items), setup.dataset)
     results: dict[str, dict[str, Any]] = {}
@@ -951,9 +954,10 @@ def run_table(
         result.save(path, Path(out_dir) / f"{name}-predictions.jsonl")
         results[name] = result.to_json()
     table = baseline_table(results)
+    model_name = next(iter(results.values()))["model"]
     cache.write_json(
         Path(out_dir) / "table.json",
-        {"protocol": protocol, "rows": table_rows(results), "markdown": table},
+        {"model": model_name, "protocol": protocol, "rows": table_rows(results), "markdown": table},
     )
     return table, results
 

@@ -24,7 +24,7 @@ REGISTRARS: list[str] = [
     "spare_tl.original:register",
     "spare_tl.data.cli:register",
     "spare_tl.train_saes:register",
-    "spare_tl.report:register",
+    "spare_tl.viz.report_cli:register",
     "spare_tl.scan:register",
     "spare_tl.sweep:register",
     "spare_tl.results_doc:register",

@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         from pathlib import Path
 
-        from spare_tl.report import build_report, load_report_inputs
+        from spare_tl.viz.report_inputs import load_report_inputs
+        from spare_tl.viz.report_page import build_report
 
         inputs = load_report_inputs(model=model.cfg.model_name)
         out = Path(args.report)

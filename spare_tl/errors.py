@@ -17,3 +17,10 @@ class SAEMismatchError(ValueError):
 
 class ArgumentError(ValueError):
     """A command-line argument or output path that would fail later; checked before work."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name if it has none), for one-line
+    notes such as the report's list of missing parts."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -1388,7 +1388,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     (study.directory / "probes.md").write_text(table + "\n")
     if args.figure:
-        from spare_tl.figures import probe_quality_by_layer
+        from spare_tl.viz.figures_probes import probe_quality_by_layer
 
         probe_quality_by_layer(study.resid, study.sae).write_html(args.figure)
     print(table)

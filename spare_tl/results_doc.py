@@ -127,7 +127,7 @@ def _scan_section(directory: Path, missing: list[str]) -> list[str]:
         "",
         "![Steerability scan beside the layer-wise mutual information](img/steerability_scan.png)",
         "",
-        "(The picture is `spare_tl.figures.steerability_scan(scan, statistics)`, as in "
+        "(The picture is `spare_tl.viz.steerability_scan(scan, statistics)`, as in "
         "`spare-tl report`; shaded: the layers the committed features edit.)",
     ]
     return [*lines, "", f"Regenerate: `{COMMANDS['scan']}`.", ""]
@@ -135,9 +135,9 @@ def _scan_section(directory: Path, missing: list[str]) -> list[str]:
 
 def _probes_section(directory: Path, missing: list[str]) -> list[str]:
     from spare_tl.probes import probes_table
-    from spare_tl.report import _load_probes
+    from spare_tl.saved_studies import load_probe_study
 
-    study = _load_probes(directory, missing)
+    study = load_probe_study(directory, missing)
     if study is None or study.resid is None:
         return []
     table = probes_table(

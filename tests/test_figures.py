@@ -14,7 +14,7 @@ import plotly.graph_objects as go
 import pytest
 import torch
 
-from spare_tl import figures as F
+from spare_tl import viz as F
 from spare_tl.activations import LayerStatistics
 from spare_tl.behaviours import GroupedPrompts
 from spare_tl.features import FunctionalFeatures, select_functional_features
@@ -25,7 +25,7 @@ from spare_tl.inspector import (
     logit_lens,
     top_activating_prompts,
 )
-from spare_tl.report import build_report, classify_result, load_report_inputs
+from spare_tl.viz import build_report, classify_result, load_report_inputs
 
 torch.set_num_threads(1)
 D_SAE = 64

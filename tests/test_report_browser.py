@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spare_tl.report import CHROMIUM_FLAGS, build_report, find_chromium
+from spare_tl.viz import CHROMIUM_FLAGS, build_report, find_chromium
 
 torch.set_num_threads(1)
 
