@@ -295,7 +295,7 @@ def load_saes_for_layers(
             missing = [layer for layer in layers if layer not in found]
             if missing:
                 raise SAEError(
-                    f"no {site} SAE for layer(s) {missing} in {root}; available: "
+                    f"no SAE for layer(s) {missing} at {site} in {root}; available: "
                     f"{sorted(found)} (train them with `spare-tl train-saes --site {site} "
                     f"--layers {' '.join(map(str, missing))}`)"
                 )

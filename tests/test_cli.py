@@ -109,7 +109,7 @@ def test_config_reproduces_the_committed_features():
 
 
 def test_config_checks_feature_layers_and_memory_set():
-    with pytest.raises(ValueError, match="not among the candidate layers"):
+    with pytest.raises(ValueError, match="not among the resid_post candidate layers"):
         PipelineConfig(layers=[1, 2], feature_layers=[3])
     with pytest.raises(ValueError, match="to_memory needs 'layers'"):
         PipelineConfig(layers=[1, 2], to_memory={"proportion": 0.1})

@@ -126,7 +126,7 @@ print(json.dumps({
     "saes": str(embedded.DEFAULT_SAES),
     "cache_root": str(cache.default_cache_root()),
     "model": model.cfg.model_name,
-    "sae_layers": sorted(saes),
+    "sae_hooks": sorted(saes),
     "counts": {str(k): list(v) for k, v in features.counts().items()},
     "pool": len(split.pool),
     "evaluation": len(split.evaluation),
@@ -219,6 +219,6 @@ def test_installed_wheel_loads_the_steering_setup_from_its_own_data(tmp_path):
     committed = FunctionalFeatures.load(embedded.DEFAULT_FEATURES)
     assert got["model"] == committed.model_name
     assert got["counts"] == {str(k): list(v) for k, v in committed.counts().items()}
-    assert got["sae_layers"] == sorted(committed.all_layers)
+    assert got["sae_hooks"] == sorted(committed.hook_names)
     assert got["pool"] == committed.metadata.get("pool_size", 128)
     assert got["evaluation"] > 0

@@ -47,7 +47,7 @@ def test_scan_rows_cover_every_site_layer_and_direction(tiny_model):
 def test_patching_a_run_with_its_own_activation_changes_nothing(tiny_model):
     demos = evaluation_demonstrations(DEV, POOL, 3, 0)
     prompts = [conflict_prompt(it, d, "doo") for it, d in zip(DEV, demos)]
-    hooks = [site_hook_name(s, 1) for s in ("resid_post", "attn_out", "mlp_out")]
+    hooks = [site_hook_name(1, s) for s in ("resid_post", "attn_out", "mlp_out")]
     own = last_position_activations(tiny_model, prompts, hooks, progress=False)
     conds = [Condition("none", NoSteering())] + [
         Condition(h, DonorPatch(h, own[h]), "memory") for h in hooks
@@ -61,7 +61,7 @@ def test_patching_the_last_residual_gives_the_donor_first_token(tiny_model):
     demos = evaluation_demonstrations(DEV, POOL, 3, 0)
     prompts = [conflict_prompt(it, d, "doo") for it, d in zip(DEV, demos)]
     donors = donor_prompts(DEV, demos)["memory"]
-    last = site_hook_name("resid_post", tiny_model.cfg.n_layers - 1)
+    last = site_hook_name(tiny_model.cfg.n_layers - 1, "resid_post")
     acts = last_position_activations(tiny_model, donors, [last], progress=False)[last]
     tokens = _tokenize(tiny_model, donors)
     donor_first = []
