@@ -56,17 +56,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from spare_tl.cli_commands import _format_summary
-    from spare_tl.data.prompts import conflict_prompt, sample_demonstrations
+    from spare_tl.data.prompts import sample_demonstrations
     from spare_tl.embedded import load_steering_setup, memorised_split
     from spare_tl.evaluation import EvaluationConfig, evaluate
-    from spare_tl.generation import greedy_generate
-    from spare_tl.steering import steer
+    from spare_tl.harness import Condition, NoSteering, SpareMethod, answer_conditions
 
     model, features, saes = load_steering_setup(str(DEFAULT_FEATURES), str(DEFAULT_SAES), model)
     for direction in ("context", "memory"):
         f = features.for_direction(direction)
         print(
-            f"Steering to {direction}: layers {sorted(f.layers)}, K = {f.proportion}, "
+            f"Steering to {direction}: {f.site} of layers {sorted(f.layers)}, K = {f.proportion}, "
             f"α = {features.strength(direction)}, SAE code {f.latent_code!r}, "
             f"(context, memory) features per layer {f.counts()}"
         )
@@ -74,14 +73,22 @@ def main(argv: list[str] | None = None) -> int:
     split = memorised_split(model, features, "builtin", progress=False)
     held_out = split.evaluation
     examples = held_out[:: max(1, len(held_out) // args.examples)][: args.examples]
-    prompts = [
-        conflict_prompt(it, sample_demonstrations(split.pool, 3, seed=i, exclude=it), "doo")
-        for i, it in enumerate(examples)
+    demonstrations = [
+        sample_demonstrations(split.pool, 3, seed=i, exclude=it) for i, it in enumerate(examples)
     ]
-    answers = {"none": greedy_generate(model, prompts, progress=False)}
-    for direction in ("context", "memory"):
-        with steer(model, features, direction, saes):
-            answers[direction] = greedy_generate(model, prompts, progress=False)
+    # the three ways from one shared prompt pass (spare_tl.harness)
+    spare = SpareMethod(features, saes)
+    answers = answer_conditions(
+        model,
+        examples,
+        demonstrations,
+        [
+            Condition("none", NoSteering()),
+            Condition("context", spare, "context"),
+            Condition("memory", spare, "memory"),
+        ],
+        progress=False,
+    )
     print(
         f"{'question':40s} | {'C (context)':14s} | {'M (memory)':14s} | {'no steering':14s} | {'to context':14s} | {'to memory':14s}"
     )

@@ -18,8 +18,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 COMMANDS = {
     "results": "python -m spare_tl.results --n-items 200 --seeds 0 1 2 3 4 --cases doo dso dss",
-    "sweep": "python -m spare_tl.sweep configs/smollm2.toml ... --write-features",
-    "scan": "spare-tl scan configs/smollm2.toml --n-items 64",
+    "sweep": "spare-tl sweep configs/smollm2.toml ... --write-features",
+    "scan": "spare-tl scan configs/smollm2.toml --n-items 128 --sites resid_post attn_out",
     "probes": "python -m spare_tl.probes run --layers 6-20 --seeds 0 1 2 3 4 --n-items 40 "
     "--probe-items 500 --eval-seeds 0 1 2",
 }
@@ -76,22 +76,39 @@ def _sweep_section(path: Path, missing: list[str]) -> list[str]:
         missing.append(f"development sweep: no {path}")
         return []
     data = cache.read_json(path)
+    config = data.get("config", {})
     records = data.get("records", [])
     base = next((r for r in records if r["direction"] == "none"), None)
     lines = ["## Development sweep", ""]
     if base:
+        cap = config.get("max_neither_rise")
         lines.append(
-            f"No steering on the development questions: EM_C {base['EM_C']:.1f}, EM_M "
-            f"{base['EM_M']:.1f}, neither {base['neither']:.1f} (n = {base['n']}); "
-            f"{len(records) - 1} settings."
+            f"{config.get('dev_set', 'development questions')}. No steering: EM_C "
+            f"{base['EM_C']:.1f}, EM_M {base['EM_M']:.1f}, neither {base['neither']:.1f} "
+            f"(n = {base['n']}); {len(records) - 1} settings (site, layer window, K, α, "
+            "direction)"
+            + (f"; a chosen setting breaks at most {cap:g} points more answers." if cap else ".")
         )
+        lines.append("")
+    oracle = data.get("oracle") or {}
     for direction, best in data.get("best", {}).items():
         key = "EM_C" if direction == "context" else "EM_M"
-        lines.append(
-            f"- best to {direction}: layers {best['layers']}, K = {best['proportion']}, "
-            f"α = {best['edit_strength']}: {key} {best[key]:.1f}, neither {best['neither']:.1f}"
+        line = (
+            f"- best to {direction}: {best.get('site') or 'resid_post'} layers "
+            f"{best['layers']}, K = {best['proportion']}, α = {best['edit_strength']}: "
+            f"{key} {best[key]:.1f}, neither {best['neither']:.1f}"
         )
-    return [*lines, "", f"Saved at `{path.name}`; regenerate: `{COMMANDS['sweep']}`.", ""]
+        o = oracle.get(direction)
+        if o:
+            share = "n/a" if o["share"] is None else f"{100 * o['share']:.0f} %"
+            line += (
+                f"; the scan's oracle at the same site and layers reaches {key} "
+                f"{o['oracle_EM']:.1f} ({o['oracle_gain']:+.1f}), SpARE {o['spare_gain']:+.1f}: "
+                f"**{share} of the oracle's gain**"
+            )
+        lines.append(line)
+    command = config.get("command", COMMANDS["sweep"])
+    return [*lines, "", f"Saved at `{path.name}`; regenerate: `{command}`.", ""]
 
 
 def _scan_section(directory: Path, missing: list[str]) -> list[str]:

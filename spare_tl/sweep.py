@@ -482,9 +482,19 @@ def run_from_args(args) -> int:
             "(doo, 3 shots, demonstration seed 0)",
             "seconds": round(time.time() - start),
         }
+    sweep_config["command"] = _command_line()
     oracle = _oracle(records, sweep_config, model.cfg.model_name, items, config)
     save_sweep(records, directory, sweep_config, oracle)
     return _report(records, result, config, model, directory, args.write_features, cap, oracle)
+
+
+def _command_line() -> str:
+    """The command as typed (``spare-tl sweep ...``), for the saved JSON."""
+    import shlex
+    import sys
+
+    prog = "spare-tl" if Path(sys.argv[0]).name == "spare-tl" else "python -m spare_tl.sweep"
+    return " ".join([prog, *map(shlex.quote, sys.argv[1:])])
 
 
 def _oracle(records, sweep_config, model_name, items, config) -> dict[str, Any] | None:

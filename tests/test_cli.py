@@ -93,15 +93,20 @@ def test_config_reproduces_the_committed_features():
     from spare_tl.pipeline import features_from_config
 
     config = PipelineConfig.from_file(REPO_ROOT / "configs" / "smollm2.toml")
-    stats = {
-        int(p.parent.name[5:]): LayerStatistics.load(p)
-        for p in sorted((EMBEDDED_DIR / "mutual_information").glob("layer*/layer*.safetensors"))
-    }
-    built = features_from_config(config, stats, config.model)
+    def saved(stage: str) -> dict[int, LayerStatistics]:
+        return {
+            int(p.parent.name[5:]): LayerStatistics.load(p)
+            for p in sorted((EMBEDDED_DIR / stage).glob("layer*/layer*.safetensors"))
+        }
+
+    stats = saved("mutual_information")
+    by_site = {site: saved(f"mutual_information_{site}") for site in config.site_layers}
+    built = features_from_config(config, stats, config.model, by_site)
     committed = FunctionalFeatures.load(DEFAULT_FEATURES)
     for direction in ("context", "memory"):
         b, c = built.for_direction(direction), committed.for_direction(direction)
         assert sorted(b.layers) == sorted(c.layers) and b.proportion == c.proportion
+        assert b.site == c.site and b.hook_names == c.hook_names
         assert built.strength(direction) == committed.strength(direction)
         for layer in c.layers:
             assert torch.equal(b.layers[layer].context_features, c.layers[layer].context_features)
