@@ -84,7 +84,7 @@ from spare_tl.steering import (
     attach_hooks,
     resid_post_hook_name,
 )
-from spare_tl.sweep import answer_shares, best_settings, parse_layer_set
+from spare_tl.sweep import MAX_NEITHER_RISE, answer_shares, best_settings, parse_layer_set
 
 logger = logging.getLogger(__name__)
 
@@ -620,11 +620,13 @@ def sweep_path(model_name: str, method: str, root: Path | None = None) -> Path:
 def save_method_sweep(
     records: Sequence[dict[str, Any]], path: Path, config: dict[str, Any]
 ) -> None:
-    """``{"config", "records", "best"}``; best: per direction, highest EM in that direction,
+    """``{"config", "records", "best"}``; best: per direction, highest EM in that direction
+    among the settings breaking at most ``config["max_neither_rise"]`` (default
+    :data:`spare_tl.sweep.MAX_NEITHER_RISE`, as SpARE's sweep) more answers than no steering,
     then fewest broken answers (:func:`spare_tl.sweep.best_settings`)."""
-    cache.write_json(
-        Path(path), {"config": config, "records": list(records), "best": best_settings(records)}
-    )
+    config = {"max_neither_rise": MAX_NEITHER_RISE, **config}
+    best = best_settings(records, config["max_neither_rise"])
+    cache.write_json(Path(path), {"config": config, "records": list(records), "best": best})
 
 
 def best_hyperparameters(path: Path) -> dict[str, dict[str, Any]]:

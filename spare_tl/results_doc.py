@@ -100,7 +100,11 @@ def _sweep_section(path: Path, missing: list[str]) -> list[str]:
         )
         o = oracle.get(direction)
         if o:
-            share = "n/a" if o["share"] is None else f"{100 * o['share']:.0f} %"
+            share = (
+                f"{100 * o['share']:.0f} %"
+                if o["share"] is not None
+                else "n/a: the donor gains too little there to be a ceiling"
+            )
             line += (
                 f"; the scan's oracle at the same site and layers reaches {key} "
                 f"{o['oracle_EM']:.1f} ({o['oracle_gain']:+.1f}), SpARE {o['spare_gain']:+.1f}: "

@@ -43,6 +43,8 @@ logger = logging.getLogger(__name__)
 TARGET = {"context": "EM_C", "memory": "EM_M"}
 #: the default cap on broken answers for a chosen setting (points over no steering)
 MAX_NEITHER_RISE = 10.0
+#: below this gain (points) the scan's donor patch is no ceiling and no share is given
+MIN_ORACLE_GAIN = 5.0
 
 
 def answer_shares(answers: Sequence[str], items: Sequence[ConflictItem]) -> dict[str, float]:
@@ -231,7 +233,8 @@ def oracle_shares(
 ) -> dict[str, dict[str, float | None]]:
     """Per chosen setting: the scan's oracle (best single-layer donor patch) at the same site
     and layers, and the share of the oracle's gain over no steering that the setting reaches.
-    ``share`` is None when the oracle gains nothing there."""
+    ``share`` is None when the oracle gains less than :data:`MIN_ORACLE_GAIN` points there
+    (its donor is then no ceiling to measure against)."""
     none = next(r for r in records if r["direction"] == "none")
     out: dict[str, dict[str, float | None]] = {}
     for direction, rec in best.items():
@@ -247,7 +250,7 @@ def oracle_shares(
             "oracle_EM": oracle,
             "oracle_gain": oracle_gain,
             "spare_gain": gain,
-            "share": gain / oracle_gain if oracle_gain > 0 else None,
+            "share": gain / oracle_gain if oracle_gain >= MIN_ORACLE_GAIN else None,
         }
     return out
 
@@ -535,7 +538,11 @@ def _report(
     best = best_settings(records, max_neither_rise)
     print(json.dumps({"no_steering": records[0], **best}, indent=1))
     for direction, o in (oracle or {}).items():
-        share = "n/a" if o["share"] is None else f"{100 * o['share']:.0f} %"
+        share = (
+            f"{100 * o['share']:.0f} %"
+            if o["share"] is not None
+            else f"n/a (the donor gains < {MIN_ORACLE_GAIN:g} points: no ceiling)"
+        )
         print(
             f"to {direction}: SpARE gains {o['spare_gain']:+.1f} points, the scan's oracle at "
             f"the same layers {o['oracle_gain']:+.1f} (EM {o['oracle_EM']:.1f}): share {share}"

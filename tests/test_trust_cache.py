@@ -196,17 +196,18 @@ def test_row6_permuted_sae_latents_are_refused_naming_the_layer():
     from spare_tl.steering import _check_same_sae
 
     features = FunctionalFeatures.load(DEFAULT_FEATURES)
-    sae = load_sae(DEFAULT_SAES / "blocks.14.hook_resid_post")
-    assert sae_fingerprint(sae) == features.layers[14].sae_fingerprint  # committed pair
-    _check_same_sae(14, sae, features.layers[14])
+    layer = max(features.layers)  # a layer of the committed set
+    sae = load_sae(DEFAULT_SAES / f"blocks.{layer}.hook_resid_post")
+    assert sae_fingerprint(sae) == features.layers[layer].sae_fingerprint  # committed pair
+    _check_same_sae(layer, sae, features.layers[layer])
     perm = torch.randperm(sae.cfg.d_sae, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         sae.W_enc.copy_(sae.W_enc[:, perm])
         sae.b_enc.copy_(sae.b_enc[perm])
         sae.W_dec.copy_(sae.W_dec[perm])
     with pytest.raises(SAEMismatchError) as e:
-        _check_same_sae(14, sae, features.layers[14])
-    _one_line(e.value, "layer 14", "pass the SAEs the features were made with")
+        _check_same_sae(layer, sae, features.layers[layer])
+    _one_line(e.value, f"layer {layer}", "pass the SAEs the features were made with")
 
 
 def test_row6_every_committed_feature_layer_records_its_committed_sae():
