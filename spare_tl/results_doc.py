@@ -61,14 +61,35 @@ def _baselines_section(directory: Path, missing: list[str]) -> list[str]:
         f"python -m spare_tl.baselines table --methods {' '.join(results)} "
         f"--n-items {first['n_items']} --seeds {seeds}"
     )
+    out = ["## Against the baselines", ""]
+    stale = _stale_spare(results.get("spare"), directory.parent / "functional_features")
+    if stale:
+        out += [f"**Out of date:** {stale}", ""]
     return [
-        "## Against the baselines",
-        "",
+        *out,
         baseline_table(results),  # with its own caption: questions, seeds, settings, time
         "",
         f"Regenerate the JSON: `{command}`.",
         "",
     ]
+
+
+def _stale_spare(spare: Mapping[str, Any] | None, features_dir: Path) -> str | None:
+    """Why the table's SpARE row is not the committed feature set, or None when it is."""
+    if spare is None or not (features_dir / "features.json").is_file():
+        return None
+    from spare_tl.evaluation import features_summary
+    from spare_tl.features import FunctionalFeatures
+
+    now = features_summary(FunctionalFeatures.load(features_dir))
+    if spare.get("features") == now:
+        return None
+    return (
+        "this table was made with an earlier feature set (SpARE's row: "
+        f"layers {spare.get('features', {}).get('layers')}); the committed set edits layers "
+        f"{now['layers']} to context and {now.get('to_memory', now)['layers']} to memory. "
+        "Rerun the command below to compare them."
+    )
 
 
 def _sweep_section(path: Path, missing: list[str]) -> list[str]:
@@ -101,14 +122,14 @@ def _sweep_section(path: Path, missing: list[str]) -> list[str]:
         o = oracle.get(direction)
         if o:
             share = (
-                f"{100 * o['share']:.0f} %"
+                f"**{100 * o['share']:.0f} % of the oracle's gain**"
                 if o["share"] is not None
-                else "n/a: the donor gains too little there to be a ceiling"
+                else "no share: the donor gains too little there to be a ceiling"
             )
             line += (
                 f"; the scan's oracle at the same site and layers reaches {key} "
                 f"{o['oracle_EM']:.1f} ({o['oracle_gain']:+.1f}), SpARE {o['spare_gain']:+.1f}: "
-                f"**{share} of the oracle's gain**"
+                f"{share}"
             )
         lines.append(line)
     command = config.get("command", COMMANDS["sweep"])

@@ -93,6 +93,7 @@ def test_config_reproduces_the_committed_features():
     from spare_tl.pipeline import features_from_config
 
     config = PipelineConfig.from_file(REPO_ROOT / "configs" / "smollm2.toml")
+
     def saved(stage: str) -> dict[int, LayerStatistics]:
         return {
             int(p.parent.name[5:]): LayerStatistics.load(p)

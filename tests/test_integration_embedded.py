@@ -1,9 +1,11 @@
 """The committed SAEs and functional features steer the embedded model on held-out conflicts.
 
-The embedded-default issue asks for more than the committed features reach: +10 points of
-memory answers steering to memory and >= 85 % context answers steering to context (on this
-slice they give +0.0 and 60.0 %; README, Results). This test pins what they do reach, so a
-change that breaks the committed features, SAEs or the edit fails here.
+The features were chosen by the whole-depth development sweep (to context: the residual at
+layers 10-13; to memory: the residual at 20-21, where the steerability scan finds the model
+steerable). This test pins what they reach on the first 48 held-out (test) questions, seed 0,
+doo demonstrations, in both directions, with thresholds a few points below the numbers
+measured with the committed features (`spare_tl.results`, seed 0), so a change that breaks
+the committed features, SAEs or the edit fails here.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, load_steering_setu
 
 pytestmark = pytest.mark.integration
 
+N_ITEMS = 48
 
-def test_committed_features_steer_held_out_conflicts_to_context(embedded_model):
+
+def test_committed_features_steer_held_out_conflicts_both_ways(embedded_model):
     if not (DEFAULT_FEATURES / "features.json").exists() or not DEFAULT_SAES.exists():
         pytest.fail(f"the committed features/SAEs are missing from {DEFAULT_FEATURES.parent}")
     from spare_tl.embedded import memorised_split
@@ -23,10 +27,9 @@ def test_committed_features_steer_held_out_conflicts_to_context(embedded_model):
 
     model, features, saes = load_steering_setup(model=embedded_model)
     split = memorised_split(model, features, "builtin", progress=False)
-    held_out = split.evaluation[-30:]  # not the slice the README table starts with
     result = evaluate(
         model,
-        held_out,
+        split.evaluation[:N_ITEMS],
         split.pool,
         features=features,
         saes=saes,
@@ -36,12 +39,13 @@ def test_committed_features_steer_held_out_conflicts_to_context(embedded_model):
     base, to_c, to_m = (result[k] for k in ("no_steering", "steer_to_context", "steer_to_memory"))
     print({k: (result[k]["EM_C"], result[k]["EM_M"], result[k]["neither"]) for k in result
            if k.startswith(("no_", "steer_"))})  # fmt: skip
-    # measured in this configuration: EM_C 50.0 -> 60.0, EM_M 16.7 -> 6.7 (to context)
-    assert to_c["EM_C"] >= base["EM_C"] + 5, "steering to context no longer adds context answers"
-    assert to_c["EM_M"] < base["EM_M"], "steering to context no longer removes memory answers"
-    # steering to memory: EM_M 16.7 -> 16.7; it must at least not break the answers
-    assert to_m["EM_M"] >= base["EM_M"] - 5
-    assert to_m["neither"] <= base["neither"] + 10
+    # measured (seed 0, first 48 held-out questions): no steering EM_C 62.5 / EM_M 8.3 /
+    # neither 29.2; to context 72.9 / 4.2 / 22.9; to memory 14.6 / 27.1 / 58.3
+    assert to_c["EM_C"] >= base["EM_C"] + 5, "steering to context lost its context answers"
+    assert to_c["EM_M"] <= base["EM_M"], "steering to context no longer removes memory answers"
+    assert to_m["EM_M"] >= base["EM_M"] + 12, "steering to memory lost its memory answers"
+    assert to_m["EM_C"] <= base["EM_C"] - 35, "steering to memory no longer removes context"
+    assert to_m["neither"] <= base["neither"] + 35, "steering to memory breaks answers"
 
 
 def test_shared_prefix_evaluation_gives_the_full_prompt_pass_answers(embedded_model):
