@@ -252,7 +252,9 @@ def _load_gguf(path: Path, model_name: str, n_ctx, device, dtype, use_local_cach
     hf_model = AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32
     )
-    model = _hooked_from_hf(hf_model, tok, model_name, n_ctx, device, dtype)
+    # convert and cache in fp32 whatever ``dtype`` was asked for: a cache written from a bf16
+    # model would hand bf16-rounded weights to every later fp32 load
+    model = _hooked_from_hf(hf_model, tok, model_name, n_ctx, device, torch.float32)
     if use_local_cache:
         try:
             tmp = cache.with_name(cache.name + ".tmp")
@@ -270,6 +272,10 @@ def _load_gguf(path: Path, model_name: str, n_ctx, device, dtype, use_local_cach
             tmp.rename(cache)
         except OSError as e:  # a read-only home must not stop the load
             logger.warning("could not cache converted weights in %s: %s", cache, e)
+    if dtype != torch.float32:
+        cfg = hooked_config_from_hf(hf_model.config, n_ctx=n_ctx, dtype=dtype)
+        state = {k: v.to(dtype) for k, v in model.state_dict().items()}
+        return _assemble(cfg, tok, state, model_name, device)
     return model
 
 
