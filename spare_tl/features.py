@@ -39,7 +39,7 @@ from spare_tl.cache import (
     write_tensors,
 )
 from spare_tl.errors import CacheError
-from spare_tl.saes import check_latent_code
+from spare_tl.saes import DEFAULT_SITE, check_latent_code, site_hook_name, site_of_hook
 
 logger = logging.getLogger(__name__)
 
@@ -225,18 +225,14 @@ class FunctionalFeatures:
         for an attention/MLP edit (made inside that block)."""
         f = self.for_direction(direction)
         first = min(f.layers)
-        return first if f.site == "resid_post" else first - 1
+        return first if f.site == DEFAULT_SITE else first - 1
 
     @property
     def hook_names(self) -> list[str]:
         """The hook of every layer either direction edits (the SAEs steering needs)."""
         sets = [self] + ([self.to_memory] if self.to_memory is not None else [])
         return sorted(
-            {
-                f.hook_name or f"blocks.{f.layer}.hook_resid_post"
-                for s in sets
-                for f in s.layers.values()
-            },
+            {f.hook_name or site_hook_name(f.layer) for s in sets for f in s.layers.values()},
             key=lambda h: (int(h.split(".")[1]), h),
         )
 
@@ -244,11 +240,11 @@ class FunctionalFeatures:
     def site(self) -> str:
         """Where this set edits: ``resid_post`` (the residual), ``attn_out`` or ``mlp_out``."""
         sites = {
-            (f.hook_name or "hook_resid_post").rsplit("hook_", 1)[1] for f in self.layers.values()
+            site_of_hook(f.hook_name) if f.hook_name else DEFAULT_SITE for f in self.layers.values()
         }
         if len(sites) > 1:
             raise ValueError(f"the set mixes sites {sorted(sites)}; use one site per set")
-        return sites.pop() if sites else "resid_post"
+        return sites.pop() if sites else DEFAULT_SITE
 
     def strength(self, direction: str) -> float:
         """α for ``direction`` ('context' or 'memory')."""

@@ -28,7 +28,6 @@ from spare_tl.activations import (
     functional_features,
     statistics_at,
 )
-from spare_tl.data.prompts import sample_demonstrations
 from spare_tl.data.schema import ConflictItem
 from spare_tl.data.scoring import behaviour_label
 from spare_tl.evaluation import evaluation_demonstrations
@@ -56,18 +55,6 @@ def answer_shares(answers: Sequence[str], items: Sequence[ConflictItem]) -> dict
         "EM_M": 100.0 * labels.count("memory") / n,
         "neither": 100.0 * labels.count("neither") / n,
     }
-
-
-def dev_demonstrations(
-    pool: Sequence[ConflictItem], n_items: int | None, n_shots: int, seed: int
-) -> tuple[list[ConflictItem], list[list[ConflictItem]]]:
-    """Pool questions as development queries and their demonstrations from the rest of the
-    pool (the baselines' tuning set)."""
-    items = list(pool[:n_items] if n_items else pool)
-    demos = [
-        sample_demonstrations(pool, n_shots, seed * 7 + i, exclude=it) for i, it in enumerate(items)
-    ]
-    return items, demos
 
 
 @dataclass(frozen=True)

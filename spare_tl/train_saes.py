@@ -54,14 +54,13 @@ from tqdm.auto import tqdm
 from spare_tl.cache import fingerprint, read_json, stage_dir, write_json
 from spare_tl.data.prompts import closed_book_prompt, conflict_prompt, sample_demonstrations
 from spare_tl.data.schema import ConflictItem
+from spare_tl.saes import DEFAULT_SITE, SITES, check_site, site_hook_name, site_of_hook
 
 logger = logging.getLogger(__name__)
 
 STAGE = "saes"
 METRICS_FILE = "metrics.json"
 DEFAULT_LAYERS: tuple[int, ...] = tuple(range(10, 18))
-#: Where an SAE can read: the residual after a block, or the block's attention / MLP output.
-SAE_SITES: tuple[str, ...] = ("resid_post", "attn_out", "mlp_out")
 
 #: Prompt kinds and how often each is drawn for the training text.
 PROMPT_KIND_WEIGHTS: dict[str, float] = {"dss": 0.25, "dso": 0.25, "doo": 0.3, "closed": 0.2}
@@ -134,19 +133,14 @@ class SAETrainingConfig:
             )
         if not 0 < self.heldout_fraction < 1:
             raise ValueError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
-        if self.site not in SAE_SITES:
-            raise ValueError(f"site must be one of {', '.join(SAE_SITES)}, got {self.site!r}")
+        check_site(self.site)
         if self.decoder_bias_init not in ("mean", "zero"):
             raise ValueError(
                 f"decoder_bias_init must be 'mean' or 'zero', got {self.decoder_bias_init!r}"
             )
 
-    @property
-    def hook_template(self) -> str:
-        return "blocks.{layer}.hook_" + self.site
-
     def hook_name(self, layer: int) -> str:
-        return self.hook_template.format(layer=layer)
+        return site_hook_name(layer, self.site)
 
     @property
     def n_steps(self) -> int:
@@ -718,9 +712,8 @@ def _version(dist: str) -> str:
 def metrics_key(hook_name: str) -> str:
     """The key of an SAE in ``metrics.json``: the layer for a residual SAE (``"12"``), else
     ``"<layer>.<site>"`` (``"23.attn_out"``)."""
-    parts = hook_name.split(".")
-    layer, site = parts[1], parts[-1].removeprefix("hook_")
-    return layer if site == "resid_post" else f"{layer}.{site}"
+    layer, site = hook_name.split(".")[1], site_of_hook(hook_name)
+    return layer if site == DEFAULT_SITE else f"{layer}.{site}"
 
 
 def _key_order(key: str) -> tuple[int, str]:
@@ -821,7 +814,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--site",
-        choices=SAE_SITES,
+        choices=SITES,
         default=d.site,
         help="where the SAEs read: the residual (default) or the attention / MLP output",
     )
