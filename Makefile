@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m spare_tl.demo
+	$(VENV)/bin/spare-tl demo
 
 # the tests, then the three notebooks executed top to bottom (nbmake)
 test: $(STAMP)

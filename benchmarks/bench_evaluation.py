@@ -29,7 +29,7 @@ import torch
 
 
 def _evaluate(model, features, saes, items, pool, seeds, batch_size, shared, conditions=None):
-    from spare_tl.evaluation import CONDITIONS, EvaluationConfig, evaluate
+    from spare_tl.stages.evaluation import CONDITIONS, EvaluationConfig, evaluate
 
     config = EvaluationConfig(
         seeds=tuple(seeds), batch_size=batch_size, conditions=conditions or CONDITIONS
@@ -84,10 +84,11 @@ def main() -> None:
     torch.set_grad_enabled(False)
 
     from spare_tl.data.prompts import conflict_prompt
-    from spare_tl.embedded import load_steering_setup, memorised_split
-    from spare_tl.evaluation import evaluation_demonstrations
+    from spare_tl.embedded import load_steering_setup
     from spare_tl.hardware import cpu_info, describe
     from spare_tl.models import load_model
+    from spare_tl.stages.evaluation import evaluation_demonstrations
+    from spare_tl.stages.memorised import memorised_split
 
     print(describe())
     out: dict = {"cpu": cpu_info(), "threads": torch.get_num_threads()}

@@ -65,8 +65,8 @@ def main() -> None:
     from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, load_steering_setup
     from spare_tl.features import FunctionalFeatures, LayerFeatures
     from spare_tl.generation import greedy_generate
+    from spare_tl.methods.spare import steer
     from spare_tl.models import load_model
-    from spare_tl.steering import steer
     from spare_tl.testing import tiny_sae
 
     if not args.random_saes and (DEFAULT_FEATURES / "features.json").exists():

@@ -30,11 +30,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
 
-    from spare_tl.activations import Activations
     from spare_tl.embedded import DEFAULT_SAES, EMBEDDED_DIR
     from spare_tl.features import select_functional_features
     from spare_tl.mutual_info import expectation_difference, mutual_information
     from spare_tl.saes import encode_latents, load_sae
+    from spare_tl.stages.activations import Activations
 
     acts = Activations.load(EMBEDDED_DIR / "activations")
     print(f"{len(acts.labels)} grouped prompts, noise seed 0 vs seed 1")

@@ -56,12 +56,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
 
-    from spare_tl.activations import collect_activations
-    from spare_tl.behaviours import GroupedPrompts
     from spare_tl.embedded import DEFAULT_SAES, EMBEDDED_DIR
     from spare_tl.models import load_model
     from spare_tl.mutual_info import mutual_information, mutual_information_reference
     from spare_tl.saes import encode_latents, load_saes_for_layers
+    from spare_tl.stages.activations import collect_activations
+    from spare_tl.stages.behaviours import GroupedPrompts
 
     layers = _layers(args.layers)
     model = load_model("smollm2-135m-instruct")

@@ -23,7 +23,6 @@ keeps only the units whose row count is complete and rewrites the log without th
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -120,6 +119,12 @@ def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temporary file, then rename)."""
     with _atomic_path(Path(path)) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file atomically (temporary file, then rename)."""
+    with _atomic_path(Path(path)) as tmp:
+        tmp.write_text(text)
 
 
 def read_json(path: Path) -> Any:
@@ -435,41 +440,3 @@ def verify_cache(root: Path) -> tuple[list[str], list[str], list[str]]:
             continue
         ok.append(str(source))
     return ok, problems, unsealed
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``spare-tl cache verify`` and ``spare-tl cache seal``."""
-    p = sub.add_parser("cache", help="verify the cache's files against their manifests, or seal")
-    cache_sub = p.add_subparsers(dest="cache_command", metavar="ACTION", required=True)
-    v = cache_sub.add_parser(
-        "verify", help="hash every file a stage manifest lists and report (changes nothing)"
-    )
-    v.add_argument("root", nargs="?", default=None, help="cache folder (default: cache_data/)")
-    v.set_defaults(func=_verify_command)
-    s = cache_sub.add_parser(
-        "seal",
-        help="add a manifest to a completed stage written before manifests (known-good only)",
-    )
-    s.add_argument("directories", nargs="+", help="stage folders holding a complete config.json")
-    s.set_defaults(func=_seal_command)
-
-
-def _verify_command(args: argparse.Namespace) -> int:
-    root = Path(args.root) if args.root else default_cache_root()
-    if not root.is_dir():
-        raise FileNotFoundError(f"no cache folder at {root}")
-    ok, problems, unsealed = verify_cache(root)
-    n_files = sum(len(read_json(Path(s)).get(MANIFEST, {})) for s in ok)
-    print(f"{root}: {len(ok)} stages verified ({n_files} files hashed)")
-    for source in unsealed:
-        print(f"unsealed (no manifest): {source}")
-    for problem in problems:
-        print(f"BAD: {problem}")
-    return 2 if problems else 0
-
-
-def _seal_command(args: argparse.Namespace) -> int:
-    for directory in args.directories:
-        stored = seal_stage(Path(directory))
-        print(f"sealed {directory}: {len(stored[MANIFEST])} files")
-    return 0

@@ -50,7 +50,7 @@ def load_steering_setup(
     return model, features, saes
 
 
-def _seed_from_shipped(relative: str, root: Path) -> None:
+def seed_from_shipped(relative: str, root: Path) -> None:
     """Copy the shipped stage ``<model>/<stage>/...`` into the writable cache ``root`` when
     ``root`` lacks it, so that the stage's own freshness check reads it there and a recompute
     (another dataset, another config) writes there, never into the shipped folder."""
@@ -70,29 +70,3 @@ def _seed_from_shipped(relative: str, root: Path) -> None:
             raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def memorised_split(model, features, dataset: str = "builtin", *, progress: bool = True):
-    """The pool/evaluation split a feature set was built on: memorised items of ``dataset``,
-    pool size and seed from the features' metadata (defaults 128 and 42).
-
-    The memorised set is read from the cache, seeded from the shipped one when the cache
-    has none (an installed package: the shipped folder is never written).
-    """
-    from spare_tl.data.datasets import load_dataset
-    from spare_tl.data.prompts import DEFAULT_POOL_SEED, DEFAULT_POOL_SIZE, split_pool
-    from spare_tl.memorised import STAGE, dataset_key, find_memorised
-
-    items = load_dataset(dataset)
-    name = Path(dataset).stem.replace("/", "_")
-    root = cache.default_cache_root()
-    slug = cache.model_slug(model.cfg.model_name)
-    _seed_from_shipped(f"{slug}/{STAGE}/{dataset_key(name, items)}", root)
-    memorised = find_memorised(model, items, dataset_name=name, cache_root=root, progress=progress)
-    meta = features.metadata
-    memorised.require(meta.get("pool_size", DEFAULT_POOL_SIZE))
-    return split_pool(
-        memorised.filter(items),
-        meta.get("pool_size", DEFAULT_POOL_SIZE),
-        meta.get("pool_seed", DEFAULT_POOL_SEED),
-    )

@@ -10,7 +10,7 @@ use-context and use-memory groups.
 A saved set records, per layer, the fingerprint of the SAE it was found with
 (:func:`sae_fingerprint`: a hash of the weights and the cfg), and ``features.json`` lists
 the size and SHA-256 of ``features.safetensors``; loading checks them, and steering refuses
-an SAE whose fingerprint differs (:mod:`spare_tl.steering`).
+an SAE whose fingerprint differs (:mod:`spare_tl.methods.spare`).
 """
 
 from __future__ import annotations

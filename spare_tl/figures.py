@@ -3,10 +3,12 @@
 The figures moved to :mod:`spare_tl.viz` (``figures_features``, ``figures_steering``,
 ``figures_behaviour``, ``figures_probes``, ``figures_scan``, sharing ``plotting``). This
 module re-exports the same objects so that existing notebooks and scripts keep working; it
-emits no warning, and it will be removed in a later release.
+emits a DeprecationWarning and will be removed in the next release.
 """
 
 from __future__ import annotations
+
+import warnings
 
 from spare_tl.viz.figures_behaviour import (
     DEMO_TYPE_NAMES,
@@ -34,6 +36,12 @@ from spare_tl.viz.plotting import (
     CONDITION_NAMES,
     TEMPLATE,
     StatisticsLike,
+)
+
+warnings.warn(
+    "spare_tl.figures moved to spare_tl.viz; the old path will be removed in the next release",
+    DeprecationWarning,
+    stacklevel=2,
 )
 
 __all__ = [

@@ -7,31 +7,41 @@ import json
 import pytest
 import torch
 
-from spare_tl import baselines as bl
-from spare_tl.activations import last_position_resid
-from spare_tl.baselines import (
+from spare_tl.data.prompts import PoolSplit, conflict_prompt
+from spare_tl.features import FunctionalFeatures, LayerFeatures
+from spare_tl.generation import _tokenize, greedy_generate
+from spare_tl.methods.base import NoSteering, PromptMethod, SteeringMethod
+from spare_tl.methods.baselines import (
     CAD,
     ICL,
     ActAdd,
-    BaselineSetup,
-    NoSteering,
     PerDirection,
-    PromptMethod,
-    SpareMethod,
-    SteeringMethod,
     TaskVector,
     cad_generate,
     contrastive_scores,
-    evaluate_method,
+    mean_difference,
     prompt_without_context,
-    sweep_method,
+    task_vector_prompts,
 )
-from spare_tl.behaviours import GroupedPrompts
-from spare_tl.data.prompts import PoolSplit, conflict_prompt
-from spare_tl.evaluation import EvaluationConfig, evaluate, evaluation_demonstrations
-from spare_tl.features import FunctionalFeatures, LayerFeatures
-from spare_tl.generation import _tokenize, greedy_generate
-from spare_tl.steering import resid_post_hook_name
+from spare_tl.methods.spare import SpareMethod, resid_post_hook_name
+from spare_tl.stages.activations import last_position_resid
+from spare_tl.stages.behaviours import GroupedPrompts
+from spare_tl.stages.evaluation import (
+    CONDITION_OF,
+    EvaluationConfig,
+    evaluate,
+    evaluation_demonstrations,
+)
+from spare_tl.stages.sweep import parse_layer_set
+from spare_tl.studies import baselines as bl
+from spare_tl.studies.baseline_setup import METHODS, BaselineSetup, actadd_vectors
+from spare_tl.studies.baseline_sweep import (
+    best_hyperparameters,
+    evaluate_method,
+    save_method_sweep,
+    sweep_method,
+    sweep_path,
+)
 from spare_tl.testing import conflict_items, tiny_sae
 
 LAYERS = (1, 2)
@@ -109,13 +119,13 @@ SETTINGS = {
 # ------------------------------------------------------------------ the one interface
 
 
-@pytest.mark.parametrize("name", bl.METHODS)
+@pytest.mark.parametrize("name", METHODS)
 def test_every_method_runs_end_to_end(setup, name):
     method = setup.make(name, SETTINGS[name])
     assert isinstance(method, SteeringMethod) and method.name == name
     result = evaluate_method(setup.model, method, HELD_OUT, POOL, config=CONFIG, progress=False)
     data = result.to_json()
-    conditions = ["no_steering"] if name == "none" else list(bl.CONDITION_OF.values())
+    conditions = ["no_steering"] if name == "none" else list(CONDITION_OF.values())
     for cond in conditions:
         assert len(data[cond]["per_seed"]["EM_C"]) == 2
         assert f"{cond}.prediction" in result.predictions[0]
@@ -150,7 +160,7 @@ def test_spare_method_equals_evaluate(setup):
     )
     ref = evaluate(setup.model, HELD_OUT, POOL, features=setup.features, saes=setup.saes, **kwargs)
     assert ours.predictions == ref.predictions
-    for cond in bl.CONDITION_OF.values():
+    for cond in CONDITION_OF.values():
         assert ours.summary[cond] == ref.summary[cond]
     assert ours.summary["transitions"] == ref.summary["transitions"]
     assert ours.summary["features"] == ref.summary["features"]
@@ -211,22 +221,22 @@ def test_actadd_generation_batch_equals_single(setup):
 
 
 def test_mean_difference_and_cached_activations(setup, tmp_path, monkeypatch):
-    from spare_tl import activations as acts_mod
+    from spare_tl.stages import activations as acts_mod
 
     resid = {3: torch.tensor([[1.0, 2.0], [3.0, 4.0], [10.0, 0.0]])}
-    diff = bl.mean_difference(resid, torch.tensor([1, 1, 0]))
+    diff = mean_difference(resid, torch.tensor([1, 1, 0]))
     torch.testing.assert_close(diff[3], torch.tensor([-8.0, 3.0]))
     with pytest.raises(ValueError, match="use-memory"):
-        bl.mean_difference(resid, torch.tensor([1, 1, 1]))
+        mean_difference(resid, torch.tensor([1, 1, 1]))
 
     grouped = _grouped()
     cached = acts_mod.collect_activations(setup.model, grouped, [1, 2], cache_root=tmp_path)
     monkeypatch.setattr(acts_mod, "last_position_resid", lambda *a, **k: pytest.fail("recomputed"))
-    vectors = bl.actadd_vectors(setup.model, [2], grouped=grouped, cache_root=tmp_path)
-    expected = bl.mean_difference({2: cached.resid[2]}, cached.labels)[2]
+    vectors = actadd_vectors(setup.model, [2], grouped=grouped, cache_root=tmp_path)
+    expected = mean_difference({2: cached.resid[2]}, cached.labels)[2]
     torch.testing.assert_close(vectors[2], expected)
     with pytest.raises(ValueError, match="grouped prompts"):
-        bl.actadd_vectors(setup.model, [3], cache_root=tmp_path)
+        actadd_vectors(setup.model, [3], cache_root=tmp_path)
 
 
 def test_taskvec_patch_changes_only_the_last_prompt_position(setup):
@@ -235,7 +245,7 @@ def test_taskvec_patch_changes_only_the_last_prompt_position(setup):
     assert set(vectors) == {"context", "memory"}
     assert not torch.equal(vectors["context"][1], vectors["memory"][1])
     # the task vector is the mean last-position residual of the dss / dso ICL prompts
-    prompts = bl.task_vector_prompts(POOL, "dss", n_prompts=4)
+    prompts = task_vector_prompts(POOL, "dss", n_prompts=4)
     torch.testing.assert_close(
         vectors["context"][1], last_position_resid(model, prompts, [1], progress=False)[1].mean(0)
     )
@@ -340,13 +350,13 @@ def test_sweep_picks_the_dev_best_and_saves_json(setup, tmp_path):
     assert len(records) == 1 + 3 * 2 and records[0]["direction"] == "none"
     assert set(seen) == {it.question for it in DEV}  # the development questions only
     path = tmp_path / "sweep-oracle.json"
-    bl.save_method_sweep(records, path, {"method": "oracle"})
+    save_method_sweep(records, path, {"method": "oracle"})
     saved = json.loads(path.read_text())
     assert saved["best"]["context"]["hyperparameters"] == {"k": 2}
     assert saved["best"]["memory"]["hyperparameters"] == {"k": 1}
-    assert bl.best_hyperparameters(path) == {"context": {"k": 2}, "memory": {"k": 1}}
+    assert best_hyperparameters(path) == {"context": {"k": 2}, "memory": {"k": 1}}
     with pytest.raises(FileNotFoundError, match="baselines sweep --method cad"):
-        bl.best_hyperparameters(tmp_path / "sweep-cad.json")
+        best_hyperparameters(tmp_path / "sweep-cad.json")
 
 
 def test_sweep_on_a_real_method_feeds_evaluation(setup, tmp_path):
@@ -359,10 +369,10 @@ def test_sweep_on_a_real_method_feeds_evaluation(setup, tmp_path):
         {"alpha": -2.0},
     ]
     path = tmp_path / "sweep-cad.json"
-    bl.save_method_sweep(records, path, {})
+    save_method_sweep(records, path, {})
     method = setup.method("cad", sweep=path)
     assert isinstance(method, PerDirection) and method.name == "cad"
-    best = bl.best_hyperparameters(path)
+    best = best_hyperparameters(path)
     assert method.hyperparameters("memory") == best["memory"]
     assert len(setup.grid("actadd", layer_sets=[[1], [1, 2]], coefficients=[1.0, 2.0])) == 4
     (attn,) = setup.grid("actadd", layer_sets=[("attn_out", [2])], coefficients=[1.0])
@@ -373,7 +383,7 @@ def test_sweep_on_a_real_method_feeds_evaluation(setup, tmp_path):
         {"layer": 1, "n_prompts": 4},
         {"layer": 2, "n_prompts": 4},
     ]
-    with pytest.raises(ValueError, match="spare_tl.sweep"):
+    with pytest.raises(ValueError, match="spare_tl.stages.sweep"):
         setup.grid("spare")
 
 
@@ -382,9 +392,9 @@ def test_sweep_on_a_real_method_feeds_evaluation(setup, tmp_path):
 
 def test_table_json_and_readme(setup, tmp_path):
     root = setup.cache_root
-    sweep = bl.sweep_path(setup.model.cfg.model_name, "cad", root)
+    sweep = sweep_path(setup.model.cfg.model_name, "cad", root)
     records = sweep_method(setup.model, [CAD(1.0)], DEV[:2], POOL, n_shots=2, progress=False)
-    bl.save_method_sweep(records, sweep, {})
+    save_method_sweep(records, sweep, {})
     out = tmp_path / "baselines"
     config = EvaluationConfig(seeds=(0,), n_shots=2, max_new_tokens=2)
     table, results = bl.run_table(
@@ -408,7 +418,7 @@ def test_table_json_and_readme(setup, tmp_path):
     predictions.write_text(real.replace('"question": "', '"question": "other '))
     bl.run_table(setup, ["icl"], config=config, n_items=2, out_dir=out, reuse=True)
     assert predictions.read_text() == real  # saved for other questions: re-run
-    from spare_tl.results_doc import results_document
+    from spare_tl.cli.docs import results_document
 
     text, missing = results_document(tmp_path)  # the baselines section reads out/<m>.json
     assert table.splitlines()[0] in text and not any(m.startswith("baselines") for m in missing)
@@ -416,31 +426,34 @@ def test_table_json_and_readme(setup, tmp_path):
 
 
 def test_cli_method_option(setup, tmp_path, monkeypatch, capsys):
-    from spare_tl import cli_commands, embedded
     from spare_tl.cli import build_parser, main
+    from spare_tl.cli import commands as cli_commands
+    from spare_tl.stages import memorised
 
-    assert set(cli_commands.EVALUATE_METHODS) == set(bl.METHODS)
+    assert set(cli_commands.EVALUATE_METHODS) == set(METHODS)
     parser = build_parser()
     args = parser.parse_args(["evaluate", "--output", "x.json"])
     assert args.method == "spare"
-    for name in bl.METHODS:
+    for name in METHODS:
         assert parser.parse_args(["evaluate", "--output", "x", "--method", name]).method == name
     with pytest.raises(SystemExit):
         parser.parse_args(["evaluate", "--output", "x", "--method", "dola"])
     capsys.readouterr()
-    args = bl.build_parser().parse_args(["sweep", "--method", "actadd", "--layer-sets", "1-2"])
-    assert args.method == "actadd" and bl.parse_layer_set(args.layer_sets[0]) == (
+    args = _baselines_parser().parse_args(
+        ["baselines", "sweep", "--method", "actadd", "--layer-sets", "1-2"]
+    )
+    assert args.method == "actadd" and parse_layer_set(args.layer_sets[0]) == (
         "resid_post",
         [1, 2],
     )
-    assert bl.parse_layer_set("attn_out:20-21") == ("attn_out", [20, 21])
+    assert parse_layer_set("attn_out:20-21") == ("attn_out", [20, 21])
 
     monkeypatch.setattr(
         cli_commands,
         "load_steering_setup",
         lambda *a: (setup.model, setup.features, setup.saes),
     )
-    monkeypatch.setattr(embedded, "memorised_split", lambda *a, **k: PoolSplit(POOL, HELD_OUT, 0))
+    monkeypatch.setattr(memorised, "memorised_split", lambda *a, **k: PoolSplit(POOL, HELD_OUT, 0))
     output = tmp_path / "cad.json"
     argv = ["evaluate", "--output", str(output), "--seeds", "0", "--n-items", "2", "--shots", "2"]
     code = main([*argv, "--method", "cad", "--hyperparameters", '{"alpha": -0.5}'])
@@ -450,6 +463,76 @@ def test_cli_method_option(setup, tmp_path, monkeypatch, capsys):
     assert "method cad" in capsys.readouterr().out
     code = main([*argv, "--method", "actadd", "--sweep", str(tmp_path / "missing.json")])
     assert code == 2 and "no development sweep" in capsys.readouterr().err
+
+
+def _baselines_parser():
+    """``spare-tl`` with only the ``baselines`` registrar."""
+    import argparse
+
+    from spare_tl.cli import baselines as cli_baselines
+
+    parser = argparse.ArgumentParser(prog="spare-tl")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    cli_baselines.register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_baselines_command_line(setup, tmp_path, monkeypatch, capsys):
+    from spare_tl.cli import baselines as cli_baselines
+    from spare_tl.studies import baseline_setup
+
+    assert cli_baselines.METHODS == baseline_setup.METHODS
+    assert cli_baselines.DEFAULT_COEFFICIENTS == baseline_setup.DEFAULT_COEFFICIENTS
+    assert cli_baselines.DEFAULT_ALPHAS == baseline_setup.DEFAULT_ALPHAS
+    parser = _baselines_parser()
+    table = parser.parse_args(["baselines", "table"])
+    assert (table.command, table.baselines_command, table.func) == (
+        "baselines",
+        "table",
+        cli_baselines.run,
+    )
+    assert table.methods == list(METHODS) and table.seeds == [0, 1, 2, 3, 4]
+    assert table.n_items == 40 and not table.verbose and not table.reuse
+    assert parser.parse_args(["baselines", "-v", "table"]).verbose
+    assert parser.parse_args(["-v", "baselines", "table"]).verbose
+    with pytest.raises(SystemExit):
+        parser.parse_args(["baselines", "sweep", "--method", "spare"])  # SpARE has its own
+    capsys.readouterr()
+
+    output = tmp_path / "sweep-cad.json"
+    argv = ["baselines", "sweep", "--method", "cad", "--alphas", "0.5", "--n-items", "2"]
+    args = parser.parse_args([*argv, "--shots", "2", "--output", str(output)])
+    assert cli_baselines._sweep_command(args, setup) == 0
+    saved = json.loads(output.read_text())
+    assert [r["hyperparameters"] for r in saved["records"][1:]] == [
+        {"alpha": 0.5},
+        {"alpha": -0.5},
+    ]
+    assert saved["config"]["candidates"] == [{"alpha": 0.5}] and saved["config"]["n_items"] == 2
+    assert f"wrote {output}" in capsys.readouterr().out
+
+    monkeypatch.setenv("SPARE_TL_CACHE", str(tmp_path / "cache"))
+    argv = ["baselines", "table", "--methods", "none", "icl", "--n-items", "2", "--seeds", "0"]
+    args = parser.parse_args([*argv, "--shots", "2"])
+    assert cli_baselines._table_command(args, setup) == 0
+    printed = capsys.readouterr().out
+    regenerate = "Regenerate: `spare-tl baselines table --methods none icl --n-items 2 --seeds 0`"
+    assert regenerate in printed and "| icl * |" in printed
+    out = tmp_path / "cache" / "tiny-llama" / "baselines"
+    rows = json.loads((out / "table.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["none", "icl"]
+
+
+def test_the_old_module_path_keeps_its_names():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import spare_tl.baselines as old
+    assert old is bl
+    for name in ("ActAdd", "CAD", "BaselineSetup", "evaluate_method", "run_table", "table_rows"):
+        assert getattr(old, name) is not None
+    assert old.ActAdd is ActAdd and old.sweep_method is sweep_method and old.METHODS == METHODS
 
 
 def test_no_steering_is_a_method():
@@ -489,12 +572,12 @@ def test_shared_no_steering_gives_the_same_result(setup):
 # ------------------------------------------------------------------ the shared-prefix harness
 
 
-@pytest.mark.parametrize("name", bl.METHODS)
+@pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("batch_size", [2, 4])
 def test_shared_prefix_answers_equal_full_prompt_passes(setup, name, batch_size):
     """Every method, every condition: the same answers from the shared prompt pass as from a
     full prompt pass per condition (5 items: batches of 2, 2, 1 or 4, 1)."""
-    from spare_tl.harness import Condition, answer_conditions
+    from spare_tl.stages.harness import Condition, answer_conditions
 
     method = setup.make(name, SETTINGS[name])
     demos = evaluation_demonstrations(HELD_OUT, POOL, 2, seed=0)
@@ -517,8 +600,8 @@ def test_shared_prefix_answers_equal_full_prompt_passes(setup, name, batch_size)
 def test_shared_prefix_edits_the_last_prompt_token_of_every_batch(setup):
     """Steering hooks start fresh in each batch: two equal-sized batches in a row are both
     edited (a leaked hook state would take the second for a KV-cache step)."""
-    from spare_tl.harness import Condition, answer_conditions
-    from spare_tl.steering import LastPromptPositionHook, attach_hooks
+    from spare_tl.methods.spare import LastPromptPositionHook, attach_hooks
+    from spare_tl.stages.harness import Condition, answer_conditions
 
     hooks: list[LastPromptPositionHook] = []
 
@@ -541,7 +624,7 @@ def test_shared_prefix_edits_the_last_prompt_token_of_every_batch(setup):
 
 
 def test_shared_prefix_times_the_prefix_once(setup):
-    from spare_tl.harness import Condition, answer_conditions
+    from spare_tl.stages.harness import Condition, answer_conditions
 
     seconds: dict[str, float] = {}
     demos = evaluation_demonstrations(HELD_OUT, POOL, 2, seed=0)
@@ -559,7 +642,7 @@ def test_shared_prefix_times_the_prefix_once(setup):
 
 
 def test_harness_refuses_duplicate_names_and_own_decoders_on_ready_prompts(setup):
-    from spare_tl.harness import Condition, answer_conditions, answer_prompts
+    from spare_tl.stages.harness import Condition, answer_conditions, answer_prompts
 
     demos = evaluation_demonstrations(HELD_OUT, POOL, 2, seed=0)
     with pytest.raises(ValueError, match="unique"):

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from spare_tl.cli import build_parser, main
-from spare_tl.pipeline import PipelineConfig, run_pipeline
+from spare_tl.stages.pipeline import PipelineConfig, run_pipeline
 from spare_tl.testing import save_tiny_hf_llama
 
 COMMANDS = [
@@ -86,11 +86,11 @@ def test_config_reproduces_the_committed_features():
     (the features stage must not overwrite it with another setting)."""
     import torch
 
-    from spare_tl.activations import LayerStatistics
     from spare_tl.cache import REPO_ROOT
     from spare_tl.embedded import DEFAULT_FEATURES, EMBEDDED_DIR
     from spare_tl.features import FunctionalFeatures
-    from spare_tl.pipeline import features_from_config
+    from spare_tl.stages.activations import LayerStatistics
+    from spare_tl.stages.pipeline import features_from_config
 
     config = PipelineConfig.from_file(REPO_ROOT / "configs" / "smollm2.toml")
 

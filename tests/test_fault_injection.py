@@ -19,15 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from spare_tl import behaviours as behaviours_mod
 from spare_tl import cache
-from spare_tl import memorised as memorised_mod
 from spare_tl.cli import error_line
 from spare_tl.data.schema import ConflictItem, write_conflict_jsonl
 from spare_tl.errors import CacheError, SAEMismatchError
 from spare_tl.features import FunctionalFeatures
-from spare_tl.pipeline import PipelineConfig, run_pipeline
 from spare_tl.saes import SAEError, load_saes_for_layers
+from spare_tl.stages import behaviours as behaviours_mod
+from spare_tl.stages import memorised as memorised_mod
+from spare_tl.stages.pipeline import PipelineConfig, run_pipeline
 from spare_tl.testing import tiny_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -447,7 +447,7 @@ def test_cache_verify_finds_every_damaged_file(reference, tmp_path, capsys):
 
 
 def _steer_once(world, features, saes):
-    from spare_tl.steering import steer
+    from spare_tl.methods.spare import steer
 
     model = world["model"]
     tokens = model.to_tokens(["context: x\nquestion: y\nanswer:"])

@@ -15,17 +15,17 @@ import pytest
 import torch
 
 from spare_tl import viz as F
-from spare_tl.activations import LayerStatistics
-from spare_tl.behaviours import GroupedPrompts
 from spare_tl.features import FunctionalFeatures, select_functional_features
-from spare_tl.inspector import (
+from spare_tl.stages.activations import LayerStatistics
+from spare_tl.stages.behaviours import GroupedPrompts
+from spare_tl.viz import build_report, classify_result, load_report_inputs
+from spare_tl.viz.inspector import (
     inspect_feature,
     latent_statistics,
     layer_drivers,
     logit_lens,
     top_activating_prompts,
 )
-from spare_tl.viz import build_report, classify_result, load_report_inputs
 
 torch.set_num_threads(1)
 D_SAE = 64
@@ -56,7 +56,7 @@ def statistics() -> dict[int, LayerStatistics]:
 
 @pytest.fixture(scope="module")
 def features(statistics) -> FunctionalFeatures:
-    from spare_tl.activations import functional_features
+    from spare_tl.stages.activations import functional_features
 
     return functional_features(statistics, model_name="tiny-llama", proportion=0.2)
 
@@ -215,7 +215,7 @@ def test_behaviour_table():
     assert list(fig.data[1].y) == [25.0, 25.0, 50.0, 50.0]
     assert list(fig.data[0].customdata) == [4, 4, 2, 2]
     # the paper's record objects give the same shares
-    from spare_tl.original import OriginalPromptRecord
+    from spare_tl.studies.original import OriginalPromptRecord
 
     orig = [
         OriginalPromptRecord(
@@ -370,7 +370,7 @@ def test_report_is_self_contained(statistics, features):
 def test_report_shows_the_memory_sets_layers(statistics):
     import dataclasses
 
-    from spare_tl.activations import functional_features
+    from spare_tl.stages.activations import functional_features
 
     main = functional_features(statistics, model_name="tiny-llama", proportion=0.2, layers=[1])
     memory_set = functional_features(
@@ -480,11 +480,11 @@ BASELINE_COUNTS = {
 
 def write_baselines(directory) -> dict[str, dict]:
     """``<method>.json`` (EvaluationResult.save), a sweep file and ``table.json`` written by
-    ``run_table`` itself (reusing the saved results), as ``python -m spare_tl.baselines``."""
+    ``run_table`` itself (reusing the saved results), as ``spare-tl baselines``."""
     from types import SimpleNamespace
 
-    from spare_tl import baselines as bl
-    from spare_tl.evaluation import EvaluationConfig, EvaluationResult, summarise
+    from spare_tl.stages.evaluation import EvaluationConfig, EvaluationResult, summarise
+    from spare_tl.studies import baselines as bl
 
     config = EvaluationConfig(seeds=(0, 1), n_shots=3)
     relations = ["capital", "capital", "author", "author"]
@@ -538,9 +538,9 @@ def write_baselines(directory) -> dict[str, dict]:
 
 
 def write_probes(directory, *, with_sae: bool = True) -> dict:
-    """The files of ``spare_tl.probes.run_probe_study``, written by its own classes."""
-    from spare_tl import probes as P
+    """The files of ``spare_tl.studies.probes.run_probe_study``, written by its own classes."""
     from spare_tl.cache import write_json
+    from spare_tl.studies import probes as P
 
     config = {"n_questions": 12, "n_prompts": 24, "test_fraction": 0.25, "seeds": [0, 1]}
     config["Cs"] = list(P.DEFAULT_CS)
@@ -636,7 +636,7 @@ def _n_figures(page: str) -> int:
 
 
 def test_method_comparison(tmp_path):
-    from spare_tl.baselines import table_rows
+    from spare_tl.studies.baselines import table_rows
 
     results = write_baselines(tmp_path / "baselines")
     table = json.loads((tmp_path / "baselines" / "table.json").read_text())
@@ -738,7 +738,7 @@ def test_report_baselines_from_method_results_without_table(tmp_path):
 def test_report_says_when_baselines_and_probes_are_absent(tmp_path):
     from types import SimpleNamespace
 
-    from spare_tl.probes import ConditionalResult
+    from spare_tl.studies.probes import ConditionalResult
 
     saved = write_probes(tmp_path / "probes", with_sae=False)
     for name in ("latents.json", "conditional/results.json"):

@@ -22,8 +22,8 @@ N_ITEMS = 48
 def test_committed_features_steer_held_out_conflicts_both_ways(embedded_model):
     if not (DEFAULT_FEATURES / "features.json").exists() or not DEFAULT_SAES.exists():
         pytest.fail(f"the committed features/SAEs are missing from {DEFAULT_FEATURES.parent}")
-    from spare_tl.embedded import memorised_split
-    from spare_tl.evaluation import EvaluationConfig, evaluate
+    from spare_tl.stages.evaluation import EvaluationConfig, evaluate
+    from spare_tl.stages.memorised import memorised_split
 
     model, features, saes = load_steering_setup(model=embedded_model)
     split = memorised_split(model, features, "builtin", progress=False)
@@ -51,8 +51,8 @@ def test_committed_features_steer_held_out_conflicts_both_ways(embedded_model):
 def test_shared_prefix_evaluation_gives_the_full_prompt_pass_answers(embedded_model):
     """The shared-prefix harness changes no answer of the embedded model (fp32): the same
     generated text as one full prompt pass per condition, in all three conditions."""
-    from spare_tl.embedded import memorised_split
-    from spare_tl.evaluation import EvaluationConfig, evaluate
+    from spare_tl.stages.evaluation import EvaluationConfig, evaluate
+    from spare_tl.stages.memorised import memorised_split
 
     model, features, saes = load_steering_setup(model=embedded_model)
     split = memorised_split(model, features, "builtin", progress=False)

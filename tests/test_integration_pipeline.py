@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from spare_tl.behaviours import BehaviourConfig
 from spare_tl.data.datasets import load_dataset
 from spare_tl.data.schema import write_conflict_jsonl
-from spare_tl.evaluation import EvaluationConfig
 from spare_tl.features import FunctionalFeatures
-from spare_tl.pipeline import PipelineConfig, run_pipeline
+from spare_tl.stages.behaviours import BehaviourConfig
+from spare_tl.stages.evaluation import EvaluationConfig
+from spare_tl.stages.pipeline import PipelineConfig, run_pipeline
 from spare_tl.testing import tiny_sae
 
 pytestmark = pytest.mark.integration

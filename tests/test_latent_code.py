@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from spare_tl.activations import collect_activations, feature_statistics, functional_features
 from spare_tl.features import FunctionalFeatures, LayerFeatures
-from spare_tl.pipeline import PipelineConfig
+from spare_tl.methods.spare import spare_edit, steer
 from spare_tl.saes import encode_latents, is_topk
-from spare_tl.steering import spare_edit, steer
-from spare_tl.sweep import combine_sweeps, save_sweep
+from spare_tl.stages.activations import collect_activations, feature_statistics, functional_features
+from spare_tl.stages.pipeline import PipelineConfig
+from spare_tl.stages.sweep import combine_sweeps, save_sweep
 from spare_tl.testing import tiny_sae
 from tests.test_pipeline_stages import _synthetic_grouped
 
@@ -77,7 +77,7 @@ def test_the_edit_uses_the_features_latent_code(sae):
 def test_the_steering_hook_edits_with_the_features_latent_code(sae):
     """The hook behind steer() edits a relu_pre set with the relu_pre code (it once fell back
     to the SAE's own encode when it moved the features to the residual's device)."""
-    from spare_tl.steering import LastPromptPositionEdit
+    from spare_tl.methods.spare import LastPromptPositionEdit
 
     resid = torch.randn(3, 4, 32, generator=torch.Generator().manual_seed(5))
     for code in ("relu_pre", "encode"):

@@ -1,14 +1,14 @@
 from __future__ import annotations
 
-from spare_tl import memorised as memorised_mod
-from spare_tl.conflict_table import to_markdown
 from spare_tl.data.schema import ConflictItem
-from spare_tl.memorised import (
+from spare_tl.stages import memorised as memorised_mod
+from spare_tl.stages.memorised import (
     MemorisedSet,
     closed_book_demonstrations,
     dataset_key,
     find_memorised,
 )
+from spare_tl.studies.conflict_table import to_markdown
 
 
 def _items(n: int) -> list[ConflictItem]:

@@ -1,4 +1,4 @@
-"""Importing the SpARE paper's published cache (``spare_tl.original``).
+"""Importing the SpARE paper's published cache (``spare_tl.studies.original``).
 
 Tests on the real cache are skipped (with the reason) when ``../shared/reference/
 spare-original-cache`` is absent; everything else runs on small synthetic files in the same
@@ -17,7 +17,7 @@ import torch
 
 from spare_tl.cli import main as cli_main
 from spare_tl.features import FunctionalFeatures, LayerFeatures
-from spare_tl.original import (
+from spare_tl.studies.original import (
     PAPER_SETTINGS,
     MalformedCacheError,
     OriginalCache,
@@ -492,7 +492,7 @@ def _remap(features: FunctionalFeatures, mapping: dict[int, int]) -> FunctionalF
 def test_imported_llama3_features_steer_a_tiny_model(reference_cache: Path, tiny_model):
     """The paper's Llama-3-8B layers 13-16 moved onto a tiny model's layers 0-3, with random
     131072-latent SAEs: steering runs, edits every layer and changes the output."""
-    from spare_tl.steering import steer
+    from spare_tl.methods.spare import steer
     from spare_tl.testing import tiny_sae
 
     imported = import_original(

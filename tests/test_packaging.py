@@ -88,16 +88,16 @@ def test_seeding_copies_a_shipped_stage_once_and_never_writes_the_shipped_folder
     before = {p: p.stat().st_mtime_ns for p in shipped.rglob("*")}
 
     user = tmp_path / "user"
-    embedded._seed_from_shipped("m/memorised/builtin-abc", user)
+    embedded.seed_from_shipped("m/memorised/builtin-abc", user)
     copied = user / "m" / "memorised" / "builtin-abc"
     assert sorted(p.name for p in copied.iterdir()) == ["config.json", "predictions.jsonl"]
     assert (copied / "predictions.jsonl").read_text() == '{"a": 1}\n'
     (copied / "predictions.jsonl").write_text("recomputed\n")
-    embedded._seed_from_shipped("m/memorised/builtin-abc", user)  # present: left alone
+    embedded.seed_from_shipped("m/memorised/builtin-abc", user)  # present: left alone
     assert (copied / "predictions.jsonl").read_text() == "recomputed\n"
-    embedded._seed_from_shipped("m/memorised/other", user)  # nothing shipped: nothing
+    embedded.seed_from_shipped("m/memorised/other", user)  # nothing shipped: nothing
     assert not (user / "m" / "memorised" / "other").exists()
-    embedded._seed_from_shipped("m/memorised/builtin-abc", shipped)  # the cache is the source
+    embedded.seed_from_shipped("m/memorised/builtin-abc", shipped)  # the cache is the source
     assert {p: p.stat().st_mtime_ns for p in shipped.rglob("*")} == before
     assert not [p for p in copied.parent.iterdir() if p.name.startswith(".")]
 
@@ -116,9 +116,10 @@ def audit(event, args):
 sys.addaudithook(audit)
 import spare_tl
 from spare_tl import cache, embedded
+from spare_tl.stages.memorised import memorised_split
 
 model, features, saes = spare_tl.load_steering_setup()
-split = embedded.memorised_split(model, features, progress=False)
+split = memorised_split(model, features, progress=False)
 print(json.dumps({
     "package": spare_tl.__file__,
     "shipped_root": str(embedded.SHIPPED_ROOT),

@@ -5,18 +5,23 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spare_tl import behaviours as behaviours_mod
-from spare_tl.activations import (
+from spare_tl.data.schema import ConflictItem
+from spare_tl.features import FunctionalFeatures, select_functional_features
+from spare_tl.methods.spare import steer
+from spare_tl.stages import behaviours as behaviours_mod
+from spare_tl.stages.activations import (
     collect_activations,
     feature_statistics,
     functional_features,
     last_position_resid,
 )
-from spare_tl.behaviours import BehaviourConfig, GroupedPrompts, group_prompts, require_groups
-from spare_tl.data.schema import ConflictItem
-from spare_tl.evaluation import EvaluationConfig, evaluate
-from spare_tl.features import FunctionalFeatures, select_functional_features
-from spare_tl.steering import steer
+from spare_tl.stages.behaviours import (
+    BehaviourConfig,
+    GroupedPrompts,
+    group_prompts,
+    require_groups,
+)
+from spare_tl.stages.evaluation import EvaluationConfig, evaluate
 from spare_tl.testing import tiny_sae
 
 
@@ -180,7 +185,7 @@ def test_evaluate_both_directions(tiny_model, tmp_path):
 
 
 def test_sweep_on_the_development_set(tiny_model, tmp_path):
-    from spare_tl.sweep import best_settings, features_from_sweep, grid, save_sweep, sweep
+    from spare_tl.stages.sweep import best_settings, features_from_sweep, grid, save_sweep, sweep
 
     grouped = _synthetic_grouped("tiny-llama")
     acts = collect_activations(tiny_model, grouped, [1, 2], cache_root=tmp_path, progress=False)
@@ -218,8 +223,8 @@ def test_sweep_on_the_development_set(tiny_model, tmp_path):
 
 
 def test_windows_grid_neither_cap_and_oracle_shares():
-    from spare_tl.scan import ScanResult
-    from spare_tl.sweep import Setting, best_settings, grid, oracle_shares, windows
+    from spare_tl.stages.scan import ScanResult
+    from spare_tl.stages.sweep import Setting, best_settings, grid, oracle_shares, windows
 
     assert windows([19, 20, 21, 22], sizes=(2, 3)) == [
         (19, 20), (20, 21), (21, 22), (19, 20, 21), (20, 21, 22)
@@ -256,9 +261,9 @@ def test_windows_grid_neither_cap_and_oracle_shares():
 def test_attention_output_statistics_and_a_memory_set_there(tiny_model, tmp_path):
     """Activations and statistics at another site are cached apart from the residual's; a
     to-memory set at the attention output round-trips and loads its SAEs by hook name."""
-    from spare_tl.activations import directional_features
-    from spare_tl.pipeline import PipelineConfig
     from spare_tl.saes import load_saes_for_hooks
+    from spare_tl.stages.activations import directional_features
+    from spare_tl.stages.pipeline import PipelineConfig
 
     grouped = _synthetic_grouped("tiny-llama")
     resid = collect_activations(tiny_model, grouped, [1], cache_root=tmp_path, progress=False)

@@ -2,32 +2,39 @@
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import plotly.graph_objects as go
 import pytest
 import torch
 
-from spare_tl import probes as P
+from spare_tl.cli import probes as cli_probes
 from spare_tl.data.schema import ConflictItem
 from spare_tl.features import FunctionalFeatures, LayerFeatures
-from spare_tl.figures import probe_quality_by_layer
 from spare_tl.generation import greedy_generate
-from spare_tl.probes import (
-    ConflictProbe,
+from spare_tl.layer_spec import parse_layers
+from spare_tl.methods.conflict_probe import ConflictProbe
+from spare_tl.methods.spare import resid_post_hook_name, steer
+from spare_tl.studies import probe_data
+from spare_tl.studies import probes as P
+from spare_tl.studies.probe_data import (
     ProbeDataset,
-    ProbeResults,
     build_probe_dataset,
-    conflict_latents,
-    evaluate_conditional,
-    fit_conflict_probe,
-    parse_layers,
     probe_prompts,
-    run_probe_study,
     split_by_question,
+)
+from spare_tl.studies.probe_training import (
+    DEFAULT_CS,
+    LayerProbeScores,
+    ProbeResults,
+    conflict_latents,
+    fit_conflict_probe,
     train_probes,
 )
-from spare_tl.steering import resid_post_hook_name, steer
+from spare_tl.studies.probes import evaluate_conditional, run_probe_study
 from spare_tl.testing import tiny_model, tiny_sae
+from spare_tl.viz import probe_quality_by_layer
 
 D_MODEL, D_SAE = 32, 128
 EDIT_LAYERS = (1, 2)
@@ -156,7 +163,7 @@ def test_build_probe_dataset_shapes_codes_and_cache(model, tmp_path, monkeypatch
     def boom(*args, **kwargs):
         raise AssertionError("recomputed instead of loading the cache")
 
-    monkeypatch.setattr(P, "last_position_resid", boom)
+    monkeypatch.setattr(probe_data, "last_position_resid", boom)
     again = build_probe_dataset(model, items, pool, [1, 2], **kwargs)
     for layer in (1, 2):
         assert torch.equal(again.resid[layer], ds.resid[layer])
@@ -191,7 +198,7 @@ def test_probe_learns_a_planted_signal_and_is_at_chance_on_noise(tmp_path):
     signal, noise = results.layers[2], results.layers[1]
     assert signal.auroc_mean > 0.99 and signal.accuracy_mean > 0.95
     assert abs(noise.auroc_mean - 0.5) < 0.2 and abs(noise.accuracy_mean - 0.5) < 0.2
-    assert len(signal.auroc) == 2 and all(c in P.DEFAULT_CS for c in signal.C)
+    assert len(signal.auroc) == 2 and all(c in DEFAULT_CS for c in signal.C)
     assert results.best_layer() == 2 and results.best_layer(max_layer=1) == 1
     with pytest.raises(ValueError, match="<= 0"):
         results.best_layer(max_layer=0)
@@ -454,7 +461,7 @@ def test_run_probe_study_end_to_end_and_readme(model, tmp_path, monkeypatch):
         assert (out / path).exists(), path
     assert sorted(study.resid.layers) == [0, 1, 2] and sorted(study.sae.layers) == [1, 2]
     assert study.probe.layer <= 1 and sorted(study.latents) == [1, 2]
-    table = study.table()
+    table = cli_probes.study_table(study)
     assert "| layer | residual accuracy" in table and "steer when the probe flags" in table
     assert "Deployed probe: layer" in table
 
@@ -464,21 +471,30 @@ def test_run_probe_study_end_to_end_and_readme(model, tmp_path, monkeypatch):
     monkeypatch.setattr(P, "evaluate_conditional", boom)
     monkeypatch.setattr(P, "train_probes", boom)
     again = run_probe_study(model, features, saes, pool, evaluation, **kwargs)
-    assert again.table() == table
+    assert cli_probes.study_table(again) == table
 
 
-def test_parse_layers_and_cli_arguments(monkeypatch):
+def test_parse_layers_and_cli_arguments():
     assert parse_layers(["6-9"]) == [6, 7, 8, 9]
     assert parse_layers(["3", "1,2", "5-6"]) == [1, 2, 3, 5, 6]
     for bad in (["x"], ["5-3"], []):
         with pytest.raises(ValueError):
             parse_layers(bad)
-    seen = {}
-    monkeypatch.setattr(P, "_run", lambda args: seen.setdefault("args", args) and 0)
-    P.main(["run", "--layers", "6-20", "--n-items", "10", "--no-readme"])
-    args = seen["args"]
+    parser = argparse.ArgumentParser(prog="spare-tl")
+    cli_probes.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["probes", "--layers", "6-20", "--n-items", "10", "--no-readme"])
+    assert args.func is cli_probes._run and args.command == "probes"
     assert args.layers == ["6-20"] and args.n_items == 10 and args.direction == "memory"
-    assert args.seeds == [0, 1, 2, 3, 4] and args.no_readme
+    assert args.seeds == [0, 1, 2, 3, 4] and args.no_readme and args.dtype == "auto"
+    old = parser.parse_args(["probes", "run", "--layers", "6", "8", "--eval-seeds", "0"])
+    assert old.layers == ["6", "8"] and old.eval_seeds == [0]  # the old `run` word parses
+
+
+def test_the_study_module_re_exports_the_library_names():
+    for name in P.__all__:
+        assert hasattr(P, name), name
+    assert P.ConflictProbe is ConflictProbe and P.ProbeResults is ProbeResults
+    assert P.build_probe_dataset is build_probe_dataset and P.parse_layers is parse_layers
 
 
 # ---------------------------------------------------------------------------- figure
@@ -489,7 +505,7 @@ def test_probe_quality_figure_structure():
         features="resid",
         model_name="synthetic",
         layers={
-            k: P.LayerProbeScores(k, [0.5, 0.6 * k], [0.55, 0.45 * k], [0.1, 0.1], [3, 4])
+            k: LayerProbeScores(k, [0.5, 0.6 * k], [0.55, 0.45 * k], [0.1, 0.1], [3, 4])
             for k in (1, 2)
         },
     )

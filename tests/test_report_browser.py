@@ -175,7 +175,7 @@ def synthetic_results() -> list[tuple[str, object]]:
 
 
 def test_report_renders_in_chromium(chromium, reference_cache, tmp_path):
-    from spare_tl.original import OriginalCache
+    from spare_tl.studies.original import OriginalCache
 
     original = OriginalCache(reference_cache / "Meta-Llama-3-8B")
     page = build_report(results=synthetic_results(), original=original, top_n=500)

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import json
 
-from spare_tl.evaluation import summarise
-from spare_tl.results import relation_table, results_table, reusable
-from spare_tl.results_doc import headline, results_document
+from spare_tl.cli.docs import headline, relation_table, results_document, results_table
+from spare_tl.stages.evaluation import summarise
+from spare_tl.studies.results import reusable
 
 
 def _result(conditions, labels_by_cond):

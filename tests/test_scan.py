@@ -1,16 +1,16 @@
-"""The steerability scan (spare_tl.scan) on a tiny random model."""
+"""The steerability scan (spare_tl.stages.scan) on a tiny random model."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from spare_tl.activations import last_position_activations
 from spare_tl.data.prompts import conflict_prompt
-from spare_tl.evaluation import development_items, evaluation_demonstrations
 from spare_tl.generation import _tokenize
-from spare_tl.harness import Condition, NoSteering, answer_prompts
-from spare_tl.scan import (
+from spare_tl.stages.activations import last_position_activations
+from spare_tl.stages.evaluation import development_items, evaluation_demonstrations
+from spare_tl.stages.harness import Condition, NoSteering, answer_prompts
+from spare_tl.stages.scan import (
     DonorPatch,
     ScanConfig,
     ScanResult,
@@ -101,7 +101,7 @@ def test_row_patches_need_the_shared_prefix(tiny_model):
 
 def test_scan_is_cached_and_recomputed_on_new_questions(tiny_model, tmp_path, monkeypatch):
     first = cached_scan(tiny_model, DEV, POOL, CONFIG, root=tmp_path, progress=False)
-    import spare_tl.scan as scan_module
+    import spare_tl.stages.scan as scan_module
 
     def boom(*a, **k):
         raise AssertionError("recomputed")
@@ -144,7 +144,7 @@ def test_config_and_development_items_are_checked():
 
 
 def test_scan_figure(tiny_model):
-    from spare_tl.figures import steerability_scan as figure
+    from spare_tl.viz import steerability_scan as figure
 
     result = steerability_scan(tiny_model, DEV[:2], POOL, CONFIG, progress=False)
     fig = figure(result, highlight_layers=[2])
@@ -163,7 +163,7 @@ def test_cli_scan_arguments():
 
 
 def test_report_draws_the_scan_beside_the_mutual_information(tiny_model):
-    from spare_tl.report import build_report
+    from spare_tl.viz import build_report
 
     result = steerability_scan(tiny_model, DEV[:2], POOL, CONFIG, progress=False)
     page = build_report(scan=result)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spare_tl.features import FunctionalFeatures, LayerFeatures
-from spare_tl.steering import (
+from spare_tl.methods.spare import (
     EditStats,
     LastPromptPositionEdit,
     resid_post_hook_name,
@@ -472,7 +472,7 @@ def test_attention_output_site_is_edited_where_the_features_were_found(model):
 
 
 def test_probe_must_precede_an_attention_output_edit_in_its_block(model):
-    from spare_tl.probes import ConflictProbe
+    from spare_tl.studies.probes import ConflictProbe
 
     features = _attn_features(layers=(2,))
     saes = {"blocks.2.hook_attn_out": tiny_sae("blocks.2.hook_attn_out", seed=2)}

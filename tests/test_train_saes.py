@@ -8,16 +8,15 @@ import re
 import pytest
 import torch
 
+from spare_tl.cli.train_saes import format_metrics_table
 from spare_tl.data.schema import ConflictItem
 from spare_tl.saes import load_sae, validate_sae
-from spare_tl.testing import tiny_model
-from spare_tl.train_saes import (
+from spare_tl.stages.train_saes import (
     METRICS_FILE,
     SAETrainingConfig,
     _runner_config,
     activation_moments,
     evaluate_saes,
-    format_metrics_table,
     initial_training_saes,
     load_metrics,
     pack_prompt_aligned,
@@ -26,6 +25,7 @@ from spare_tl.train_saes import (
     split_items,
     train_saes,
 )
+from spare_tl.testing import tiny_model
 
 CITIES = ["Paris", "Tokyo", "Rome", "Cairo", "Lima", "Oslo", "Kyiv", "Quito", "Seoul", "Doha"]
 COUNTRIES = ["France", "Japan", "Italy", "Egypt", "Peru", "Norway", "Ukraine", "Ecuador"]

@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from spare_tl import behaviours as behaviours_mod
 from spare_tl import cache
-from spare_tl import memorised as memorised_mod
 from spare_tl.cli import error_line, main
 from spare_tl.errors import CacheError, SAEMismatchError
-from spare_tl.memorised import dataset_key, find_memorised
+from spare_tl.stages import behaviours as behaviours_mod
+from spare_tl.stages import memorised as memorised_mod
+from spare_tl.stages.memorised import dataset_key, find_memorised
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EMBEDDED = cache.REPO_ROOT / "cache_data" / "smollm2-135m-instruct"
@@ -114,7 +114,7 @@ def test_row2_read_jsonl_never_drops_a_cut_off_last_line(tmp_path):
 
 
 def test_row3_a_half_appended_unit_is_redone_not_counted(tiny_model, tmp_path, monkeypatch):
-    from spare_tl.behaviours import BehaviourConfig, group_prompts
+    from spare_tl.stages.behaviours import BehaviourConfig, group_prompts
 
     pool = _items(6)
     config = BehaviourConfig(shots=(1,), seeds=(0, 1, 2), demo_types=("dss",), max_new_tokens=2)
@@ -143,7 +143,7 @@ def test_row3_a_half_appended_unit_is_redone_not_counted(tiny_model, tmp_path, m
 
 
 def test_row4_seed1_statistics_are_never_served_as_seed0(tiny_model, tmp_path, monkeypatch):
-    from spare_tl.activations import Activations, feature_statistics
+    from spare_tl.stages.activations import Activations, feature_statistics
     from spare_tl.testing import tiny_sae
 
     torch.manual_seed(0)
@@ -173,7 +173,7 @@ def test_row4_seed1_statistics_are_never_served_as_seed0(tiny_model, tmp_path, m
 
 
 def test_row5_flipped_bytes_in_committed_statistics_are_refused(tmp_path):
-    from spare_tl.activations import LayerStatistics
+    from spare_tl.stages.activations import LayerStatistics
 
     layer_dir = tmp_path / "layer14"
     shutil.copytree(EMBEDDED / "mutual_information" / "layer14", layer_dir)
@@ -192,8 +192,8 @@ def test_row5_flipped_bytes_in_committed_statistics_are_refused(tmp_path):
 def test_row6_permuted_sae_latents_are_refused_naming_the_layer():
     from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES
     from spare_tl.features import FunctionalFeatures, sae_fingerprint
+    from spare_tl.methods.spare import _check_same_sae
     from spare_tl.saes import load_sae
-    from spare_tl.steering import _check_same_sae
 
     features = FunctionalFeatures.load(DEFAULT_FEATURES)
     layer = max(features.layers)  # a layer of the committed set
@@ -227,7 +227,7 @@ def test_row6_every_committed_feature_layer_records_its_committed_sae():
 
 def test_row7_nan_edit_strength_never_reaches_features_json(tmp_path):
     from spare_tl.features import FunctionalFeatures
-    from spare_tl.pipeline import PipelineConfig
+    from spare_tl.stages.pipeline import PipelineConfig
 
     for bad in (float("nan"), float("inf"), -1.0):
         with pytest.raises(ValueError, match="finite"):
@@ -353,7 +353,7 @@ def test_row10_counts_and_empty_strings_are_refused(capsys, no_model):
 
 def test_row11_nothing_memorised_says_so(tiny_model, tmp_path, monkeypatch):
     from spare_tl.data.schema import write_conflict_jsonl
-    from spare_tl.pipeline import PipelineConfig, run_pipeline
+    from spare_tl.stages.pipeline import PipelineConfig, run_pipeline
 
     monkeypatch.setattr(memorised_mod, "greedy_generate", lambda m, p, **k: ["?"] * len(p))
     monkeypatch.setattr(behaviours_mod, "generate_and_score", None)

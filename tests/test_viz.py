@@ -10,8 +10,9 @@ import pytest
 
 import spare_tl.figures as old_figures
 import spare_tl.report as old_report
-from spare_tl import saved_studies, viz
-from spare_tl.probes import LayerProbeScores, ProbeResults
+from spare_tl import viz
+from spare_tl.studies import saved as saved_studies
+from spare_tl.studies.probes import LayerProbeScores, ProbeResults
 from spare_tl.viz import (
     browser,
     figures_behaviour,
@@ -60,9 +61,9 @@ def test_old_report_paths_give_the_new_objects():
 def test_the_report_command_is_registered_from_viz_and_loads_lightly():
     from spare_tl.cli import REGISTRARS
 
-    assert "spare_tl.viz.report_cli:register" in REGISTRARS
+    assert "spare_tl.cli.report:register" in REGISTRARS
     assert "spare_tl.report:register" not in REGISTRARS
-    code = "import sys, spare_tl.viz.report_cli; print('plotly' in sys.modules)"
+    code = "import sys, spare_tl.cli.report; print('plotly' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -137,14 +138,14 @@ def _section(page: str, start: str, end: str | None = None) -> str:
 
 
 def test_report_sections_are_built_from_typed_data_without_markdown(monkeypatch):
-    import spare_tl.baselines
-    import spare_tl.probes
+    import spare_tl.cli.probes
+    import spare_tl.studies.baselines
 
     def no_markdown(*args, **kwargs):
         raise AssertionError("the report must not write (and parse back) Markdown")
 
-    monkeypatch.setattr(spare_tl.baselines, "baseline_table", no_markdown)
-    monkeypatch.setattr(spare_tl.probes, "probes_table", no_markdown)
+    monkeypatch.setattr(spare_tl.studies.baselines, "baseline_table", no_markdown)
+    monkeypatch.setattr(spare_tl.cli.probes, "probes_table", no_markdown)
     for module in (old_report, report_page, report_tables):
         assert not hasattr(module, "_markdown_table") and not hasattr(module, "_markdown_html")
 

@@ -6,9 +6,9 @@ renders ``org_context`` from a template with the true answer, then draws a subst
 answer of the same relation (seeded, deterministic) and renders ``sub_context`` from the
 *same* template, so every mention of the answer is replaced, NQ-Swap style.
 
-    python -m spare_tl.data.build_builtin                 # rebuild conflicts-v1.jsonl
-    python -m spare_tl.data.build_builtin --check         # exit 1 if the shipped file differs
-    python -m spare_tl.data.build_builtin --cross-check   # compare tables with PyPI data packages
+    spare-tl data build-builtin                 # rebuild conflicts-v1.jsonl
+    spare-tl data build-builtin --check         # exit 1 if the shipped file differs
+    spare-tl data build-builtin --cross-check   # compare tables with PyPI data packages
 
 The cross-check needs ``countryinfo``, ``pycountry``, ``us`` and ``periodictable``; they are
 only used here, never at runtime.
@@ -16,11 +16,9 @@ only used here, never at runtime.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -305,56 +303,8 @@ def cross_check(tables: Sequence[RelationTable]) -> dict[str, list[str]]:
     return report
 
 
-def _relation_counts(items: Sequence[ConflictItem]) -> dict[str, int]:
+def relation_counts(items: Sequence[ConflictItem]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for item in items:
         counts[item.relation] = counts.get(item.relation, 0) + 1
     return counts
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", type=Path, default=OUTPUT)
-    parser.add_argument("--seed", type=int, default=SEED)
-    parser.add_argument(
-        "--check", action="store_true", help="do not write; exit 1 if --output differs"
-    )
-    parser.add_argument(
-        "--cross-check",
-        action="store_true",
-        help="compare the tables with countryinfo, pycountry, us and periodictable",
-    )
-    args = parser.parse_args(argv)
-
-    tables = load_tables()
-    items = build_items(tables, args.seed)
-    text = to_jsonl(items)
-    for relation, n in _relation_counts(items).items():
-        print(f"{relation:24s} {n:5d}")
-    print(f"{'total':24s} {len(items):5d}")
-
-    if args.cross_check:
-        try:
-            report = cross_check(tables)
-        except ImportError as err:
-            print(
-                f"cross-check skipped: {err} (pip install countryinfo pycountry us periodictable)"
-            )
-        else:
-            for relation, notes in report.items():
-                n = len(next(t for t in tables if t.relation == relation).facts)
-                print(f"cross-check {relation}: {len(notes)} notes over {n} facts")
-                for note in notes:
-                    print(f"    {note}")
-
-    if args.check:
-        same = args.output.exists() and args.output.read_text(encoding="utf-8") == text
-        print(f"{args.output}: {'up to date' if same else 'DIFFERS from a fresh build'}")
-        return 0 if same else 1
-    write_atomic(text, args.output)
-    print(f"wrote {args.output}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

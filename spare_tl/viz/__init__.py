@@ -10,7 +10,7 @@ the studies' rows) and returns a ``plotly`` ``Figure`` or HTML; nothing below im
 - :mod:`~spare_tl.viz.figures_behaviour`, :mod:`~spare_tl.viz.figures_probes`,
   :mod:`~spare_tl.viz.figures_scan`: grouped prompts, conflict probes, steerability scan;
 - :mod:`~spare_tl.viz.report_inputs` (reads the cache), :mod:`~spare_tl.viz.report_tables`
-  and :mod:`~spare_tl.viz.report_page` (the page), :mod:`~spare_tl.viz.report_cli`
+  and :mod:`~spare_tl.viz.report_page` (the page), :mod:`~spare_tl.cli.report`
   (``spare-tl report``), :mod:`~spare_tl.viz.browser` (headless Chromium).
 
 The names below load on first use, so ``spare-tl --help`` does not import plotly.

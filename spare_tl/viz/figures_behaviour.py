@@ -23,7 +23,7 @@ DEMO_TYPE_NAMES = {
 def behaviour_shares(grouped: Any) -> list[dict[str, Any]]:
     """Rows {demo_type, shots, n, context, memory, neither (%)} from grouped prompts.
 
-    Accepts :class:`~spare_tl.behaviours.GroupedPrompts`, the paper's
+    Accepts :class:`~spare_tl.stages.behaviours.GroupedPrompts`, the paper's
     ``OriginalPromptRecord`` list, record dictionaries, or rows of ``GroupedPrompts.table()``.
     """
     if hasattr(grouped, "table"):

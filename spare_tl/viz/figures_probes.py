@@ -36,7 +36,7 @@ def probe_quality_by_layer(
     """Conflict-probe accuracy and AUROC on held-out questions per layer (mean ± std over
     split seeds), for probes on the residual stream and on SAE latents.
 
-    Takes :class:`spare_tl.probes.ProbeResults` or their ``to_json()`` dictionaries.
+    Takes :class:`spare_tl.studies.probes.ProbeResults` or their ``to_json()`` dictionaries.
     """
     fig = make_subplots(
         rows=1,

@@ -32,7 +32,7 @@ def steerability_scan(
     (residual solid, attention output dashed, MLP output dotted), with no patch as dotted
     horizontal lines. Bottom panel (with ``statistics``): the layer's total mutual
     information of the SAE latents with the behaviour. ``scan`` is a
-    :class:`spare_tl.scan.ScanResult` or its JSON.
+    :class:`spare_tl.stages.scan.ScanResult` or its JSON.
     """
     data = scan.to_json() if hasattr(scan, "to_json") else dict(scan)
     rows = data["rows"]

@@ -250,11 +250,11 @@ def layer_steering_effect(
 
 
 def _method_rows(rows_or_results: Any) -> list[Mapping[str, Any]]:
-    """Rows of :func:`spare_tl.baselines.table_rows` from rows, ``table.json`` or results."""
+    """Rows of :func:`spare_tl.studies.baselines.table_rows` from rows, ``table.json`` or results."""
     if isinstance(rows_or_results, Mapping):
         if isinstance(rows_or_results.get("rows"), list):  # table.json
             return list(rows_or_results["rows"])
-        from spare_tl.baselines import table_rows
+        from spare_tl.studies.baselines import table_rows
 
         return table_rows({k: as_json(v) for k, v in rows_or_results.items()})
     return list(rows_or_results)
@@ -266,10 +266,10 @@ def method_comparison(
     title: str | None = None,
 ) -> go.Figure:
     """EM_C steering to context and EM_M steering to memory per method (%, mean ± std over
-    seeds): the comparison table of :mod:`spare_tl.baselines` as bars.
+    seeds): the comparison table of :mod:`spare_tl.studies.baselines` as bars.
 
-    Takes the rows of :func:`spare_tl.baselines.table_rows`, the ``table.json`` dictionary
-    that :func:`spare_tl.baselines.run_table` writes, or its method → result mapping. For
+    Takes the rows of :func:`spare_tl.studies.baselines.table_rows`, the ``table.json`` dictionary
+    that :func:`spare_tl.studies.baselines.run_table` writes, or its method → result mapping. For
     ``none`` both bars are the unsteered scores.
     """
     rows = _method_rows(rows_or_results)

@@ -3,7 +3,7 @@
 :func:`load_report_inputs` reads the library's saved stages (functional features, per-layer
 statistics, evaluation results, grouped prompts, the steerability scan) and the optional
 studies (the baselines' table, the conflict-probe study, through
-:mod:`spare_tl.saved_studies`); a part left out defaults to ``cache_data/<model>/<stage>``.
+:mod:`spare_tl.studies.saved`); a part left out defaults to ``cache_data/<model>/<stage>``.
 Nothing raises for a missing part: :attr:`ReportInputs.missing` says what and why.
 """
 
@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from spare_tl import cache
-from spare_tl.activations import LayerStatistics
-from spare_tl.behaviours import GroupedPrompts
 from spare_tl.errors import first_line
 from spare_tl.features import FunctionalFeatures
 from spare_tl.models import EMBEDDED_MODEL as DEFAULT_MODEL
-from spare_tl.original import OriginalCache
-from spare_tl.saved_studies import SavedProbeStudy, load_baselines, load_probe_study
-from spare_tl.scan import ScanResult
+from spare_tl.stages.activations import LayerStatistics
+from spare_tl.stages.behaviours import GroupedPrompts
+from spare_tl.stages.scan import ScanResult
+from spare_tl.studies.original import OriginalCache
+from spare_tl.studies.saved import SavedProbeStudy, load_baselines, load_probe_study
 
 __all__ = ["DEFAULT_MODEL", "ReportInputs", "load_report_inputs"]
 
@@ -77,8 +77,8 @@ def load_report_inputs(
 ) -> ReportInputs:
     """Read the report's inputs; a part left out defaults to ``cache_data/<model>/<stage>``.
 
-    ``baselines`` and ``probes`` (the folders :mod:`spare_tl.baselines` and
-    :mod:`spare_tl.probes` write) default to ``cache_data/<model>/baselines`` and
+    ``baselines`` and ``probes`` (the folders :mod:`spare_tl.studies.baselines` and
+    :mod:`spare_tl.studies.probes` write) default to ``cache_data/<model>/baselines`` and
     ``.../probes``, or to the functional features' model's folder when only that one has them.
     Nothing raises for a missing or unreadable part: it is recorded in ``missing``.
     """

@@ -20,9 +20,8 @@ import plotly.graph_objects as go
 from plotly.offline import get_plotlyjs
 
 from spare_tl.errors import first_line
-from spare_tl.inspector import layer_drivers
-from spare_tl.original import PAPER_SETTINGS
-from spare_tl.saved_studies import SavedProbeStudy
+from spare_tl.studies.original import PAPER_SETTINGS
+from spare_tl.studies.saved import SavedProbeStudy
 from spare_tl.viz.figures_behaviour import behaviour_table
 from spare_tl.viz.figures_features import layerwise_mutual_information, mutual_information_scatter
 from spare_tl.viz.figures_probes import probe_quality_by_layer
@@ -33,6 +32,7 @@ from spare_tl.viz.figures_steering import (
     steering_results,
     steering_sweep,
 )
+from spare_tl.viz.inspector import layer_drivers
 from spare_tl.viz.plotting import CONDITION_NAMES, clean_mutual_information
 from spare_tl.viz.report_tables import (
     baselines_html,
@@ -173,9 +173,9 @@ def build_report(
     ``results``: (name, JSON) pairs or a name → JSON mapping of evaluation results, sweeps
     ({proportion, edit_strength, direction, EM_C, EM_M} lists) or per-layer records;
     ``grouped``: GroupedPrompts; ``baselines``: the ``table.json`` dictionary of
-    :func:`spare_tl.baselines.run_table` or its method → result mapping; ``probes``: a
-    :class:`SavedProbeStudy` or :class:`spare_tl.probes.ProbeStudy`; ``original``: an
-    ``OriginalCache`` (the paper's data); ``scan``: a :class:`spare_tl.scan.ScanResult`, drawn
+    :func:`spare_tl.studies.baselines.run_table` or its method → result mapping; ``probes``: a
+    :class:`SavedProbeStudy` or :class:`spare_tl.studies.probes.ProbeStudy`; ``original``: an
+    ``OriginalCache`` (the paper's data); ``scan``: a :class:`spare_tl.stages.scan.ScanResult`, drawn
     beside the layer-wise mutual information. Parts not given are listed in the page's "missing"
     box together with ``missing``; the baselines and the probe study, optional studies, only
     say so in their own sections.
@@ -322,7 +322,7 @@ def _baselines_section(page: _Page, baselines: Mapping[str, Any] | None, notes: 
     page.add("<h2>Baselines</h2>")
     if not baselines:
         page.add(
-            "<p class='missing'>No baselines (<code>python -m spare_tl.baselines table</code> "
+            "<p class='missing'>No baselines (<code>spare-tl baselines table</code> "
             "writes them).</p>"
         )
         return
@@ -348,7 +348,7 @@ def _probes_section(page: _Page, probes: SavedProbeStudy | Any | None, notes: li
     page.add("<h2>Detecting the conflict</h2>")
     if probes is None:
         page.add(
-            "<p class='missing'>No conflict probes (<code>python -m spare_tl.probes run</code> "
+            "<p class='missing'>No conflict probes (<code>spare-tl probes run</code> "
             "writes them).</p>"
         )
         return

@@ -1,8 +1,8 @@
 """The report's HTML tables, each built from typed data (rows, results, JSON of the stages).
 
 Nothing here reads Markdown: the baselines' table comes from the rows of
-:func:`spare_tl.baselines.table_rows` (``table.json``'s ``rows``), the probe study's tables
-from its :class:`~spare_tl.probes.ProbeResults` and :class:`~spare_tl.probes.ConditionalResult`.
+:func:`spare_tl.studies.baselines.table_rows` (``table.json``'s ``rows``), the probe study's tables
+from its :class:`~spare_tl.studies.probes.ProbeResults` and :class:`~spare_tl.studies.probes.ConditionalResult`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from spare_tl.features import FunctionalFeatures
-from spare_tl.probes import CONDITION_NAMES as GATE_CONDITION_NAMES
-from spare_tl.probes import CONDITIONS as GATE_CONDITIONS
-from spare_tl.probes import ConditionalResult, ConflictProbe, ProbeResults
-from spare_tl.steering import DIRECTIONS
+from spare_tl.methods.spare import DIRECTIONS
+from spare_tl.studies.probes import CONDITION_NAMES as GATE_CONDITION_NAMES
+from spare_tl.studies.probes import CONDITIONS as GATE_CONDITIONS
+from spare_tl.studies.probes import ConditionalResult, ConflictProbe, ProbeResults
 from spare_tl.viz.plotting import CONDITION_NAMES
 
 __all__ = [
@@ -141,14 +141,14 @@ def counts_html(features: FunctionalFeatures) -> str:
 def baseline_rows(
     baselines: Mapping[str, Any],
 ) -> tuple[list[Mapping[str, Any]], dict[str, Any]]:
-    """The rows of :func:`spare_tl.baselines.table_rows` and the protocol (model, dataset,
+    """The rows of :func:`spare_tl.studies.baselines.table_rows` and the protocol (model, dataset,
     n_items, demo_type, seeds) from ``table.json`` or a method → result mapping."""
     if isinstance(baselines.get("rows"), list):  # table.json
         protocol = dict(baselines.get("protocol") or {})
         if baselines.get("model") is not None:
             protocol["model"] = baselines["model"]
         return list(baselines["rows"]), protocol
-    from spare_tl.baselines import table_rows  # loads the harness: only for raw results
+    from spare_tl.studies.baselines import table_rows  # loads the harness: only for raw results
 
     first = next(iter(baselines.values()))
     keys = ("model", "dataset", "n_items", "demo_type", "seeds")

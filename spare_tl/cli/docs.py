@@ -1,0 +1,338 @@
+"""``spare-tl docs``: regenerate ``docs/results.md`` from the saved JSON, nothing else.
+
+Every number on that page is read from ``cache_data/<model>/`` (held-out results, baselines,
+development sweep, steerability scan, conflict probes); each section names the command that
+regenerates its JSON. Missing parts are listed, not invented. The README only links here.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from spare_tl import cache
+from spare_tl.studies.results import CASES
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+COMMANDS = {
+    "results": "spare-tl results --n-items 200 --seeds 0 1 2 3 4 --cases doo dso dss",
+    "sweep": "spare-tl sweep configs/smollm2.toml ... --write-features",
+    "scan": "spare-tl scan configs/smollm2.toml --n-items 128 --sites resid_post attn_out",
+    "probes": "spare-tl probes run --layers 6-20 --seeds 0 1 2 3 4 --n-items 40 "
+    "--probe-items 500 --eval-seeds 0 1 2",
+}
+
+
+def _cell(d: dict[str, Any], key: str) -> str:
+    """``mean ± std [low, high]``: over seeds, and the 95 % bootstrap interval over questions
+    (when the result has intervals)."""
+    text = f"{d[key]:.1f} ± {d[key + '_std']:.1f}"
+    ci = d.get("intervals", {}).get(key, {}).get("ci95")
+    return text + (f" [{ci['low']:.1f}, {ci['high']:.1f}]" if ci else "")
+
+
+def _versus(d: dict[str, Any], key: str) -> str:
+    """Steered minus no steering in ``key`` (points) with the paired bootstrap p-value."""
+    test = d.get("intervals", {}).get(key, {}).get("vs_no_steering")
+    if not test:
+        return "–"
+    pb = test["paired_bootstrap"]
+    p = pb["p_value"]  # resolution 1 / resamples (2,000)
+    shown = "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
+    return f"{pb['difference']:+.1f} [{pb['low']:+.1f}, {pb['high']:+.1f}], {shown}"
+
+
+TARGET = {"steer_to_context": "EM_C", "steer_to_memory": "EM_M"}
+
+
+def results_table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown table: one row per (demonstrations, condition), from the saved results JSON."""
+    lines = [
+        "| demonstrations | condition | EM_C (context answer) | EM_M (memory answer) | "
+        "neither | steered − none, target metric |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for demo_type, data in results.items():
+        for cond in CASES[demo_type]:
+            d = data[cond]
+            versus = _versus(d, TARGET[cond]) if cond in TARGET else "–"
+            lines.append(
+                f"| {demo_type} | {cond.replace('_', ' ')} | {_cell(d, 'EM_C')} | "
+                f"{_cell(d, 'EM_M')} | {d['neither']:.1f} | {versus} |"
+            )
+    first = next(iter(results.values()))
+    feats = first.get("features", {})
+    mem = feats.get("to_memory")
+    if mem:
+        setting = (
+            f"to context layers {feats.get('layers')}, K = {feats.get('proportion')}, "
+            f"α = {feats.get('edit_strength')}; to memory layers {mem.get('layers')}, "
+            f"K = {mem.get('proportion')}, α = {mem.get('edit_strength')}."
+        )
+    else:
+        a_mem = feats.get("edit_strength_to_memory") or feats.get("edit_strength")
+        setting = (
+            f"layers {feats.get('layers')}, K = {feats.get('proportion')}, "
+            f"α = {feats.get('edit_strength')} to context / {a_mem} to memory."
+        )
+    lines += [
+        "",
+        f"{first['model']}, built-in dataset: {first['n_items']} held-out memorised questions, "
+        f"seeds {first['seeds']}; mean ± std over seeds (%), [95 % bootstrap interval over "
+        "questions]; last column: steered minus no steering in the direction's target (EM_C "
+        "to context, EM_M to memory), points, with its paired-bootstrap interval and p-value "
+        f"(questions resampled jointly). Features: {setting}",
+    ]
+    if "transitions" in results.get("doo", {}):
+        t = results["doo"]["transitions"]
+        parts = [f"{k} {v['mean']:.1f}" for k, v in t.items()]
+        lines.append(f"Transitions with doo demonstrations (%): {', '.join(parts)}.")
+    return "\n".join(lines)
+
+
+def relation_table(result: dict[str, Any]) -> str:
+    """Markdown table of one case's per-relation EM_C / EM_M by condition."""
+    per = result.get("per_relation", {})
+    conds = [c for c in ("no_steering", "steer_to_context", "steer_to_memory") if c in result]
+    head = " | ".join(f"{c.replace('_', ' ')} EM_C / EM_M" for c in conds)
+    lines = [f"| relation | n | {head} |", "|---|---:|" + "---:|" * len(conds)]
+    for rel, data in per.items():
+        n = next(iter(data.values()))["n"]
+        cells = " | ".join(f"{data[c]['EM_C']:.1f} / {data[c]['EM_M']:.1f}" for c in conds)
+        lines.append(f"| {rel} | {n} | {cells} |")
+    return "\n".join(lines)
+
+
+def _results_section(directory: Path, missing: list[str]) -> list[str]:
+    results = {
+        case: cache.read_json(directory / f"{case}.json")
+        for case in CASES
+        if (directory / f"{case}.json").is_file()
+    }
+    if not results:
+        missing.append(f"held-out results: no <case>.json in {directory}")
+        return []
+    out = ["## Held-out results", "", results_table(results), ""]
+    if "doo" in results:
+        out += ["Per relation, doo demonstrations (% of rows over all seeds):", ""]
+        out += [relation_table(results["doo"]), ""]
+    out += [f"Regenerate the JSON: `{COMMANDS['results']}`.", ""]
+    return out
+
+
+def _baselines_section(directory: Path, missing: list[str]) -> list[str]:
+    from spare_tl.studies.baselines import METHODS, baseline_table
+
+    results = {
+        m: cache.read_json(directory / f"{m}.json")
+        for m in METHODS
+        if (directory / f"{m}.json").is_file()
+    }
+    if not results:
+        missing.append(f"baselines: no <method>.json in {directory}")
+        return []
+    first = next(iter(results.values()))
+    seeds = " ".join(map(str, first["seeds"]))
+    command = (
+        f"spare-tl baselines table --methods {' '.join(results)} "
+        f"--n-items {first['n_items']} --seeds {seeds}"
+    )
+    out = ["## Against the baselines", ""]
+    stale = _stale_spare(results.get("spare"), directory.parent / "functional_features")
+    if stale:
+        out += [f"**Out of date:** {stale}", ""]
+    return [
+        *out,
+        baseline_table(results),  # with its own caption: questions, seeds, settings, time
+        "",
+        f"Regenerate the JSON: `{command}`.",
+        "",
+    ]
+
+
+def _stale_spare(spare: Mapping[str, Any] | None, features_dir: Path) -> str | None:
+    """Why the table's SpARE row is not the committed feature set, or None when it is."""
+    if spare is None or not (features_dir / "features.json").is_file():
+        return None
+    from spare_tl.features import FunctionalFeatures
+    from spare_tl.stages.evaluation import features_summary
+
+    now = features_summary(FunctionalFeatures.load(features_dir))
+    if spare.get("features") == now:
+        return None
+    return (
+        "this table was made with an earlier feature set (SpARE's row: "
+        f"layers {spare.get('features', {}).get('layers')}); the committed set edits layers "
+        f"{now['layers']} to context and {now.get('to_memory', now)['layers']} to memory. "
+        "Rerun the command below to compare them."
+    )
+
+
+def _sweep_section(path: Path, missing: list[str]) -> list[str]:
+    if not path.is_file():
+        missing.append(f"development sweep: no {path}")
+        return []
+    data = cache.read_json(path)
+    config = data.get("config", {})
+    records = data.get("records", [])
+    base = next((r for r in records if r["direction"] == "none"), None)
+    lines = ["## Development sweep", ""]
+    if base:
+        cap = config.get("max_neither_rise")
+        lines.append(
+            f"{config.get('dev_set', 'development questions')}. No steering: EM_C "
+            f"{base['EM_C']:.1f}, EM_M {base['EM_M']:.1f}, neither {base['neither']:.1f} "
+            f"(n = {base['n']}); {len(records) - 1} settings (site, layer window, K, α, "
+            "direction)"
+            + (f"; a chosen setting breaks at most {cap:g} points more answers." if cap else ".")
+        )
+        lines.append("")
+    oracle = data.get("oracle") or {}
+    for direction, best in data.get("best", {}).items():
+        key = "EM_C" if direction == "context" else "EM_M"
+        line = (
+            f"- best to {direction}: {best.get('site') or 'resid_post'} layers "
+            f"{best['layers']}, K = {best['proportion']}, α = {best['edit_strength']}: "
+            f"{key} {best[key]:.1f}, neither {best['neither']:.1f}"
+        )
+        o = oracle.get(direction)
+        if o:
+            share = (
+                f"**{100 * o['share']:.0f} % of the oracle's gain**"
+                if o["share"] is not None
+                else "no share: the donor gains too little there to be a ceiling"
+            )
+            line += (
+                f"; the scan's oracle at the same site and layers reaches {key} "
+                f"{o['oracle_EM']:.1f} ({o['oracle_gain']:+.1f}), SpARE {o['spare_gain']:+.1f}: "
+                f"{share}"
+            )
+        lines.append(line)
+    command = config.get("command", COMMANDS["sweep"])
+    return [*lines, "", f"Saved at `{path.name}`; regenerate: `{command}`.", ""]
+
+
+def _scan_section(directory: Path, missing: list[str]) -> list[str]:
+    from spare_tl.stages.scan import ScanResult, scan_table
+
+    if not (directory / "scan.json").is_file():
+        missing.append(f"steerability scan: no scan.json in {directory}")
+        return []
+    scan = ScanResult.load(directory)
+    lines = [
+        "## Steerability scan",
+        "",
+        "EM on development questions after replacing the activation at the last prompt "
+        "position of one layer and site with a donor run's (M<-site: EM_M with the closed-book "
+        "memory donor; C<-site: EM_C with the dss context donor). The oracle for any edit "
+        "at that place.",
+        "",
+        "```",
+        scan_table(scan),
+        "```",
+        "",
+    ]
+    for direction in ("memory", "context"):
+        lines.append(
+            f"- steerable to {direction} (residual patch reaching at least half the best "
+            f"gain): layers {scan.steerable_layers(direction)}"
+        )
+    donors = ", ".join(
+        f"{d} donor EM_C {v['EM_C']:.1f} / EM_M {v['EM_M']:.1f}" for d, v in scan.donors.items()
+    )
+    lines += [
+        f"- what the donor runs answer themselves: {donors}",
+        "",
+        "![Steerability scan beside the layer-wise mutual information](img/steerability_scan.png)",
+        "",
+        "(The picture is `spare_tl.viz.steerability_scan(scan, statistics)`, as in "
+        "`spare-tl report`; shaded: the layers the committed features edit.)",
+    ]
+    return [*lines, "", f"Regenerate: `{COMMANDS['scan']}`.", ""]
+
+
+def _probes_section(directory: Path, missing: list[str]) -> list[str]:
+    from spare_tl.cli.probes import probes_table
+    from spare_tl.studies.saved import load_probe_study
+
+    study = load_probe_study(directory, missing)
+    if study is None or study.resid is None:
+        return []
+    table = probes_table(
+        study.resid,
+        study.sae,
+        probe=study.probe,
+        latents=None,
+        conditional=study.conditional,
+    )
+    return ["## Detecting the conflict", "", table, "", f"Regenerate: `{COMMANDS['probes']}`.", ""]
+
+
+def results_document(model_dir: Path) -> tuple[str, list[str]]:
+    """The Markdown of ``docs/results.md`` and the parts that were missing."""
+    model_dir = Path(model_dir)
+    missing: list[str] = []
+    lines = [
+        "# Results",
+        "",
+        f"Generated by `spare-tl docs` from the JSON in `cache_data/{model_dir.name}/`; do "
+        "not edit by hand. Every table says how many questions and seeds it rests on; the "
+        "method is in [method.md](method.md), timings in [benchmarks.md](benchmarks.md).",
+        "",
+    ]
+    lines += _results_section(model_dir / "results", missing)
+    lines += _baselines_section(model_dir / "baselines", missing)
+    lines += _scan_section(model_dir / "scan", missing)
+    lines += _sweep_section(model_dir / "sweep" / "sweep.json", missing)
+    lines += _probes_section(model_dir / "probes", missing)
+    if missing:
+        lines += ["## Not available", "", *[f"- {m}" for m in missing], ""]
+    return "\n".join(lines), missing
+
+
+def headline(model_dir: Path) -> str | None:
+    """One status line with the doo case's steered numbers and their intervals."""
+    path = Path(model_dir) / "results" / "doo.json"
+    if not path.is_file():
+        return None
+    data: Mapping[str, Any] = cache.read_json(path)
+
+    def cell(cond: str, key: str) -> str:
+        d = data[cond]
+        ci = d.get("intervals", {}).get(key, {}).get("ci95")
+        return f"{d[key]:.1f} %" + (f" [{ci['low']:.1f}, {ci['high']:.1f}]" if ci else "")
+
+    return (
+        f"EM_C {cell('no_steering', 'EM_C')} → {cell('steer_to_context', 'EM_C')} steering to "
+        f"context; EM_M {cell('no_steering', 'EM_M')} → {cell('steer_to_memory', 'EM_M')} "
+        f"steering to memory ({data['n_items']} held-out questions × {len(data['seeds'])} "
+        "seeds, doo demonstrations, 95 % intervals over questions)"
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("docs", help="regenerate docs/results.md from the saved JSON")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model folder under the cache root")
+    p.add_argument("--output", default="docs/results.md", help="where to write the page")
+    p.set_defaults(func=_docs_command)
+
+
+def _docs_command(args: argparse.Namespace) -> int:
+    from spare_tl import checks
+
+    output = checks.output_file(args.output)
+    model_dir = cache.default_cache_root() / cache.model_slug(args.model)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"no cached results for {args.model} in {model_dir}")
+    text, missing = results_document(model_dir)
+    output.write_text(text)
+    print(f"wrote {output} ({len(text.splitlines())} lines)")
+    for m in missing:
+        print(f"missing: {m}")
+    line = headline(model_dir)
+    if line:
+        print(f"status: {line}")
+    return 0

@@ -1,0 +1,425 @@
+"""The baselines' steering methods, each a :class:`~spare_tl.methods.base.SteeringMethod`
+that answers ``(items, demonstrations, direction)`` in SpARE's harness:
+
+- ``icl``: in-context learning, ``dss`` demonstrations to steer to context and ``dso`` to
+  steer to memory (the same sampled demonstration questions; not an inference-time method).
+- ``actadd``: mean difference of the two behaviour groups' last-position residuals
+  (μ_C − μ_M from the grouped prompts SpARE uses, unweighted), added with a coefficient at the
+  last prompt position of each chosen layer (minus it to steer to memory).
+- ``taskvec`` (Hendel et al. 2023): the mean last-position residual at one layer of
+  ``n_prompts`` ICL prompts built on the pool (``dss`` to context, ``dso`` to memory; 3
+  demonstrations from the rest of the pool) replaces the test prompt's last-position
+  residual at that layer.
+- ``cad`` (context-aware decoding, Shi et al. 2024): greedy decoding on
+  (1 + α)·log p(y | context, x) − α·log p(y | x), α > 0 to context and α < 0 to memory; the
+  context-free prompt is the same prompt with the test item's context line removed (the
+  demonstrations stay). Two KV caches per batch.
+
+The hook-style methods edit the last prompt position once before decoding
+(:class:`spare_tl.methods.hooks.LastPromptPositionHook`), like SpARE, so they cost no extra
+forward pass per generated token; CAD costs one. :class:`PerDirection` joins two settings of
+one method (each direction's dev-best). The pure parts of fitting the vectors live here
+(:func:`mean_difference`, :func:`task_vector_prompts`); running the model for them is
+:mod:`spare_tl.studies.baseline_setup`'s.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from spare_tl.data.prompts import conflict_prompt, sample_demonstrations
+from spare_tl.data.schema import ConflictItem
+from spare_tl.generation import _last_logits, _tokenize, left_pad, stop_token_ids
+from spare_tl.methods.base import PromptMethod, SteeringMethod
+from spare_tl.methods.hooks import (
+    Direction,
+    LastPromptPositionHook,
+    attach_hooks,
+    resid_post_hook_name,
+)
+from spare_tl.methods.hooks import check_direction as _check_direction
+from spare_tl.saes import DEFAULT_SITE, check_site, site_hook_name
+
+__all__ = [
+    "CAD",
+    "ICL",
+    "TASK_VECTOR_PROMPTS",
+    "ActAdd",
+    "PerDirection",
+    "TaskVector",
+    "add_vector",
+    "cad_generate",
+    "contrastive_scores",
+    "mean_difference",
+    "prompt_without_context",
+    "replace_with",
+    "task_vector_prompts",
+]
+
+TASK_VECTOR_PROMPTS = 16
+
+
+class ICL(PromptMethod):
+    """In-context learning: the same demonstration questions shown as ``dss`` (to context)
+    or ``dso`` (to memory). Not an inference-time intervention; reported as the paper does."""
+
+    name = "icl"
+    inference_time = False
+    DEMO_TYPE: ClassVar[dict[str, str]] = {"context": "dss", "memory": "dso"}
+
+    def hyperparameters(self, direction: Direction) -> dict[str, Any]:
+        return {"demo_type": self.DEMO_TYPE[direction]}
+
+    def prompts(self, items, demonstrations, direction, demo_type) -> list[str]:
+        if direction is None:
+            return super().prompts(items, demonstrations, None, demo_type)
+        return super().prompts(items, demonstrations, None, self.DEMO_TYPE[direction])
+
+
+class _HookMethod(PromptMethod):
+    """A method that adds ``(hook_name, hook)`` pairs for the duration of generation."""
+
+    def hooks(self, model, direction: Direction) -> list[tuple[str, Callable[..., Any]]]:
+        raise NotImplementedError
+
+    def steering(self, model, direction: Direction) -> AbstractContextManager[Any]:
+        return attach_hooks(model, self.hooks(model, direction))
+
+
+def _check_layer(model, layer: int) -> None:
+    if not 0 <= layer < model.cfg.n_layers:
+        raise ValueError(f"layer {layer} is outside the model's {model.cfg.n_layers} layers")
+
+
+def _check_vector(model, vector: Tensor, what: str) -> None:
+    if vector.shape != (model.cfg.d_model,):
+        raise ValueError(f"{what} has shape {tuple(vector.shape)}, not ({model.cfg.d_model},)")
+
+
+def add_vector(
+    vector: Float[Tensor, " d_model"],
+) -> Callable[[Float[Tensor, "batch d_model"]], Float[Tensor, "batch d_model"]]:
+    """The pure edit h ↦ h + v (ActAdd)."""
+    return lambda resid: resid + vector.to(device=resid.device, dtype=resid.dtype)
+
+
+def replace_with(
+    vector: Float[Tensor, " d_model"],
+) -> Callable[[Float[Tensor, "batch d_model"]], Float[Tensor, "batch d_model"]]:
+    """The pure edit h ↦ v (a task-vector patch)."""
+    return lambda resid: vector.to(device=resid.device, dtype=resid.dtype).expand_as(resid)
+
+
+@dataclass
+class ActAdd(_HookMethod):
+    """Add ``± coefficient · (μ_C − μ_M)`` at the last prompt position of each layer's
+    ``site`` (the residual by default, or the attention / MLP output, as SpARE's edit).
+
+    ``vectors[layer]`` is μ_C − μ_M at that site (see :func:`mean_difference`); to context the
+    vector is added, to memory subtracted. Coefficient 0 adds no hook at all.
+    """
+
+    vectors: Mapping[int, Float[Tensor, " d_model"]]
+    layers: tuple[int, ...]
+    coefficient: float
+    site: str = DEFAULT_SITE
+    name: ClassVar[str] = "actadd"
+
+    def __post_init__(self) -> None:
+        check_site(self.site)
+        self.layers = tuple(sorted(int(layer) for layer in self.layers))
+        missing = [layer for layer in self.layers if layer not in self.vectors]
+        if missing or not self.layers:
+            raise ValueError(f"no mean-difference vector for layer(s) {missing or '(none given)'}")
+        if not math.isfinite(self.coefficient):
+            raise ValueError(f"coefficient must be finite, got {self.coefficient}")
+
+    def hyperparameters(self, direction: Direction) -> dict[str, Any]:
+        hp: dict[str, Any] = {"layers": list(self.layers), "coefficient": self.coefficient}
+        return hp | ({"site": self.site} if self.site != DEFAULT_SITE else {})
+
+    def hooks(self, model, direction: Direction) -> list[tuple[str, Callable[..., Any]]]:
+        if self.coefficient == 0:
+            return []
+        sign = 1.0 if direction == "context" else -1.0
+        out = []
+        for layer in self.layers:
+            _check_layer(model, layer)
+            _check_vector(model, self.vectors[layer], f"the layer-{layer} vector")
+            delta = sign * self.coefficient * self.vectors[layer].float()
+            hook = site_hook_name(layer, self.site)
+            out.append((hook, LastPromptPositionHook(add_vector(delta))))
+        return out
+
+
+@dataclass
+class TaskVector(_HookMethod):
+    """Patch the task vector of ``direction`` into the last prompt position at ``layer``."""
+
+    vectors: Mapping[str, Float[Tensor, " d_model"]]  # by direction, at `layer`
+    layer: int
+    n_prompts: int = TASK_VECTOR_PROMPTS
+    name: ClassVar[str] = "taskvec"
+
+    def hyperparameters(self, direction: Direction) -> dict[str, Any]:
+        return {"layer": self.layer, "n_prompts": self.n_prompts}
+
+    def hooks(self, model, direction: Direction) -> list[tuple[str, Callable[..., Any]]]:
+        _check_layer(model, self.layer)
+        vector = self.vectors[direction]
+        _check_vector(model, vector, f"the {direction} task vector")
+        return [(resid_post_hook_name(self.layer), LastPromptPositionHook(replace_with(vector)))]
+
+
+def prompt_without_context(
+    item: ConflictItem, demonstrations: Sequence[ConflictItem], demo_type: str
+) -> str:
+    """The evaluation prompt with the test item's ``context:`` line removed."""
+    full = conflict_prompt(item, demonstrations, demo_type)
+    line = f"context: {item.sub_context}\n"
+    cut = full.rindex(line)
+    return full[:cut] + full[cut + len(line) :]
+
+
+def contrastive_scores(
+    logits_with_context: Float[Tensor, "batch vocab"],
+    logits_without_context: Float[Tensor, "batch vocab"],
+    alpha: float,
+) -> Float[Tensor, "batch vocab"]:
+    """CAD's next-token scores, (1 + α)·log p(y|c, x) − α·log p(y|x) up to a per-row constant.
+
+    Written as ``logits_c + α (log p_c − log p_n)``, so α = 0 gives exactly the plain logits
+    (the same argmax as greedy decoding, tie for tie).
+    """
+    if alpha == 0:
+        return logits_with_context
+    lp_c = logits_with_context.float().log_softmax(-1)
+    lp_n = logits_without_context.float().log_softmax(-1)
+    return logits_with_context.float() + alpha * (lp_c - lp_n)
+
+
+@torch.no_grad()
+def cad_generate(
+    model,
+    prompts: Sequence[str],
+    prompts_without_context: Sequence[str],
+    alpha: float,
+    *,
+    max_new_tokens: int = 12,
+    batch_size: int = 16,
+    stop_at_newline: bool = True,
+    progress: bool = True,
+    desc: str = "CAD",
+) -> list[str]:
+    """Greedy context-aware decoding, batched like :func:`spare_tl.generation.greedy_generate`.
+
+    Each batch keeps two left-padded KV caches, one per prompt version; every step feeds the
+    chosen token to both. Rows stop at their first newline.
+    """
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    if len(prompts) != len(prompts_without_context):
+        raise ValueError("give one context-free prompt per prompt")
+    if not math.isfinite(alpha):
+        raise ValueError(f"α must be finite, got {alpha}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not prompts:
+        return []
+    with_ctx = _tokenize(model, prompts)
+    without = _tokenize(model, prompts_without_context)
+    order = sorted(range(len(prompts)), key=lambda i: len(with_ctx[i]))
+    stop_ids = stop_token_ids(model, stop_at_newline)
+    n_layers = model.cfg.n_layers
+    device = model.cfg.device
+    outputs = [""] * len(prompts)
+    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        b = len(batch)
+        logits = []
+        caches = []
+        for token_lists in (with_ctx, without):
+            tokens, mask = left_pad(
+                model, [token_lists[i] for i in batch], extra=max_new_tokens + 8
+            )
+            kv = TransformerLensKeyValueCache.init_cache(model.cfg, device, b)
+            resid = model(tokens, attention_mask=mask, past_kv_cache=kv, stop_at_layer=n_layers)
+            logits.append(_last_logits(model, resid[:, -1]))
+            caches.append(kv)
+        generated = []
+        finished = torch.zeros(b, dtype=torch.bool, device=device)
+        ones = torch.ones(b, 1, dtype=torch.long, device=device)
+        for step in range(max_new_tokens):
+            nxt = contrastive_scores(logits[0], logits[1], alpha).argmax(-1)
+            generated.append(nxt)
+            finished |= torch.isin(nxt, stop_ids)
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            for k, kv in enumerate(caches):
+                resid = model(
+                    nxt[:, None], attention_mask=ones, past_kv_cache=kv, stop_at_layer=n_layers
+                )
+                logits[k] = _last_logits(model, resid[:, -1])
+        new = torch.stack(generated, 1)
+        for r, i in enumerate(batch):
+            text = model.tokenizer.decode(new[r], skip_special_tokens=True)
+            outputs[i] = text.split("\n")[0].strip() if stop_at_newline else text
+        bar.update(b)
+    bar.close()
+    return outputs
+
+
+@dataclass
+class CAD(PromptMethod):
+    """Context-aware decoding with strength ``alpha`` >= 0 (+α to context, −α to memory)."""
+
+    alpha: float
+    name: ClassVar[str] = "cad"
+    extra_forward_passes_per_token: ClassVar[float] = 1.0
+    shares_prefix: ClassVar[bool] = False  # a second, context-free prompt pass of its own
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise ValueError(
+                f"CAD strength must be finite and >= 0 (sign by direction), got {self.alpha}"
+            )
+
+    def signed_alpha(self, direction: Direction) -> float:
+        return self.alpha if direction == "context" else -self.alpha
+
+    def hyperparameters(self, direction: Direction) -> dict[str, Any]:
+        return {"alpha": self.signed_alpha(direction)}
+
+    def answer(
+        self,
+        model,
+        items: Sequence[ConflictItem],
+        demonstrations: Sequence[Sequence[ConflictItem]],
+        direction: Direction | None,
+        *,
+        demo_type: str = "doo",
+        max_new_tokens: int = 12,
+        batch_size: int = 16,
+        progress: bool = False,
+        desc: str = "generating",
+    ) -> list[str]:
+        if direction is None:
+            return super().answer(
+                model,
+                items,
+                demonstrations,
+                None,
+                demo_type=demo_type,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                progress=progress,
+                desc=desc,
+            )
+        direction = _check_direction(direction)
+        if len(items) != len(demonstrations):
+            raise ValueError("give one list of demonstrations per item")
+        return cad_generate(
+            model,
+            self.prompts(items, demonstrations, direction, demo_type),
+            [prompt_without_context(it, d, demo_type) for it, d in zip(items, demonstrations)],
+            self.signed_alpha(direction),
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
+            desc=desc,
+        )
+
+
+@dataclass
+class PerDirection:
+    """One method per direction (each direction's dev-best setting), as one method."""
+
+    context: SteeringMethod
+    memory: SteeringMethod
+
+    def __post_init__(self) -> None:
+        if self.context.name != self.memory.name:
+            raise ValueError(f"two different methods: {self.context.name} / {self.memory.name}")
+
+    @property
+    def name(self) -> str:
+        return self.context.name
+
+    @property
+    def extra_forward_passes_per_token(self) -> float:
+        return max(
+            self.context.extra_forward_passes_per_token, self.memory.extra_forward_passes_per_token
+        )
+
+    @property
+    def inference_time(self) -> bool:
+        return self.context.inference_time and self.memory.inference_time
+
+    def hyperparameters(self, direction: Direction) -> dict[str, Any]:
+        return getattr(self, _check_direction(direction)).hyperparameters(direction)
+
+    @property
+    def shares_prefix(self) -> bool:
+        return self.context.shares_prefix and self.memory.shares_prefix
+
+    def _for(self, direction: Direction | None) -> SteeringMethod:
+        return self.context if direction in (None, "context") else self.memory
+
+    def prompts(self, items, demonstrations, direction, demo_type) -> list[str]:
+        return self._for(direction).prompts(items, demonstrations, direction, demo_type)
+
+    def steering(self, model, direction: Direction) -> AbstractContextManager[Any]:
+        return self._for(direction).steering(model, direction)
+
+    def answer(self, model, items, demonstrations, direction, **kwargs) -> list[str]:
+        return self._for(direction).answer(model, items, demonstrations, direction, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------
+# The pure parts of the steering vectors (the model runs: spare_tl.studies.baseline_setup)
+# ---------------------------------------------------------------------------------------
+
+
+def mean_difference(
+    resid: Mapping[int, Float[Tensor, "n d_model"]], labels: Tensor
+) -> dict[int, Float[Tensor, " d_model"]]:
+    """μ_C − μ_M per layer: mean residual of the use-context rows (label 1) minus that of
+    the use-memory rows (label 0), unweighted."""
+    labels = torch.as_tensor(labels)
+    ctx, mem = labels == 1, labels == 0
+    if not ctx.any() or not mem.any():
+        raise ValueError("mean difference needs at least one use-context and one use-memory row")
+    return {
+        layer: (r[ctx].double().mean(0) - r[mem].double().mean(0)).float()
+        for layer, r in resid.items()
+    }
+
+
+def task_vector_prompts(
+    pool: Sequence[ConflictItem],
+    demo_type: str,
+    *,
+    n_prompts: int = TASK_VECTOR_PROMPTS,
+    n_shots: int = 3,
+    seed: int = 0,
+) -> list[str]:
+    """ICL prompts on ``n_prompts`` pool questions (seeded), demonstrations from the rest."""
+    rng = random.Random(seed)
+    queries = rng.sample(list(pool), min(n_prompts, len(pool)))
+    return [
+        conflict_prompt(
+            q, sample_demonstrations(pool, n_shots, seed * 7919 + i, exclude=q), demo_type
+        )
+        for i, q in enumerate(queries)
+    ]

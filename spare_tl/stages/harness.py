@@ -1,0 +1,186 @@
+"""The one evaluation harness: steering methods answer conflict items under named conditions.
+
+Everything that asks the model conflict questions under steering goes through
+:func:`answer_conditions`: the held-out evaluation (:func:`spare_tl.stages.evaluation.evaluate`,
+for SpARE and every baseline), the development sweep (:mod:`spare_tl.stages.sweep`), conditional
+steering (:mod:`spare_tl.studies.probes`) and the steerability scan (:mod:`spare_tl.stages.scan`).
+
+A :class:`SteeringMethod` builds its prompts and, where it edits the model, a context manager
+that adds hooks. Methods that change **only the last prompt position** and decode greedily
+(``shares_prefix``: no steering, SpARE, ActAdd, task vectors, a donor patch) share one
+prompt pass per batch (:func:`spare_tl.generation.generate_shared_prefix`); methods that
+change earlier positions or decode differently (CAD's second context-free pass) keep their
+own :meth:`SteeringMethod.answer`. Conditions with the same prompts share the prefix; a
+method with other prompts (ICL's demonstrations) gets its own shared pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+from spare_tl.data.schema import ConflictItem
+from spare_tl.generation import generate_shared_prefix, greedy_generate
+from spare_tl.methods.base import NoSteering, PromptMethod, SteeringMethod, check_direction
+from spare_tl.methods.spare import Direction, SpareMethod
+
+__all__ = [
+    "Condition",
+    "NoSteering",
+    "PromptMethod",
+    "SpareMethod",
+    "SteeringMethod",
+    "answer_conditions",
+    "answer_prompts",
+    "check_direction",
+]
+
+
+@dataclass(frozen=True)
+class Condition:
+    """A named way to answer: ``method`` steered to ``direction`` (None: unsteered)."""
+
+    name: str
+    method: SteeringMethod
+    direction: Direction | None = None
+
+
+def _start(
+    model, condition: Condition
+) -> Callable[[list[int]], AbstractContextManager[Any]] | None:
+    """The condition's steering for one batch of rows (None: unsteered). Methods with a
+    ``row_steering(model, direction, rows)`` get the batch's row indices (per-item edits such
+    as a donor patch); the others' ``steering(model, direction)`` is the same for every row."""
+    if condition.direction is None:
+        return None
+    method, direction = condition.method, check_direction(condition.direction)
+    per_row = getattr(method, "row_steering", None)
+    if per_row is not None:
+        return lambda rows: per_row(model, direction, rows)
+    return lambda rows: method.steering(model, direction)
+
+
+def answer_prompts(
+    model,
+    prompts: Sequence[str],
+    conditions: Sequence[Condition],
+    *,
+    max_new_tokens: int = 12,
+    batch_size: int = 16,
+    progress: bool = True,
+    desc: str = "answering",
+    shared_prefix: bool = True,
+    seconds: dict[str, float] | None = None,
+) -> dict[str, list[str]]:
+    """Every condition's greedy answers to the same ready-made ``prompts``.
+
+    For prompt sets that are not built from one item each (conditional steering's mixed
+    conflict / no-conflict rows, the steerability scan's donors); every method must edit only
+    the last prompt position (``shares_prefix``). With ``shared_prefix`` the prompts are run
+    once per batch; without, each condition runs its own full prompt pass (the reference).
+    """
+    names = [c.name for c in conditions]
+    if len(set(names)) != len(names):
+        raise ValueError(f"condition names must be unique, got {names}")
+    own = [c.name for c in conditions if not c.method.shares_prefix]
+    if own:
+        raise ValueError(
+            f"conditions {own} decode on their own; answer them with answer_conditions"
+        )
+    timer = seconds if seconds is not None else {}
+    if shared_prefix:
+        return generate_shared_prefix(
+            model,
+            prompts,
+            {c.name: _start(model, c) for c in conditions},
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
+            desc=desc,
+            seconds=timer,
+        )
+    per_row = [c.name for c in conditions if hasattr(c.method, "row_steering")]
+    if per_row:
+        raise ValueError(f"conditions {per_row} edit per row and need the shared prefix")
+    answers: dict[str, list[str]] = {}
+    for cond in conditions:
+        start_steering = _start(model, cond)
+        start = time.perf_counter()
+        with start_steering([]) if start_steering is not None else nullcontext():
+            answers[cond.name] = greedy_generate(
+                model,
+                prompts,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                progress=progress,
+                desc=f"{desc}: {cond.name}",
+            )
+        timer[cond.name] = timer.get(cond.name, 0.0) + time.perf_counter() - start
+    return answers
+
+
+def answer_conditions(
+    model,
+    items: Sequence[ConflictItem],
+    demonstrations: Sequence[Sequence[ConflictItem]],
+    conditions: Sequence[Condition],
+    *,
+    demo_type: str = "doo",
+    max_new_tokens: int = 12,
+    batch_size: int = 16,
+    progress: bool = True,
+    desc: str = "answering",
+    shared_prefix: bool = True,
+    seconds: dict[str, float] | None = None,
+) -> dict[str, list[str]]:
+    """Every condition's greedy answers to ``items`` (one list per condition name).
+
+    Conditions whose methods share the prompt prefix and whose prompts are identical run
+    from one prompt pass per batch; the others answer on their own. ``shared_prefix=False``
+    answers every condition with its own full prompt pass (the reference path, for tests and
+    benchmarks). ``seconds`` accumulates wall time per condition name plus ``"prefix"``.
+    """
+    if len(items) != len(demonstrations):
+        raise ValueError("give one list of demonstrations per item")
+    names = [c.name for c in conditions]
+    if len(set(names)) != len(names):
+        raise ValueError(f"condition names must be unique, got {names}")
+    timer = seconds if seconds is not None else {}
+    answers: dict[str, list[str]] = {}
+    groups: dict[tuple[str, ...], list[Condition]] = {}
+    for cond in conditions:
+        if cond.method.shares_prefix:
+            prompts = tuple(cond.method.prompts(items, demonstrations, cond.direction, demo_type))
+            groups.setdefault(prompts, []).append(cond)
+            continue
+        start = time.perf_counter()
+        answers[cond.name] = cond.method.answer(
+            model,
+            items,
+            demonstrations,
+            cond.direction,
+            demo_type=demo_type,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
+            desc=f"{desc}: {cond.name}",
+        )
+        timer[cond.name] = timer.get(cond.name, 0.0) + time.perf_counter() - start
+    for prompts, group in groups.items():
+        answers.update(
+            answer_prompts(
+                model,
+                list(prompts),
+                group,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                progress=progress,
+                desc=desc,
+                shared_prefix=shared_prefix,
+                seconds=timer,
+            )
+        )
+    return {name: answers[name] for name in names}

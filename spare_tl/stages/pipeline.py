@@ -1,0 +1,374 @@
+"""All SpARE stages from one config (TOML or YAML), each skipped when its inputs are unchanged.
+
+model + SAEs → dataset → memorised set → pool split → grouped prompts → activations
+    → feature statistics → functional features → evaluation
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import tomllib
+
+from spare_tl import cache
+from spare_tl.checks import at_least, finite_non_negative
+from spare_tl.saes import DEFAULT_SITE, check_latent_code, check_site
+from spare_tl.stages.behaviours import BehaviourConfig
+from spare_tl.stages.evaluation import EvaluationConfig
+
+if TYPE_CHECKING:
+    from spare_tl.features import FunctionalFeatures
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("memorised", "group", "activations", "statistics", "features", "evaluate")
+
+
+@dataclass
+class PipelineConfig:
+    """Everything a SpARE run needs; every field has a default for the embedded model."""
+
+    model: str = "smollm2-135m-instruct"
+    dataset: str = "builtin"
+    saes: str = ""  # folder with one SAELens SAE folder per hook (blocks.<l>.hook_resid_post)
+    layers: list[int] = field(default_factory=list)
+    memorised_shots: int = 4
+    memorised_seed: int = 0
+    pool_size: int = 128
+    pool_seed: int = 42
+    behaviours: BehaviourConfig = field(default_factory=BehaviourConfig)
+    proportion: float = 0.05
+    edit_strength: float = 2.0
+    edit_strength_to_memory: float | None = None
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    n_eval_items: int | None = None
+    features_dir: str = ""  # where the functional features go (default: cache stage dir)
+    cache_root: str = ""
+    batch_size: int = 16
+    mi_seed: int = 0
+    latent_code: str = "encode"  # "encode" (the SAE's own) or "relu_pre" (TopK, before the cut)
+    #: the layers the feature set edits (default: every layer of ``layers``, which are the
+    #: candidate layers whose activations and statistics are computed)
+    feature_layers: list[int] = field(default_factory=list)
+    #: where the feature set edits: ``resid_post`` (candidate layers ``layers``) or a site of
+    #: ``site_layers`` (``attn_out``: the attention output)
+    feature_site: str = DEFAULT_SITE
+    #: a separate set for steering to memory: ``{layers, proportion, edit_strength, site}``
+    #: (FunctionalFeatures.to_memory); None: one set steers both ways
+    to_memory: dict[str, Any] | None = None
+    #: candidate layers at other sites, e.g. ``{attn_out = [19, 20, 21]}``: their activations
+    #: and statistics are computed too (SAEs ``blocks.<l>.hook_<site>`` in ``saes``)
+    site_layers: dict[str, list[int]] = field(default_factory=dict)
+
+    def candidate_layers(self, site: str = DEFAULT_SITE) -> list[int]:
+        """The candidate layers at ``site``."""
+        return list(self.layers) if site == DEFAULT_SITE else list(self.site_layers.get(site, []))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.behaviours, dict):
+            self.behaviours = BehaviourConfig(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in self.behaviours.items()}
+            )
+        if isinstance(self.evaluation, dict):
+            self.evaluation = EvaluationConfig(
+                **{k: tuple(v) if isinstance(v, list) else v for k, v in self.evaluation.items()}
+            )
+        self.validate()
+
+    def validate(self) -> None:
+        """Catch a wrong configuration before any long work."""
+        if not isinstance(self.proportion, (int, float)) or not 0 < self.proportion <= 1:
+            raise ValueError(f"proportion K must be in (0, 1], got {self.proportion}")
+        finite_non_negative(self.edit_strength, "edit_strength α")
+        if self.edit_strength_to_memory is not None:
+            finite_non_negative(self.edit_strength_to_memory, "edit_strength_to_memory α")
+        for name in ("memorised_shots", "memorised_seed", "pool_seed", "mi_seed"):
+            at_least(getattr(self, name), 0, name)
+        at_least(self.batch_size, 1, "batch_size")
+        if self.n_eval_items is not None:
+            at_least(self.n_eval_items, 1, "n_eval_items")
+        if not isinstance(self.dataset, str) or not self.dataset.strip():
+            raise ValueError("dataset is empty: 'builtin', 'nqswap', 'macnoise' or a .jsonl path")
+        b = self.behaviours
+        for name in ("shots", "seeds", "demo_types"):
+            if not getattr(b, name):
+                raise ValueError(f"behaviours.{name} is empty: give at least one")
+        for k in b.shots:
+            at_least(k, 1, "behaviours.shots")
+        at_least(b.max_new_tokens, 1, "behaviours.max_new_tokens")
+        at_least(b.batch_size, 1, "behaviours.batch_size")
+        e = self.evaluation
+        if not e.seeds:
+            raise ValueError("evaluation.seeds is empty: give at least one seed")
+        at_least(e.n_shots, 0, "evaluation.n_shots")
+        at_least(e.max_new_tokens, 1, "evaluation.max_new_tokens")
+        at_least(e.batch_size, 1, "evaluation.batch_size")
+        check_latent_code(self.latent_code)
+        for site, layers in self.site_layers.items():
+            check_site(site)
+            if site == DEFAULT_SITE:
+                raise ValueError("site_layers lists other sites; put residual layers in 'layers'")
+            if not layers:
+                raise ValueError(f"site_layers.{site} is empty: give its candidate layers")
+        check_site(self.feature_site)
+        candidates = self.candidate_layers(self.feature_site)
+        outside = sorted(set(self.feature_layers) - set(candidates)) if candidates else []
+        if outside:
+            raise ValueError(
+                f"feature_layers {outside} are not among the {self.feature_site} candidate "
+                f"layers {candidates}"
+            )
+        if self.feature_site != DEFAULT_SITE and not self.feature_layers:
+            raise ValueError(f"feature_site {self.feature_site!r} needs feature_layers")
+        if self.to_memory is not None:
+            keys = {"layers", "proportion", "edit_strength", "site"}
+            unknown = sorted(set(self.to_memory) - keys)
+            if unknown or not self.to_memory.get("layers"):
+                raise ValueError(
+                    "to_memory needs 'layers' (and may set 'proportion', 'edit_strength', "
+                    f"'site'); got keys {sorted(self.to_memory)}"
+                )
+            site = check_site(self.to_memory.get("site", DEFAULT_SITE))
+            candidates = self.candidate_layers(site)
+            outside = sorted(set(self.to_memory["layers"]) - set(candidates))
+            if (candidates or site != DEFAULT_SITE) and outside:
+                raise ValueError(
+                    f"to_memory layers {outside} are not among the {site} candidate layers "
+                    f"{candidates}"
+                )
+            proportion = self.to_memory.get("proportion", self.proportion)
+            if not isinstance(proportion, (int, float)) or not 0 < proportion <= 1:
+                raise ValueError("to_memory proportion K must be in (0, 1]")
+            finite_non_negative(self.to_memory.get("edit_strength", 0), "to_memory edit_strength α")
+        at_least(self.pool_size, 2, "pool_size")
+        for t in self.behaviours.demo_types:
+            if t not in ("dss", "dso", "doo"):
+                raise ValueError(f"behaviours.demo_types: unknown type {t!r} (dss, dso, doo)")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> PipelineConfig:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no config file at {path}")
+        if path.is_dir():
+            raise ValueError(f"config {path} is a directory; give a .toml or .yaml file")
+        if path.suffix == ".toml":
+            try:
+                raw = tomllib.loads(path.read_text())
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"config {path} is not valid TOML: {e}") from e
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"config {path} is not valid YAML: {e}") from e
+        else:
+            raise ValueError(f"config {path} must be .toml or .yaml")
+        if not isinstance(raw, dict):
+            raise ValueError(f"config {path} must be a mapping of keys to values")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s) {unknown} in {path}; known: {sorted(known)}")
+        try:
+            return cls(**raw)
+        except (TypeError, ValueError) as e:  # TypeError: an unknown key in [behaviours]
+            raise ValueError(f"config {path}: {e}") from e
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def features_metadata(self) -> dict[str, Any]:
+        """What the functional features record about the run that made them."""
+        return {
+            "dataset": self.dataset,
+            "pool_size": self.pool_size,
+            "pool_seed": self.pool_seed,
+            "saes": self.saes,
+        }
+
+
+@dataclass
+class PipelineResult:
+    memorised: Any = None
+    split: Any = None
+    grouped: Any = None
+    activations: Any = None
+    statistics: Any = None  # residual statistics by layer
+    #: statistics by site, then layer (the residual's are ``statistics``)
+    site_statistics: dict[str, Any] = field(default_factory=dict)
+    #: every SAE loaded, keyed by hook name (``blocks.23.hook_attn_out``)
+    saes: dict[str, Any] = field(default_factory=dict)
+    features: Any = None
+    evaluation: Any = None
+
+
+def features_from_config(
+    config: PipelineConfig,
+    statistics: Mapping[int, Any],
+    model_name: str,
+    site_statistics: Mapping[str, Mapping[int, Any]] | None = None,
+) -> FunctionalFeatures:
+    """The functional-feature set ``config`` describes, from per-layer ``statistics`` (the
+    residual's) and ``site_statistics`` (other sites')."""
+    from spare_tl.stages.activations import directional_features
+
+    context = {
+        "layers": config.feature_layers or config.layers or None,
+        "proportion": config.proportion,
+        "edit_strength": config.edit_strength,
+        "site": config.feature_site,
+    }
+    alpha_mem = config.edit_strength_to_memory
+    memory = {
+        **context,
+        "edit_strength": config.edit_strength if alpha_mem is None else alpha_mem,
+        **(config.to_memory or {}),
+    }
+    return directional_features(
+        {DEFAULT_SITE: statistics, **(site_statistics or {})},
+        model_name=model_name,
+        context=context,
+        memory=memory,
+        metadata=config.features_metadata(),
+    )
+
+
+def run_pipeline(
+    config: PipelineConfig,
+    *,
+    until: str = "evaluate",
+    model=None,
+    saes=None,
+    progress: bool = True,
+) -> PipelineResult:
+    """Run the stages up to ``until`` (one of :data:`STAGES`), reusing cached results."""
+    from spare_tl.data.datasets import load_dataset
+    from spare_tl.data.prompts import split_pool
+    from spare_tl.models import load_model
+    from spare_tl.saes import load_saes_for_layers, site_hook_name
+    from spare_tl.stages.activations import collect_activations, feature_statistics
+    from spare_tl.stages.behaviours import group_prompts
+    from spare_tl.stages.evaluation import evaluate
+    from spare_tl.stages.memorised import find_memorised
+
+    if until not in STAGES:
+        raise ValueError(f"unknown stage {until!r}: one of {STAGES}")
+    stop = STAGES.index(until)
+    root = Path(config.cache_root) if config.cache_root else None
+    out = PipelineResult()
+    model = model if model is not None else load_model(config.model)
+    if stop >= STAGES.index("statistics"):
+        # check layers and SAEs up front, before any long work
+        from spare_tl.stages.activations import check_layers
+
+        check_layers(model, config.layers)
+        if saes is None:
+            if not config.saes:
+                raise ValueError("config.saes is empty: point it to a folder of SAEs per hook")
+            saes = load_saes_for_layers(model, config.saes, config.layers)
+        else:
+            saes = load_saes_for_layers(model, saes, config.layers)
+        site_saes = {DEFAULT_SITE: saes}
+        for site, layers in config.site_layers.items():
+            check_layers(model, layers)
+            site_saes[site] = load_saes_for_layers(model, config.saes, layers, site=site)
+        out.saes = {
+            site_hook_name(layer, site): sae
+            for site, by_layer in site_saes.items()
+            for layer, sae in by_layer.items()
+        }
+    items = load_dataset(config.dataset)
+    out.memorised = find_memorised(
+        model,
+        items,
+        dataset_name=config.dataset.replace("/", "_"),
+        n_shots=config.memorised_shots,
+        seed=config.memorised_seed,
+        batch_size=max(config.batch_size, 16),
+        cache_root=root,
+        progress=progress,
+    )
+    known = out.memorised.filter(items)
+    logger.info("memorised: %d of %d items", len(known), len(items))
+    if stop == 0:
+        return out
+    out.memorised.require(config.pool_size)
+    out.split = split_pool(known, config.pool_size, config.pool_seed)
+    out.grouped = group_prompts(
+        model, out.split.pool, config.behaviours, cache_root=root, progress=progress
+    )
+    if stop == 1:
+        return out
+    out.activations = collect_activations(
+        model,
+        out.grouped,
+        config.layers,
+        batch_size=config.batch_size,
+        cache_root=root,
+        progress=progress,
+    )
+    if stop == 2:
+        return out
+    out.statistics = feature_statistics(
+        model,
+        out.activations,
+        saes,
+        seed=config.mi_seed,
+        latent_code=config.latent_code,
+        cache_root=root,
+        progress=progress,
+    )
+    out.site_statistics = {DEFAULT_SITE: out.statistics}
+    for site, layers in config.site_layers.items():
+        site_activations = collect_activations(
+            model,
+            out.grouped,
+            layers,
+            batch_size=config.batch_size,
+            cache_root=root,
+            progress=progress,
+            site=site,
+        )
+        out.site_statistics[site] = feature_statistics(
+            model,
+            site_activations,
+            site_saes[site],
+            seed=config.mi_seed,
+            latent_code=config.latent_code,
+            cache_root=root,
+            progress=progress,
+        )
+    if stop == 3:
+        return out
+    out.features = features_from_config(
+        config, out.statistics, model.cfg.model_name, out.site_statistics
+    )
+    features_dir = (
+        Path(config.features_dir)
+        if config.features_dir
+        else cache.stage_dir(model.cfg.model_name, "functional_features", root)
+    )
+    out.features.save(features_dir)
+    if stop == 4:
+        return out
+    evaluation_items = out.split.evaluation
+    if config.n_eval_items:
+        evaluation_items = evaluation_items[: config.n_eval_items]
+    out.evaluation = evaluate(
+        model,
+        evaluation_items,
+        out.split.pool,
+        features=out.features,
+        saes=out.saes,
+        config=config.evaluation,
+        dataset_name=config.dataset,
+        progress=progress,
+    )
+    return out
