@@ -1,9 +1,9 @@
 """What the machine can do fast: the CPU's bf16 matrix units, and the dtype ``auto`` picks.
 
-bf16 pays off on a CPU only with native bf16 matrix instructions: Intel AMX (``amx_bf16``)
-or AVX-512 BF16 (``avx512_bf16``). Without them PyTorch emulates bf16 matmuls and a forward
-pass is slower than in fp32, so ``--dtype auto`` picks bf16 only where the flags are there
-(or on a CUDA device), and every benchmark prints what the CPU has.
+bf16 can pay off on a CPU only with native bf16 matrix instructions: Intel AMX
+(``amx_bf16``) or AVX-512 BF16 (``avx512_bf16``); without them PyTorch emulates bf16 matmuls.
+``--dtype auto`` picks bf16 on a CUDA device and fp32 on every CPU (see :func:`resolve_dtype`);
+every benchmark prints what the CPU has.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ def add_dtype_argument(parser) -> None:
         "--dtype",
         default="auto",
         choices=list(DTYPES),
-        help="model parameter dtype; auto: bf16 on a GPU or a CPU with native bf16 matrix "
-        "units (AMX / AVX-512 BF16), else float32",
+        help="model parameter dtype; auto: bf16 on a GPU, float32 on a CPU (bf16 did not "
+        "give fp32's answers on a CPU, docs/benchmarks.md)",
     )
 
 

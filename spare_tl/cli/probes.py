@@ -163,7 +163,7 @@ def probes_table(
     conditional: ConditionalResult | Mapping[str, Any] | None = None,
 ) -> str:
     """Markdown: probe quality by layer, the deployed probe, latents, conditional steering."""
-    from spare_tl.studies.probes import CONDITION_NAMES, CONDITIONS
+    from spare_tl.studies.probes import CONDITIONS, GATE_CONDITION_NAMES
 
     best_r = resid.best_layer()
     best_s = sae.best_layer() if sae is not None and sae.layers else None
@@ -227,7 +227,7 @@ def probes_table(
             for cond in CONDITIONS:
                 d = data[rt][cond]
                 lines.append(
-                    f"| {name} | {CONDITION_NAMES[cond]} | {_pm(d['EM_M'], d['EM_M_std'], 1)} "
+                    f"| {name} | {GATE_CONDITION_NAMES[cond]} | {_pm(d['EM_M'], d['EM_M_std'], 1)} "
                     f"| {_pm(d['EM_C'], d['EM_C_std'], 1)} | {d['neither']:.1f} |"
                 )
         pe, ch = data["probe_on_eval"], data["checks"]

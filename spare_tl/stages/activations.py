@@ -182,7 +182,7 @@ def collect_activations(
     progress: bool = True,
     site: str = DEFAULT_SITE,
 ) -> Activations:
-    """Stage 2: last-position activations at ``site`` (default the residual) of the
+    """The activations stage: last-position activations at ``site`` (default the residual) of the
     use-context and use-memory prompts (cached)."""
     layers = check_layers(model, layers)
     require_groups(grouped, min_per_group)
@@ -326,7 +326,7 @@ def feature_statistics(
     use_cache: bool = True,
     progress: bool = True,
 ) -> dict[int, LayerStatistics]:
-    """Stage 3: per-layer statistics (cached per layer under ``mutual_information/``) on the
+    """The statistics stage: per-layer statistics (cached per layer under ``mutual_information/``) on the
     SAE code ``latent_code`` (``"encode"`` or ``"relu_pre"``, see :mod:`spare_tl.saes`)."""
     check_latent_code(latent_code)
     site = activations.site
@@ -386,7 +386,7 @@ def functional_features(
     layers: Sequence[int] | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> FunctionalFeatures:
-    """Stage 4: select context/memory features per layer at proportion K."""
+    """The features stage: select context/memory features per layer at proportion K."""
     finite_non_negative(edit_strength, "edit strength α")
     if edit_strength_to_memory is not None:
         finite_non_negative(edit_strength_to_memory, "edit strength α to memory")

@@ -1,4 +1,4 @@
-"""Stage 1: group conflict prompts by the behaviour the model shows on them.
+"""The behaviours stage: group conflict prompts by the behaviour the model shows on them.
 
 For every pool question and every (shots, seed, demonstration type) the conflict prompt is
 answered greedily and labelled **context** (EM with C = ``sub_answer``), **memory** (EM with

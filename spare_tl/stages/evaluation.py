@@ -1,4 +1,4 @@
-"""Stage 6: evaluation by the paper's protocol, in both steering directions.
+"""The evaluation stage: evaluation by the paper's protocol, in both steering directions.
 
 For each demonstration seed, every evaluation item (memorised, never in the pool) gets
 ``n_shots`` demonstrations of one type (default ``doo``) from the pool, and is answered

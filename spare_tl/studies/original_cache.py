@@ -26,7 +26,7 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "LayerStatistics",
+    "OriginalLayerStatistics",
     "MalformedCacheError",
     "OriginalCache",
     "OriginalPromptRecord",
@@ -178,7 +178,7 @@ def _check_vector(path: Path, name: str, value: Any) -> Tensor:
 
 
 @dataclass(frozen=True)
-class LayerStatistics:
+class OriginalLayerStatistics:
     """The paper's per-latent mutual information and expectation difference at one layer."""
 
     layer: int
@@ -340,7 +340,7 @@ class OriginalCache:
 
     # -- tensors --------------------------------------------------------------------------
 
-    def statistics(self, layer: int) -> LayerStatistics:
+    def statistics(self, layer: int) -> OriginalLayerStatistics:
         """Mutual information and expectation difference at ``layer``."""
         path = self.mi_path(layer)
         if not path.is_file():
@@ -361,7 +361,7 @@ class OriginalCache:
                 f"{path}: mi_scores {tuple(mi.shape)} and expectation "
                 f"{tuple(expectation.shape)} differ in length"
             )
-        return LayerStatistics(layer=layer, mutual_information=mi, expectation=expectation)
+        return OriginalLayerStatistics(layer=layer, mutual_information=mi, expectation=expectation)
 
     def functional_activations(
         self, layer: int

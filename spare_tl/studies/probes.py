@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CONDITIONS",
-    "CONDITION_NAMES",
+    "GATE_CONDITION_NAMES",
     "DEFAULT_CS",
     "ConditionalResult",
     "ConflictLatents",
@@ -82,7 +82,7 @@ __all__ = [
 ]
 
 CONDITIONS = ("no_steering", "steer_always", "steer_on_conflict")
-CONDITION_NAMES = {
+GATE_CONDITION_NAMES = {
     "no_steering": "no steering",
     "steer_always": "steer always",
     "steer_on_conflict": "steer when the probe flags a conflict",

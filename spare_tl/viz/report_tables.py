@@ -14,9 +14,13 @@ from typing import Any
 
 from spare_tl.features import FunctionalFeatures
 from spare_tl.methods.spare import DIRECTIONS
-from spare_tl.studies.probes import CONDITION_NAMES as GATE_CONDITION_NAMES
 from spare_tl.studies.probes import CONDITIONS as GATE_CONDITIONS
-from spare_tl.studies.probes import ConditionalResult, ConflictProbe, ProbeResults
+from spare_tl.studies.probes import (
+    GATE_CONDITION_NAMES,
+    ConditionalResult,
+    ConflictProbe,
+    ProbeResults,
+)
 from spare_tl.viz.plotting import CONDITION_NAMES
 
 __all__ = [
