@@ -107,3 +107,37 @@ def test_an_old_module_path_is_the_moved_module_with_a_warning(old: str):
     with pytest.warns(DeprecationWarning, match=spare_tl.MOVED_MODULES[old].replace(".", r"\.")):
         module = importlib.import_module(old)
     assert module is new  # one object: patching either name patches both
+
+
+def _from_imports(path: Path) -> list[tuple[int, str, str]]:
+    """(line, module, name) of every ``from spare_tl... import name`` in ``path``."""
+    module = module_name(path)
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (
+            node.level or (node.module or "").startswith("spare_tl")
+        ):
+            if node.level:
+                base = module.split(".")
+                base = base[: len(base) - node.level + (1 if path.name == "__init__.py" else 0)]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            out += [(node.lineno, source, a.name) for a in node.names if a.name != "*"]
+    return out
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
+def test_every_import_inside_the_package_resolves(path: Path):
+    """Lazy imports inside functions run only when their command runs: check them all here."""
+    import importlib
+
+    missing = []
+    for line, source, name in _from_imports(path):
+        module = importlib.import_module(source)
+        if not hasattr(module, name):
+            try:
+                importlib.import_module(f"{source}.{name}")
+            except ModuleNotFoundError:
+                missing.append(f"line {line}: from {source} import {name}")
+    assert not missing, f"{module_name(path)}: {missing}"

@@ -21,7 +21,7 @@ COMMANDS = {
     "results": "spare-tl results --n-items 200 --seeds 0 1 2 3 4 --cases doo dso dss",
     "sweep": "spare-tl sweep configs/smollm2.toml ... --write-features",
     "scan": "spare-tl scan configs/smollm2.toml --n-items 128 --sites resid_post attn_out",
-    "probes": "spare-tl probes run --layers 6-20 --seeds 0 1 2 3 4 --n-items 40 "
+    "probes": "spare-tl probes --layers 6-20 --seeds 0 1 2 3 4 --n-items 40 "
     "--probe-items 500 --eval-seeds 0 1 2",
 }
 

@@ -82,8 +82,8 @@ def _available_sae_layers(saes_dir: Path) -> list[int]:
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from spare_tl.embedded import memorised_split
     from spare_tl.saes import load_saes_for_layers
+    from spare_tl.stages.memorised import memorised_split
     from spare_tl.studies.probes import run_probe_study
 
     torch.set_grad_enabled(False)

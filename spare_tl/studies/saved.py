@@ -55,7 +55,7 @@ def load_probe_study(
     notes = missing if missing is not None else []
     if not path.is_dir():
         notes.append(
-            f"probes (detecting the conflict): none in {path} (run `spare-tl probes run` first)"
+            f"probes (detecting the conflict): none in {path} (run `spare-tl probes` first)"
         )
         return None
     out = SavedProbeStudy()

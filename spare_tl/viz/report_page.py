@@ -348,8 +348,7 @@ def _probes_section(page: _Page, probes: SavedProbeStudy | Any | None, notes: li
     page.add("<h2>Detecting the conflict</h2>")
     if probes is None:
         page.add(
-            "<p class='missing'>No conflict probes (<code>spare-tl probes run</code> "
-            "writes them).</p>"
+            "<p class='missing'>No conflict probes (<code>spare-tl probes</code> writes them).</p>"
         )
         return
     resid, sae, probe = probes.resid, probes.sae, getattr(probes, "probe", None)
