@@ -91,7 +91,12 @@ def main() -> None:
     from spare_tl.stages.memorised import memorised_split
 
     print(describe())
-    out: dict = {"cpu": cpu_info(), "threads": torch.get_num_threads()}
+    out: dict = {
+        "cpu": cpu_info(),
+        "threads": torch.get_num_threads(),
+        "machine": describe(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
     model, features, saes = load_steering_setup()
     split = memorised_split(model, features, "builtin", progress=False)
     items = split.evaluation[: args.items]
@@ -143,8 +148,19 @@ def main() -> None:
                 c: {m: lj[c][m] - rj[c][m] for m in ("EM_C", "EM_M")}
                 for c in ("no_steering", "steer_to_context", "steer_to_memory")
             }
-            out["parity"] = {"prompts": len(par_items), "agreement": agree, "differences": diffs}
-            print(f"bf16 vs fp32 on {len(pairs)} answers: {agree:.1f} % agree; {diffs}")
+            met = agree >= 98.0 and all(abs(v) <= 1.5 for d in diffs.values() for v in d.values())
+            out["parity"] = {
+                "prompts": len(par_items),
+                "answers": len(pairs),
+                "agreement": agree,
+                "differences": diffs,
+                "target": "agreement >= 98 % and |EM_C|, |EM_M| differences <= 1.5 points",
+                "target_met": met,
+            }
+            print(
+                f"bf16 vs fp32 on {len(pairs)} answers: {agree:.1f} % agree; {diffs}; "
+                f"target (>= 98 %, EM within 1.5 points) {'met' if met else 'NOT met'}"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
