@@ -15,6 +15,7 @@ import time
 import torch
 
 from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES
+from spare_tl.hardware import add_dtype_argument, resolve_dtype
 
 
 def _conflict_showcase(model, items, n: int) -> None:
@@ -42,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-items", type=int, default=40)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--report", default="out/report.html", help="HTML report ('' to skip)")
+    add_dtype_argument(p)
     p.set_defaults(func=demo)
 
 
@@ -54,7 +56,7 @@ def demo(args: argparse.Namespace) -> int:
     from spare_tl.models import load_model
 
     print("Loading the embedded model (smollm2-135m-instruct) ...", flush=True)
-    model = load_model("smollm2-135m-instruct")
+    model = load_model("smollm2-135m-instruct", dtype=resolve_dtype(args.dtype))
     items = load_dataset("builtin")
     have_features = (DEFAULT_FEATURES / "features.json").exists() and DEFAULT_SAES.exists()
     if not have_features:
@@ -120,13 +122,16 @@ def demo(args: argparse.Namespace) -> int:
     if args.report:
         from pathlib import Path
 
+        from spare_tl.cache import write_text_atomic
         from spare_tl.viz.report_inputs import load_report_inputs
         from spare_tl.viz.report_page import build_report
 
         inputs = load_report_inputs(model=model.cfg.model_name)
         out = Path(args.report)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(build_report(**inputs.kwargs(), title="SpARE on SmolLM2-135M-Instruct"))
+        write_text_atomic(
+            out, build_report(**inputs.kwargs(), title="SpARE on SmolLM2-135M-Instruct")
+        )
         print(f"\nReport with figures: {out}")
     print(f"\ndone in {time.time() - start:.0f} s")
     return 0

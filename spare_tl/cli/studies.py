@@ -54,6 +54,7 @@ def register(sub: Any) -> None:
     c.add_argument("--per-relation", type=int, default=25, help="items per relation (0: all)")
     c.add_argument("--shots", type=int, default=3)
     c.add_argument("--seed", type=int, default=0)
+    add_dtype_argument(c)
     c.set_defaults(func=_conflict_table)
 
     u = sub.add_parser(
@@ -103,13 +104,14 @@ def _conflict_table(args: argparse.Namespace) -> int:
     from spare_tl.cache import write_text_atomic
     from spare_tl.data.datasets import load_dataset
     from spare_tl.data.prompts import split_pool
+    from spare_tl.hardware import resolve_dtype
     from spare_tl.models import load_model
     from spare_tl.stages.memorised import find_memorised
     from spare_tl.studies.conflict_table import conflict_behaviour, to_markdown
 
     torch.set_grad_enabled(False)
     start = time.time()
-    model = load_model("smollm2-135m-instruct")
+    model = load_model("smollm2-135m-instruct", dtype=resolve_dtype(args.dtype))
     items = load_dataset("builtin")
     memorised = find_memorised(model, items, dataset_name="builtin")
     split = split_pool(memorised.filter(items), 128, 42)
