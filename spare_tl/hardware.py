@@ -85,10 +85,3 @@ def load_model_for(model_name: str, dtype: str | torch.dtype = "auto", **kwargs:
     from spare_tl.models import load_model
 
     return load_model(model_name, dtype=resolve_dtype(dtype, kwargs.get("device", "cpu")), **kwargs)
-
-
-def load_steering_setup_for(features_dir, saes_dir, dtype: str | torch.dtype = "auto"):
-    """:func:`spare_tl.embedded.load_steering_setup` with the model in ``dtype``."""
-    from spare_tl.embedded import load_steering_setup
-
-    return load_steering_setup(features_dir, saes_dir, dtype=dtype)

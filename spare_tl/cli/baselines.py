@@ -77,13 +77,12 @@ def run(args: argparse.Namespace) -> int:
     """Load the model, features, SAEs and memorised split, then run the sweep or the table."""
     import torch
 
-    from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES
-    from spare_tl.hardware import load_steering_setup_for
+    from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, load_steering_setup
     from spare_tl.studies.baseline_setup import BaselineSetup
 
     torch.set_grad_enabled(False)
-    model, _, _ = load_steering_setup_for(
-        args.features or DEFAULT_FEATURES, args.saes or DEFAULT_SAES, args.dtype
+    model, _, _ = load_steering_setup(
+        args.features or DEFAULT_FEATURES, args.saes or DEFAULT_SAES, dtype=args.dtype
     )
     setup = BaselineSetup.load(args.features, args.saes, args.dataset, model=model)
     if args.baselines_command == "sweep":

@@ -11,7 +11,6 @@ from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, load_steering_setu
 from spare_tl.hardware import (
     add_dtype_argument,
     load_model_for,
-    load_steering_setup_for,
     resolve_dtype,
 )
 
@@ -101,7 +100,7 @@ def _load_setup(args: argparse.Namespace):
 
     if resolve_dtype(args.dtype) == torch.float32:
         return load_steering_setup(args.features, args.saes)
-    return load_steering_setup_for(args.features, args.saes, args.dtype)
+    return load_steering_setup(args.features, args.saes, dtype=args.dtype)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES
-from spare_tl.hardware import add_dtype_argument, load_steering_setup_for
+from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, load_steering_setup
+from spare_tl.hardware import add_dtype_argument
 from spare_tl.layer_spec import parse_layers
 
 if TYPE_CHECKING:
@@ -89,7 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     torch.set_grad_enabled(False)
     start = time.time()
     layers = parse_layers(args.layers)
-    model, features, saes = load_steering_setup_for(args.features, args.saes, args.dtype)
+    model, features, saes = load_steering_setup(args.features, args.saes, dtype=args.dtype)
     have = [k for k in _available_sae_layers(Path(args.saes)) if k in layers]
     saes = {**load_saes_for_layers(model, args.saes, have), **saes}
     split = memorised_split(model, features, args.dataset, progress=not args.quiet)
