@@ -11,8 +11,9 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import torch
 from jaxtyping import Float, Int
@@ -24,6 +25,51 @@ logger = logging.getLogger(__name__)
 
 class PromptTooLongError(ValueError):
     """A prompt does not fit the model's context window."""
+
+
+class DecodingOptions(TypedDict, total=False):
+    """The keyword form of :class:`Decoding` (``greedy_generate(..., batch_size=8)``)."""
+
+    max_new_tokens: int
+    batch_size: int
+    stop_at_newline: bool
+    progress: bool
+    desc: str
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How greedy answers are decoded: length, batch size, the newline stop, the progress bar.
+
+    Every function that generates takes ``decoding=Decoding(...)`` or the same fields as
+    keywords (:class:`DecodingOptions`); keywords override the object's fields.
+    """
+
+    max_new_tokens: int = 12
+    batch_size: int = 16
+    stop_at_newline: bool = True
+    progress: bool = True
+    desc: str = "generating"
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+    @classmethod
+    def of(cls, decoding: Decoding | None, options: Mapping[str, Any], **defaults: Any) -> Decoding:
+        """``decoding`` (or ``cls(**defaults)`` when None) with the keyword ``options`` applied."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f"unknown decoding options {unknown}; known: {sorted(known)}")
+        base = decoding if decoding is not None else cls(**defaults)
+        return replace(base, **options) if options else base
+
+    def labelled(self, desc: str) -> Decoding:
+        """The same decoding under another progress-bar label."""
+        return replace(self, desc=desc)
 
 
 @lru_cache(maxsize=8)
@@ -172,12 +218,9 @@ def generate_and_score(
     prompts: Sequence[str],
     answers: Sequence[Sequence[str]] | None = None,
     *,
-    max_new_tokens: int = 12,
-    batch_size: int = 16,
-    stop_at_newline: bool = True,
-    progress: bool = True,
-    desc: str = "generating",
     prefix: str | None = None,
+    decoding: Decoding | None = None,
+    **options: Unpack[DecodingOptions],
 ) -> tuple[list[str], Float[Tensor, "n n_answers"]]:
     """Greedy continuations and, optionally, the teacher-forced NLL of candidate answers.
 
@@ -192,6 +235,7 @@ def generate_and_score(
     """
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
+    dec = Decoding.of(decoding, options)
     n_answers = len(answers[0]) if answers else 0
     if answers is not None and len(answers) != len(prompts):
         raise ValueError("answers must hold one list of candidates per prompt")
@@ -217,14 +261,14 @@ def generate_and_score(
             past_kv_cache=prefix_kv,
             stop_at_layer=model.cfg.n_layers,
         )
-    stop_ids = stop_token_ids(model, stop_at_newline)
+    stop_ids = stop_token_ids(model, dec.stop_at_newline)
     n_layers = model.cfg.n_layers
     outputs: list[str] = [""] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
-    for batch in _batches(order, batch_size):
+    bar = tqdm(total=len(prompts), desc=dec.desc, disable=not dec.progress, leave=False)
+    for batch in _batches(order, dec.batch_size):
         b = len(batch)
         tokens, mask = left_pad(
-            model, [token_lists[i] for i in batch], extra=max_new_tokens + 8 + len(prefix_ids)
+            model, [token_lists[i] for i in batch], extra=dec.max_new_tokens + 8 + len(prefix_ids)
         )
         if prefix_kv is not None:
             kv = _expand_cache(prefix_kv, b)
@@ -266,9 +310,9 @@ def generate_and_score(
                 for r, i in enumerate(batch):
                     nll[i, a] = -float(total[r]) / len(ids[r])
             kv.unfreeze()
-        new = _greedy_steps(model, logits, kv, stop_ids, max_new_tokens)
+        new = _greedy_steps(model, logits, kv, stop_ids, dec.max_new_tokens)
         for r, i in enumerate(batch):
-            outputs[i] = _decode_text(model, new[r], stop_ids, stop_at_newline)
+            outputs[i] = _decode_text(model, new[r], stop_ids, dec.stop_at_newline)
         bar.update(b)
     bar.close()
     return outputs, nll
@@ -283,12 +327,9 @@ def generate_shared_prefix(
     prompts: Sequence[str],
     conditions: Mapping[str, StartSteering | None],
     *,
-    max_new_tokens: int = 12,
-    batch_size: int = 16,
-    stop_at_newline: bool = True,
-    progress: bool = True,
-    desc: str = "generating",
     seconds: dict[str, float] | None = None,
+    decoding: Decoding | None = None,
+    **options: Unpack[DecodingOptions],
 ) -> dict[str, list[str]]:
     """Greedy answers of the same ``prompts`` under several conditions, sharing the prompt.
 
@@ -308,18 +349,22 @@ def generate_shared_prefix(
     """
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
+    dec = Decoding.of(decoding, options)
     outputs = {name: [""] * len(prompts) for name in conditions}
     if not prompts:
         return outputs
     token_lists = _tokenize(model, prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(token_lists[i]))
-    stop_ids = stop_token_ids(model, stop_at_newline)
+    stop_ids = stop_token_ids(model, dec.stop_at_newline)
     n_layers = model.cfg.n_layers
     timer = seconds if seconds is not None else {}
-    bar = tqdm(total=len(prompts) * len(conditions), desc=desc, disable=not progress, leave=False)
-    for batch in _batches(order, batch_size):
+    total = len(prompts) * len(conditions)
+    bar = tqdm(total=total, desc=dec.desc, disable=not dec.progress, leave=False)
+    for batch in _batches(order, dec.batch_size):
         b = len(batch)
-        tokens, mask = left_pad(model, [token_lists[i] for i in batch], extra=max_new_tokens + 8)
+        tokens, mask = left_pad(
+            model, [token_lists[i] for i in batch], extra=dec.max_new_tokens + 8
+        )
         start = time.perf_counter()
         prefix_kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, b)
         if tokens.shape[1] > 1:
@@ -343,9 +388,9 @@ def generate_shared_prefix(
             # the hooks are gone: they change only the last prompt position, which the KV
             # cache now carries, so decoding runs unhooked and drops finished rows
             logits = _last_logits(model, resid[:, -1])
-            new = _greedy_steps(model, logits, kv, stop_ids, max_new_tokens, compact=True)
+            new = _greedy_steps(model, logits, kv, stop_ids, dec.max_new_tokens, compact=True)
             for r, i in enumerate(batch):
-                outputs[name][i] = _decode_text(model, new[r], stop_ids, stop_at_newline)
+                outputs[name][i] = _decode_text(model, new[r], stop_ids, dec.stop_at_newline)
             timer[name] = timer.get(name, 0.0) + time.perf_counter() - start
             bar.update(b)
     bar.close()
@@ -356,27 +401,16 @@ def greedy_generate(
     model,
     prompts: Sequence[str],
     *,
-    max_new_tokens: int = 12,
-    batch_size: int = 16,
-    stop_at_newline: bool = True,
-    progress: bool = True,
-    desc: str = "generating",
     prefix: str | None = None,
+    decoding: Decoding | None = None,
+    **options: Unpack[DecodingOptions],
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (batched, KV cache), cut at the first newline.
 
     ``prefix`` (optional) is prepended to every prompt and computed once.
     """
     texts, _ = generate_and_score(
-        model,
-        prompts,
-        None,
-        prefix=prefix,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        stop_at_newline=stop_at_newline,
-        progress=progress,
-        desc=desc,
+        model, prompts, None, prefix=prefix, decoding=Decoding.of(decoding, options)
     )
     return texts
 

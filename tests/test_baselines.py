@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from spare_tl.data.prompts import PoolSplit, conflict_prompt
+from spare_tl.data.prompts import PoolSplit, Questions, conflict_prompt
 from spare_tl.features import FunctionalFeatures, LayerFeatures
-from spare_tl.generation import _tokenize, greedy_generate
+from spare_tl.generation import Decoding, _tokenize, greedy_generate
 from spare_tl.methods.base import NoSteering, PromptMethod, SteeringMethod
 from spare_tl.methods.baselines import (
     CAD,
@@ -171,7 +171,7 @@ def test_icl_picks_dss_and_dso():
     icl = ICL()
     for direction, demo_type in (("context", "dss"), ("memory", "dso"), (None, "doo")):
         expected = [conflict_prompt(it, d, demo_type) for it, d in zip(HELD_OUT[:2], demos)]
-        assert icl.prompts(HELD_OUT[:2], demos, direction, "doo") == expected
+        assert icl.prompts(Questions(HELD_OUT[:2], demos, "doo"), direction) == expected
     assert icl.hyperparameters("context") == {"demo_type": "dss"}
     assert icl.hyperparameters("memory") == {"demo_type": "dso"}
 
@@ -211,10 +211,16 @@ def test_actadd_zero_is_identity_and_hooks_go_after_errors(setup):
 def test_actadd_generation_batch_equals_single(setup):
     method = setup.make("actadd", {"layers": [1, 2], "coefficient": 4.0})
     demos = [POOL[:2]] * 4
-    kwargs = dict(max_new_tokens=6, progress=False)
-    batched = method.answer(setup.model, HELD_OUT[:4], demos, "context", batch_size=4, **kwargs)
+    batched = method.answer(
+        setup.model,
+        Questions(HELD_OUT[:4], demos),
+        "context",
+        Decoding(6, batch_size=4, progress=False),
+    )
     singles = [
-        method.answer(setup.model, [it], [d], "context", batch_size=1, **kwargs)[0]
+        method.answer(
+            setup.model, Questions([it], [d]), "context", Decoding(6, batch_size=1, progress=False)
+        )[0]
         for it, d in zip(HELD_OUT[:4], demos)
     ]
     assert batched == singles
@@ -313,7 +319,7 @@ def test_cad_method_signs_alpha_by_direction(tiny_model):
     cad = CAD(0.5)
     assert cad.hyperparameters("context") == {"alpha": 0.5}
     assert cad.hyperparameters("memory") == {"alpha": -0.5}
-    answers = cad.answer(tiny_model, HELD_OUT, [POOL[:2]] * 5, "memory", **GEN)
+    answers = cad.answer(tiny_model, Questions(HELD_OUT, [POOL[:2]] * 5), "memory", Decoding(**GEN))
     assert answers == cad_generate(tiny_model, PROMPTS, CONTEXT_FREE, -0.5, **GEN)
     with pytest.raises(ValueError, match=">= 0"):
         CAD(-1.0)
@@ -334,7 +340,8 @@ class _Oracle(PromptMethod):
     def hyperparameters(self, direction):
         return {"k": self.k}
 
-    def answer(self, model, items, demonstrations, direction, **kwargs):
+    def answer(self, model, questions, direction, decoding=None):
+        items = questions.items
         self.seen.extend(it.question for it in items)
         good = {"context": {2}, "memory": {1}}[direction]
         if self.k not in good:
@@ -587,13 +594,12 @@ def test_shared_prefix_answers_equal_full_prompt_passes(setup, name, batch_size)
         Condition("to_memory", method, "memory"),
     ]
     kwargs = dict(max_new_tokens=4, batch_size=batch_size, progress=False)
-    shared = answer_conditions(setup.model, HELD_OUT, demos, conditions, **kwargs)
-    full = answer_conditions(
-        setup.model, HELD_OUT, demos, conditions, shared_prefix=False, **kwargs
-    )
+    questions = Questions(HELD_OUT, demos)
+    shared = answer_conditions(setup.model, questions, conditions, **kwargs)
+    full = answer_conditions(setup.model, questions, conditions, shared_prefix=False, **kwargs)
     assert shared == full
     assert shared["no_steering"] == greedy_generate(
-        setup.model, NoSteering().prompts(HELD_OUT, demos, None, "doo"), **kwargs
+        setup.model, NoSteering().prompts(questions, None), **kwargs
     )
 
 
@@ -613,8 +619,7 @@ def test_shared_prefix_edits_the_last_prompt_token_of_every_batch(setup):
     demos = evaluation_demonstrations(HELD_OUT, POOL, 2, seed=0)
     answer_conditions(
         setup.model,
-        HELD_OUT,
-        demos,
+        Questions(HELD_OUT, demos),
         [Condition("none", NoSteering()), Condition("edit", Counting(), "context")],
         max_new_tokens=3,
         batch_size=2,
@@ -631,8 +636,7 @@ def test_shared_prefix_times_the_prefix_once(setup):
     method = setup.make("spare", {})
     answer_conditions(
         setup.model,
-        HELD_OUT,
-        demos,
+        Questions(HELD_OUT, demos),
         [Condition("a", NoSteering()), Condition("b", method, "memory")],
         max_new_tokens=3,
         progress=False,
@@ -648,8 +652,7 @@ def test_harness_refuses_duplicate_names_and_own_decoders_on_ready_prompts(setup
     with pytest.raises(ValueError, match="unique"):
         answer_conditions(
             setup.model,
-            HELD_OUT,
-            demos,
+            Questions(HELD_OUT, demos),
             [Condition("a", NoSteering()), Condition("a", NoSteering())],
             progress=False,
         )

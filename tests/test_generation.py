@@ -3,7 +3,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spare_tl.generation import PromptTooLongError, answer_nll, greedy_generate, left_pad
+from spare_tl.data.prompts import Questions, conflict_prompt
+from spare_tl.generation import (
+    Decoding,
+    PromptTooLongError,
+    answer_nll,
+    greedy_generate,
+    left_pad,
+)
+from spare_tl.testing import conflict_items
 
 
 def test_batched_generation_equals_single_runs(tiny_model):
@@ -76,3 +84,37 @@ def test_shared_prefix_gives_the_same_answers(tiny_model):
         tiny_model, suffixes, prefix=prefix, max_new_tokens=5, batch_size=2, progress=False
     )
     assert shared == joint
+
+
+def test_decoding_object_and_keywords_give_the_same_answers(tiny_model):
+    prompts = ["context: a\nquestion: b?\nanswer:", "hi"]
+    dec = Decoding(max_new_tokens=5, batch_size=1, progress=False)
+    by_object = greedy_generate(tiny_model, prompts, decoding=dec)
+    by_keywords = greedy_generate(tiny_model, prompts, max_new_tokens=5, progress=False)
+    assert by_object == by_keywords
+    # keywords override the object's fields; defaults apply only without an object
+    assert Decoding.of(dec, {"batch_size": 8}) == Decoding(5, 8, progress=False)
+    assert Decoding.of(None, {}, desc="CAD").desc == "CAD"
+    assert Decoding.of(dec, {}, desc="CAD") is dec
+
+
+def test_decoding_refuses_bad_values_and_unknown_options(tiny_model):
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+        Decoding(max_new_tokens=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        greedy_generate(tiny_model, ["hi"], batch_size=0)
+    with pytest.raises(TypeError, match="unknown decoding options \\['max_tokens'\\]"):
+        greedy_generate(tiny_model, ["hi"], max_tokens=3)  # type: ignore[call-arg]
+
+
+def test_questions_check_their_shape_once():
+    items = conflict_items(3)
+    demos = [items[:1], items[1:2], items[:2]]
+    questions = Questions(items, demos, "dss")
+    assert len(questions) == 3
+    assert questions.prompts() == [conflict_prompt(it, d, "dss") for it, d in zip(items, demos)]
+    assert questions.prompts("doo")[2] == conflict_prompt(items[2], demos[2], "doo")
+    with pytest.raises(ValueError, match="one list of demonstrations per item"):
+        Questions(items, demos[:2])
+    with pytest.raises(ValueError, match="unknown demonstration type"):
+        Questions(items, demos, "xyz")

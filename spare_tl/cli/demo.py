@@ -66,7 +66,7 @@ def demo(args: argparse.Namespace) -> int:
         return 0
 
     from spare_tl.cli.commands import _format_summary
-    from spare_tl.data.prompts import sample_demonstrations
+    from spare_tl.data.prompts import Questions, sample_demonstrations
     from spare_tl.embedded import load_steering_setup
     from spare_tl.stages.evaluation import EvaluationConfig, evaluate
     from spare_tl.stages.harness import Condition, NoSteering, SpareMethod, answer_conditions
@@ -91,8 +91,7 @@ def demo(args: argparse.Namespace) -> int:
     spare = SpareMethod(features, saes)
     answers = answer_conditions(
         model,
-        examples,
-        demonstrations,
+        Questions(examples, demonstrations),
         [
             Condition("none", NoSteering()),
             Condition("context", spare, "context"),

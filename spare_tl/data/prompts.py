@@ -52,6 +52,42 @@ def conflict_prompt(
     return f"{head}context: {ctx}\nquestion: {item.question}\nanswer:"
 
 
+@dataclass(frozen=True, init=False)
+class Questions:
+    """Conflict items to ask, each with its own demonstrations, in one demonstration type.
+
+    What a steering method answers (:mod:`spare_tl.methods`); built once, checked once.
+    """
+
+    items: tuple[ConflictItem, ...]
+    demonstrations: tuple[tuple[ConflictItem, ...], ...]
+    demo_type: str
+
+    def __init__(
+        self,
+        items: Sequence[ConflictItem],
+        demonstrations: Sequence[Sequence[ConflictItem]],
+        demo_type: str = "doo",
+    ) -> None:
+        if len(items) != len(demonstrations):
+            raise ValueError(
+                f"give one list of demonstrations per item ({len(items)} items, "
+                f"{len(demonstrations)} demonstration lists)"
+            )
+        _check_demo_type(demo_type)
+        object.__setattr__(self, "items", tuple(items))
+        object.__setattr__(self, "demonstrations", tuple(tuple(d) for d in demonstrations))
+        object.__setattr__(self, "demo_type", demo_type)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def prompts(self, demo_type: str | None = None) -> list[str]:
+        """The test prompts, demonstrations shown as ``demo_type`` (default: the questions')."""
+        shown = demo_type or self.demo_type
+        return [conflict_prompt(it, d, shown) for it, d in zip(self.items, self.demonstrations)]
+
+
 def closed_book_prompt(item: ConflictItem, demonstrations: Sequence[ConflictItem] = ()) -> str:
     """A closed-book prompt (no context): used to find what the model has memorised."""
     head = "".join(demonstration(d, "closed") for d in demonstrations)

@@ -1,5 +1,5 @@
 """The baselines' steering methods, each a :class:`~spare_tl.methods.base.SteeringMethod`
-that answers ``(items, demonstrations, direction)`` in SpARE's harness:
+that answers conflict :class:`~spare_tl.data.prompts.Questions` in SpARE's harness:
 
 - ``icl``: in-context learning, ``dss`` demonstrations to steer to context and ``dso`` to
   steer to memory (the same sampled demonstration questions; not an inference-time method).
@@ -30,16 +30,23 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Unpack
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from spare_tl.data.prompts import conflict_prompt, sample_demonstrations
+from spare_tl.data.prompts import Questions, conflict_prompt, sample_demonstrations
 from spare_tl.data.schema import ConflictItem
-from spare_tl.generation import _last_logits, _tokenize, left_pad, stop_token_ids
+from spare_tl.generation import (
+    Decoding,
+    DecodingOptions,
+    _last_logits,
+    _tokenize,
+    left_pad,
+    stop_token_ids,
+)
 from spare_tl.methods.base import PromptMethod, SteeringMethod
 from spare_tl.methods.hooks import (
     Direction,
@@ -80,10 +87,8 @@ class ICL(PromptMethod):
     def hyperparameters(self, direction: Direction) -> dict[str, Any]:
         return {"demo_type": self.DEMO_TYPE[direction]}
 
-    def prompts(self, items, demonstrations, direction, demo_type) -> list[str]:
-        if direction is None:
-            return super().prompts(items, demonstrations, None, demo_type)
-        return super().prompts(items, demonstrations, None, self.DEMO_TYPE[direction])
+    def prompts(self, questions: Questions, direction: Direction | None) -> list[str]:
+        return questions.prompts(None if direction is None else self.DEMO_TYPE[direction])
 
 
 class _HookMethod(PromptMethod):
@@ -215,11 +220,8 @@ def cad_generate(
     prompts_without_context: Sequence[str],
     alpha: float,
     *,
-    max_new_tokens: int = 12,
-    batch_size: int = 16,
-    stop_at_newline: bool = True,
-    progress: bool = True,
-    desc: str = "CAD",
+    decoding: Decoding | None = None,
+    **options: Unpack[DecodingOptions],
 ) -> list[str]:
     """Greedy context-aware decoding, batched like :func:`spare_tl.generation.greedy_generate`.
 
@@ -232,20 +234,20 @@ def cad_generate(
         raise ValueError("give one context-free prompt per prompt")
     if not math.isfinite(alpha):
         raise ValueError(f"α must be finite, got {alpha}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    dec = Decoding.of(decoding, options, desc="CAD")
+    max_new_tokens = dec.max_new_tokens
     if not prompts:
         return []
     with_ctx = _tokenize(model, prompts)
     without = _tokenize(model, prompts_without_context)
     order = sorted(range(len(prompts)), key=lambda i: len(with_ctx[i]))
-    stop_ids = stop_token_ids(model, stop_at_newline)
+    stop_ids = stop_token_ids(model, dec.stop_at_newline)
     n_layers = model.cfg.n_layers
     device = model.cfg.device
     outputs = [""] * len(prompts)
-    bar = tqdm(total=len(prompts), desc=desc, disable=not progress, leave=False)
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
+    bar = tqdm(total=len(prompts), desc=dec.desc, disable=not dec.progress, leave=False)
+    for start in range(0, len(order), dec.batch_size):
+        batch = order[start : start + dec.batch_size]
         b = len(batch)
         logits = []
         caches = []
@@ -274,7 +276,7 @@ def cad_generate(
         new = torch.stack(generated, 1)
         for r, i in enumerate(batch):
             text = model.tokenizer.decode(new[r], skip_special_tokens=True)
-            outputs[i] = text.split("\n")[0].strip() if stop_at_newline else text
+            outputs[i] = text.split("\n")[0].strip() if dec.stop_at_newline else text
         bar.update(b)
     bar.close()
     return outputs
@@ -301,43 +303,19 @@ class CAD(PromptMethod):
     def hyperparameters(self, direction: Direction) -> dict[str, Any]:
         return {"alpha": self.signed_alpha(direction)}
 
-    def answer(
-        self,
-        model,
-        items: Sequence[ConflictItem],
-        demonstrations: Sequence[Sequence[ConflictItem]],
-        direction: Direction | None,
-        *,
-        demo_type: str = "doo",
-        max_new_tokens: int = 12,
-        batch_size: int = 16,
-        progress: bool = False,
-        desc: str = "generating",
+    def decode(
+        self, model, questions: Questions, direction: Direction, decoding: Decoding
     ) -> list[str]:
-        if direction is None:
-            return super().answer(
-                model,
-                items,
-                demonstrations,
-                None,
-                demo_type=demo_type,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                progress=progress,
-                desc=desc,
-            )
-        direction = _check_direction(direction)
-        if len(items) != len(demonstrations):
-            raise ValueError("give one list of demonstrations per item")
+        """Context-aware decoding of the questions with α signed by ``direction``."""
         return cad_generate(
             model,
-            self.prompts(items, demonstrations, direction, demo_type),
-            [prompt_without_context(it, d, demo_type) for it, d in zip(items, demonstrations)],
+            self.prompts(questions, direction),
+            [
+                prompt_without_context(it, d, questions.demo_type)
+                for it, d in zip(questions.items, questions.demonstrations)
+            ],
             self.signed_alpha(direction),
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            progress=progress,
-            desc=desc,
+            decoding=decoding,
         )
 
 
@@ -376,14 +354,16 @@ class PerDirection:
     def _for(self, direction: Direction | None) -> SteeringMethod:
         return self.context if direction in (None, "context") else self.memory
 
-    def prompts(self, items, demonstrations, direction, demo_type) -> list[str]:
-        return self._for(direction).prompts(items, demonstrations, direction, demo_type)
+    def prompts(self, questions: Questions, direction: Direction | None) -> list[str]:
+        return self._for(direction).prompts(questions, direction)
 
     def steering(self, model, direction: Direction) -> AbstractContextManager[Any]:
         return self._for(direction).steering(model, direction)
 
-    def answer(self, model, items, demonstrations, direction, **kwargs) -> list[str]:
-        return self._for(direction).answer(model, items, demonstrations, direction, **kwargs)
+    def answer(
+        self, model, questions: Questions, direction: Direction | None, decoding: Decoding | None
+    ) -> list[str]:
+        return self._for(direction).answer(model, questions, direction, decoding)
 
 
 # ---------------------------------------------------------------------------------------

@@ -20,19 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from spare_tl import cache
-from spare_tl.data.prompts import sample_demonstrations
+from spare_tl.data.prompts import Questions, sample_demonstrations
 from spare_tl.data.schema import ConflictItem
 from spare_tl.data.scoring import behaviour_label
 from spare_tl.features import FunctionalFeatures
-from spare_tl.generation import newline_token_ids
-from spare_tl.methods.spare import DIRECTIONS
-from spare_tl.stages.harness import (
-    Condition,
-    NoSteering,
-    SpareMethod,
-    SteeringMethod,
-    answer_conditions,
-)
+from spare_tl.generation import Decoding, newline_token_ids
+from spare_tl.methods.base import NoSteering, SteeringMethod
+from spare_tl.methods.spare import DIRECTIONS, SpareMethod
+from spare_tl.stages.harness import Condition, answer_conditions
 from spare_tl.stats import condition_intervals
 
 logger = logging.getLogger(__name__)
@@ -49,6 +44,15 @@ class EvaluationConfig:
     max_new_tokens: int = 12
     batch_size: int = 16
     conditions: tuple[str, ...] = CONDITIONS
+
+    def decoding(self, progress: bool = True, desc: str = "evaluating") -> Decoding:
+        """The greedy decoding this configuration asks for."""
+        return Decoding(
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+            progress=progress,
+            desc=desc,
+        )
 
 
 def _mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -197,6 +201,17 @@ def evaluation_demonstrations(
     ]
 
 
+def evaluation_questions(
+    items: Sequence[ConflictItem],
+    pool: Sequence[ConflictItem],
+    n_shots: int,
+    seed: int,
+    demo_type: str = "doo",
+) -> Questions:
+    """``items`` with their :func:`evaluation_demonstrations`, shown as ``demo_type``."""
+    return Questions(items, evaluation_demonstrations(items, pool, n_shots, seed), demo_type)
+
+
 def prediction_records(
     seed: int,
     items: Sequence[ConflictItem],
@@ -315,7 +330,7 @@ def evaluate(
     seconds: dict[str, float] = {}
     predictions: list[dict[str, Any]] = []
     for seed in config.seeds:
-        demos = evaluation_demonstrations(items, pool, config.n_shots, seed)
+        questions = evaluation_questions(items, pool, config.n_shots, seed, config.demo_type)
         reuse = shared_no_steering is not None and seed in shared_no_steering
         todo = [
             Condition(c, NoSteering() if c == "no_steering" else method, direction_of[c])
@@ -325,16 +340,11 @@ def evaluate(
         spent: dict[str, float] = {}
         answers = answer_conditions(
             model,
-            items,
-            demos,
+            questions,
             todo,
-            demo_type=config.demo_type,
-            max_new_tokens=config.max_new_tokens,
-            batch_size=config.batch_size,
-            progress=progress,
-            desc=f"{method.name} seed {seed}",
             shared_prefix=shared_prefix,
             seconds=spent,
+            decoding=config.decoding(progress, f"{method.name} seed {seed}"),
         )
         if reuse:
             assert shared_no_steering is not None

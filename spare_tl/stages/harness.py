@@ -20,10 +20,10 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Unpack
 
-from spare_tl.data.schema import ConflictItem
-from spare_tl.generation import generate_shared_prefix, greedy_generate
+from spare_tl.data.prompts import Questions
+from spare_tl.generation import Decoding, DecodingOptions, generate_shared_prefix, greedy_generate
 from spare_tl.methods.base import NoSteering, PromptMethod, SteeringMethod, check_direction
 from spare_tl.methods.spare import Direction, SpareMethod
 
@@ -31,6 +31,7 @@ __all__ = [
     "Condition",
     "NoSteering",
     "PromptMethod",
+    "Questions",
     "SpareMethod",
     "SteeringMethod",
     "answer_conditions",
@@ -68,12 +69,10 @@ def answer_prompts(
     prompts: Sequence[str],
     conditions: Sequence[Condition],
     *,
-    max_new_tokens: int = 12,
-    batch_size: int = 16,
-    progress: bool = True,
-    desc: str = "answering",
     shared_prefix: bool = True,
     seconds: dict[str, float] | None = None,
+    decoding: Decoding | None = None,
+    **options: Unpack[DecodingOptions],
 ) -> dict[str, list[str]]:
     """Every condition's greedy answers to the same ready-made ``prompts``.
 
@@ -81,10 +80,10 @@ def answer_prompts(
     conflict / no-conflict rows, the steerability scan's donors); every method must edit only
     the last prompt position (``shares_prefix``). With ``shared_prefix`` the prompts are run
     once per batch; without, each condition runs its own full prompt pass (the reference).
+    Decoding: ``decoding`` and/or its fields as keywords (:class:`~spare_tl.generation.Decoding`).
     """
-    names = [c.name for c in conditions]
-    if len(set(names)) != len(names):
-        raise ValueError(f"condition names must be unique, got {names}")
+    dec = Decoding.of(decoding, options, desc="answering")
+    _check_unique(conditions)
     own = [c.name for c in conditions if not c.method.shares_prefix]
     if own:
         raise ValueError(
@@ -92,16 +91,8 @@ def answer_prompts(
         )
     timer = seconds if seconds is not None else {}
     if shared_prefix:
-        return generate_shared_prefix(
-            model,
-            prompts,
-            {c.name: _start(model, c) for c in conditions},
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            progress=progress,
-            desc=desc,
-            seconds=timer,
-        )
+        starts = {c.name: _start(model, c) for c in conditions}
+        return generate_shared_prefix(model, prompts, starts, seconds=timer, decoding=dec)
     per_row = [c.name for c in conditions if hasattr(c.method, "row_steering")]
     if per_row:
         raise ValueError(f"conditions {per_row} edit per row and need the shared prefix")
@@ -111,12 +102,7 @@ def answer_prompts(
         start = time.perf_counter()
         with start_steering([]) if start_steering is not None else nullcontext():
             answers[cond.name] = greedy_generate(
-                model,
-                prompts,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                progress=progress,
-                desc=f"{desc}: {cond.name}",
+                model, prompts, decoding=dec.labelled(f"{dec.desc}: {cond.name}")
             )
         timer[cond.name] = timer.get(cond.name, 0.0) + time.perf_counter() - start
     return answers
@@ -124,49 +110,34 @@ def answer_prompts(
 
 def answer_conditions(
     model,
-    items: Sequence[ConflictItem],
-    demonstrations: Sequence[Sequence[ConflictItem]],
+    questions: Questions,
     conditions: Sequence[Condition],
     *,
-    demo_type: str = "doo",
-    max_new_tokens: int = 12,
-    batch_size: int = 16,
-    progress: bool = True,
-    desc: str = "answering",
     shared_prefix: bool = True,
     seconds: dict[str, float] | None = None,
+    decoding: Decoding | None = None,
+    **options: Unpack[DecodingOptions],
 ) -> dict[str, list[str]]:
-    """Every condition's greedy answers to ``items`` (one list per condition name).
+    """Every condition's greedy answers to the ``questions`` (one list per condition name).
 
     Conditions whose methods share the prompt prefix and whose prompts are identical run
     from one prompt pass per batch; the others answer on their own. ``shared_prefix=False``
     answers every condition with its own full prompt pass (the reference path, for tests and
     benchmarks). ``seconds`` accumulates wall time per condition name plus ``"prefix"``.
     """
-    if len(items) != len(demonstrations):
-        raise ValueError("give one list of demonstrations per item")
-    names = [c.name for c in conditions]
-    if len(set(names)) != len(names):
-        raise ValueError(f"condition names must be unique, got {names}")
+    dec = Decoding.of(decoding, options, desc="answering")
+    _check_unique(conditions)
     timer = seconds if seconds is not None else {}
     answers: dict[str, list[str]] = {}
     groups: dict[tuple[str, ...], list[Condition]] = {}
     for cond in conditions:
         if cond.method.shares_prefix:
-            prompts = tuple(cond.method.prompts(items, demonstrations, cond.direction, demo_type))
+            prompts = tuple(cond.method.prompts(questions, cond.direction))
             groups.setdefault(prompts, []).append(cond)
             continue
         start = time.perf_counter()
         answers[cond.name] = cond.method.answer(
-            model,
-            items,
-            demonstrations,
-            cond.direction,
-            demo_type=demo_type,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            progress=progress,
-            desc=f"{desc}: {cond.name}",
+            model, questions, cond.direction, dec.labelled(f"{dec.desc}: {cond.name}")
         )
         timer[cond.name] = timer.get(cond.name, 0.0) + time.perf_counter() - start
     for prompts, group in groups.items():
@@ -175,12 +146,15 @@ def answer_conditions(
                 model,
                 list(prompts),
                 group,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                progress=progress,
-                desc=desc,
                 shared_prefix=shared_prefix,
                 seconds=timer,
+                decoding=dec,
             )
         )
-    return {name: answers[name] for name in names}
+    return {c.name: answers[c.name] for c in conditions}
+
+
+def _check_unique(conditions: Sequence[Condition]) -> None:
+    names = [c.name for c in conditions]
+    if len(set(names)) != len(names):
+        raise ValueError(f"condition names must be unique, got {names}")

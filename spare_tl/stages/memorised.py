@@ -32,7 +32,7 @@ from spare_tl.data.schema import ConflictItem, items_hash
 from spare_tl.data.scoring import exact_match
 from spare_tl.embedded import seed_from_shipped
 from spare_tl.errors import CacheError
-from spare_tl.generation import greedy_generate
+from spare_tl.generation import Decoding, greedy_generate
 
 logger = logging.getLogger(__name__)
 STAGE = "memorised"
@@ -196,6 +196,7 @@ def find_memorised(
     for i, d in enumerate(demos):
         groups.setdefault(tuple(x.question for x in d), []).append(i)
     answers = [""] * len(items)
+    decoding = Decoding(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
     bar = tqdm(total=len(items), desc="closed-book answers", disable=not progress)
     # Items that are themselves demonstrations use a variant prefix shared by one or two
     # items: one prefix pass each would cost more than answering them together in full.
@@ -204,9 +205,7 @@ def find_memorised(
         outs = greedy_generate(
             model,
             [closed_book_prompt(items[i], demos[i]) for i in singles],
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            progress=False,
+            decoding=decoding,
         )
         for i, out in zip(singles, outs):
             answers[i] = out
@@ -220,9 +219,7 @@ def find_memorised(
             model,
             [closed_book_prompt(items[i]) for i in idx],
             prefix=prefix,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            progress=False,
+            decoding=decoding,
         )
         for i, out in zip(idx, outs):
             answers[i] = out

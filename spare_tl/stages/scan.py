@@ -37,10 +37,11 @@ from torch import Tensor
 from spare_tl import cache
 from spare_tl.data.prompts import closed_book_prompt, conflict_prompt
 from spare_tl.data.schema import ConflictItem
+from spare_tl.generation import Decoding
 from spare_tl.methods.spare import Direction, LastPromptPositionHook, attach_hooks
 from spare_tl.saes import SITES, site_hook_name
 from spare_tl.stages.activations import last_position_activations
-from spare_tl.stages.evaluation import evaluation_demonstrations
+from spare_tl.stages.evaluation import evaluation_questions
 from spare_tl.stages.harness import Condition, NoSteering, PromptMethod, answer_prompts
 from spare_tl.stages.sweep import answer_shares
 
@@ -188,11 +189,15 @@ def steerability_scan(
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad or not layers:
         raise ValueError(f"layers {bad or '(none)'} are not in the model's 0-{n_layers - 1}")
-    demos = evaluation_demonstrations(items, pool, config.n_shots, config.seed)
-    target = [conflict_prompt(it, d, config.demo_type) for it, d in zip(items, demos)]
-    donors = donor_prompts(items, demos)
+    questions = evaluation_questions(items, pool, config.n_shots, config.seed, config.demo_type)
+    donors = donor_prompts(items, questions.demonstrations)
     hooks = [site_hook_name(layer, site) for layer in layers for site in config.sites]
-    gen = dict(max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+    decoding = Decoding(
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        progress=progress,
+        desc="steerability scan",
+    )
     conditions = [Condition("none", NoSteering())]
     donor_answers: dict[str, dict[str, float]] = {}
     for direction in config.directions:
@@ -200,7 +205,11 @@ def steerability_scan(
             model, donors[direction], hooks, batch_size=config.batch_size, progress=progress
         )
         own = answer_prompts(
-            model, donors[direction], [Condition("donor", NoSteering())], progress=False, **gen
+            model,
+            donors[direction],
+            [Condition("donor", NoSteering())],
+            progress=False,
+            decoding=decoding,
         )
         donor_answers[direction] = answer_shares(own["donor"], items)
         for layer in layers:
@@ -208,9 +217,7 @@ def steerability_scan(
                 hook = site_hook_name(layer, site)
                 patch = DonorPatch(hook, acts[hook])
                 conditions.append(Condition(f"{direction}|{site}|{layer}", patch, direction))  # type: ignore[arg-type]
-    answers = answer_prompts(
-        model, target, conditions, progress=progress, desc="steerability scan", **gen
-    )
+    answers = answer_prompts(model, questions.prompts(), conditions, decoding=decoding)
     rows = []
     for cond in conditions[1:]:
         direction, site, layer = cond.name.split("|")

@@ -19,13 +19,17 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 from spare_tl import cache
+from spare_tl.data.prompts import Questions
 from spare_tl.data.schema import ConflictItem
 from spare_tl.data.scoring import behaviour_label
 from spare_tl.features import FunctionalFeatures
+from spare_tl.generation import Decoding, DecodingOptions
 from spare_tl.layer_spec import parse_layers
+from spare_tl.methods.base import NoSteering, SteeringMethod
+from spare_tl.methods.spare import SpareMethod
 from spare_tl.saes import DEFAULT_SITE, check_site, site_hook_name
 from spare_tl.stages.activations import (
     LayerStatistics,
@@ -33,14 +37,8 @@ from spare_tl.stages.activations import (
     functional_features,
     statistics_at,
 )
-from spare_tl.stages.evaluation import evaluation_demonstrations
-from spare_tl.stages.harness import (
-    Condition,
-    NoSteering,
-    SpareMethod,
-    SteeringMethod,
-    answer_conditions,
-)
+from spare_tl.stages.evaluation import evaluation_questions
+from spare_tl.stages.harness import Condition, answer_conditions
 
 logger = logging.getLogger(__name__)
 
@@ -64,40 +62,24 @@ def answer_shares(answers: Sequence[str], items: Sequence[ConflictItem]) -> dict
 
 def answer_settings(
     model,
-    items: Sequence[ConflictItem],
-    pool: Sequence[ConflictItem],
+    questions: Questions,
     steered: Sequence[tuple[SteeringMethod, str]],
     *,
-    n_shots: int = 3,
-    seed: int = 0,
-    demo_type: str = "doo",
-    max_new_tokens: int = 12,
-    batch_size: int = 16,
-    progress: bool = True,
-    desc: str = "sweep",
+    decoding: Decoding | None = None,
+    **options: Unpack[DecodingOptions],
 ) -> list[dict[str, float]]:
-    """:func:`answer_shares` on the development ``items`` (demonstrations from ``pool`` as in
-    the test protocol) without steering, then of every ``(method, direction)``: each one a
-    condition of the one harness (:func:`spare_tl.stages.harness.answer_conditions`)."""
-    if not items:
+    """:func:`answer_shares` of the development ``questions`` without steering, then of every
+    ``(method, direction)``: each one a condition of the one harness
+    (:func:`spare_tl.stages.harness.answer_conditions`)."""
+    if not len(questions):
         raise ValueError("the sweep needs at least one development question")
-    demos = evaluation_demonstrations(items, pool, n_shots, seed)
     conditions = [Condition("none", NoSteering())] + [
         Condition(f"setting {i}", method, direction)  # type: ignore[arg-type]
         for i, (method, direction) in enumerate(steered)
     ]
-    answers = answer_conditions(
-        model,
-        items,
-        demos,
-        conditions,
-        demo_type=demo_type,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        progress=progress,
-        desc=desc,
-    )
-    return [answer_shares(answers[c.name], items) for c in conditions]
+    dec = Decoding.of(decoding, options, desc="sweep")
+    answers = answer_conditions(model, questions, conditions, decoding=dec)
+    return [answer_shares(answers[c.name], questions.items) for c in conditions]
 
 
 @dataclass(frozen=True)
@@ -187,16 +169,9 @@ def sweep(
         )
         feature_sets.append(features)
         steered.append((SpareMethod(features, _saes_for(saes, setting)), setting.direction))
+    questions = evaluation_questions(items, pool, n_shots, seed, demo_type)
     none, *shares = answer_settings(
-        model,
-        items,
-        pool,
-        steered,
-        n_shots=n_shots,
-        seed=seed,
-        demo_type=demo_type,
-        batch_size=batch_size,
-        progress=progress,
+        model, questions, steered, batch_size=batch_size, progress=progress
     )
     records: list[dict[str, Any]] = [
         {

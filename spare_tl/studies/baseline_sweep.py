@@ -12,13 +12,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 from spare_tl import cache
 from spare_tl.data.schema import ConflictItem
+from spare_tl.generation import Decoding, DecodingOptions
 from spare_tl.methods.base import SteeringMethod
 from spare_tl.methods.hooks import DIRECTIONS
-from spare_tl.stages.evaluation import EvaluationConfig, EvaluationResult, evaluate
+from spare_tl.stages.evaluation import (
+    EvaluationConfig,
+    EvaluationResult,
+    evaluate,
+    evaluation_questions,
+)
 from spare_tl.stages.sweep import MAX_NEITHER_RISE, answer_settings, best_settings
 
 __all__ = [
@@ -69,9 +75,8 @@ def sweep_method(
     n_shots: int = 3,
     seed: int = 0,
     demo_type: str = "doo",
-    max_new_tokens: int = 12,
-    batch_size: int = 16,
-    progress: bool = True,
+    decoding: Decoding | None = None,
+    **options: Unpack[DecodingOptions],
 ) -> list[dict[str, Any]]:
     """EM of every candidate setting in each direction on the development ``items`` with the
     test protocol (demonstrations from ``pool``), as :func:`spare_tl.stages.sweep.sweep`: every
@@ -87,19 +92,9 @@ def sweep_method(
         raise ValueError(f"sweep one method at a time, got {sorted(names)}")
     name = names.pop()
     grid = [(c, d) for c in candidates for d in directions]
-    none, *shares = answer_settings(
-        model,
-        items,
-        pool,
-        grid,
-        n_shots=n_shots,
-        seed=seed,
-        demo_type=demo_type,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        progress=progress,
-        desc=f"sweep {name}",
-    )
+    questions = evaluation_questions(items, pool, n_shots, seed, demo_type)
+    dec = Decoding.of(decoding, options, desc=f"sweep {name}")
+    none, *shares = answer_settings(model, questions, grid, decoding=dec)
     records: list[dict[str, Any]] = [
         {"method": name, "direction": "none", "hyperparameters": {}, "n": len(items)} | none
     ]

@@ -25,12 +25,13 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
 from spare_tl import cache
 from spare_tl.data.schema import ConflictItem
 from spare_tl.data.scoring import behaviour_label
 from spare_tl.features import FunctionalFeatures
+from spare_tl.generation import Decoding, DecodingOptions
 from spare_tl.layer_spec import parse_layers
 from spare_tl.methods.conflict_probe import ConflictProbe, GateStats
 from spare_tl.stages.activations import check_layers, last_position_resid
@@ -133,9 +134,8 @@ def evaluate_conditional(
     seeds: Sequence[int] = (0, 1, 2),
     n_shots: int = 3,
     demo_type: str = "doo",
-    max_new_tokens: int = 12,
-    batch_size: int = 16,
-    progress: bool = True,
+    decoding: Decoding | None = None,
+    **options: Unpack[DecodingOptions],
 ) -> ConditionalResult:
     """No steering, steering always and steering only probe-flagged rows, on a mixed set.
 
@@ -144,7 +144,7 @@ def evaluate_conditional(
     EM_M (answers M: on no-conflict rows, the accuracy), EM_C (answers C) and neither; and
     how often the probe flags each row type (its own last-position pass).
     """
-
+    dec = Decoding.of(decoding, options)
     if not items:
         raise ValueError("no evaluation items")
     pool_q = {_question_key(p) for p in pool}
@@ -184,19 +184,14 @@ def evaluate_conditional(
         row_type = ["conflict" if int(y) == CONFLICT else "no_conflict" for y in data.labels]
         row_item = [items[int(i)] for i in data.item_ids]
         resid = last_position_resid(
-            model, data.prompts, [probe.layer], batch_size=batch_size, progress=False
+            model, data.prompts, [probe.layer], batch_size=dec.batch_size, progress=False
         )[probe.layer]
         score = probe.logits(resid)
         flags = probe.predict(resid).tolist()
         aurocs.append(_auroc(data.labels.numpy(), score.numpy()))
+        conditions = [method_for(cond) for cond in CONDITIONS]
         answers = answer_prompts(
-            model,
-            data.prompts,
-            [method_for(cond) for cond in CONDITIONS],
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            progress=progress,
-            desc=f"seed {seed}",
+            model, data.prompts, conditions, decoding=dec.labelled(f"seed {seed}")
         )
         for rt in ROW_TYPES:
             idx = [i for i, t in enumerate(row_type) if t == rt]
