@@ -269,6 +269,15 @@ class FunctionalFeatures:
             for layer, f in sorted(self.layers.items())
         }
 
+    def describe(self, direction: str) -> str:
+        """One line on what steering to ``direction`` edits (site, layers, K, α, features)."""
+        f = self.for_direction(direction)
+        return (
+            f"{f.site} of layers {sorted(f.layers)}, K = {f.proportion}, "
+            f"α = {self.strength(direction)}, SAE code {f.latent_code!r}, "
+            f"(context, memory) features per layer {f.counts()}"
+        )
+
     def save(self, directory: str | Path) -> Path:
         """Write ``features.safetensors`` + ``features.json`` into ``directory`` (and
         :attr:`to_memory`, if set, into its ``to_memory/`` subfolder, written first).

@@ -180,6 +180,7 @@ def _check_evaluate_args(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from spare_tl.methods.spare import SpareMethod
     from spare_tl.stages.evaluation import EvaluationConfig, evaluate
     from spare_tl.stages.memorised import memorised_split
 
@@ -192,8 +193,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     split = memorised_split(model, features, args.dataset)
     eval_items = split.evaluation[: args.n_items] if args.n_items else split.evaluation
     config = EvaluationConfig(seeds=tuple(args.seeds), n_shots=args.shots, demo_type=args.demo_type)
-    if args.method != "spare":
-        from spare_tl.studies.baselines import BaselineSetup, evaluate_method
+    if args.method == "spare":
+        method = SpareMethod(features, saes)
+    else:
+        from spare_tl.studies.baseline_setup import BaselineSetup
 
         setup = BaselineSetup(
             model, features, saes, list(split.pool), list(split.evaluation), args.dataset
@@ -203,20 +206,8 @@ def _evaluate(args: argparse.Namespace) -> int:
             sweep=Path(args.sweep) if args.sweep else None,
             overrides=json.loads(args.hyperparameters) if args.hyperparameters else None,
         )
-        result = evaluate_method(
-            model, method, eval_items, split.pool, config=config, dataset_name=args.dataset
-        )
-        result.save(Path(args.output), Path(args.predictions) if args.predictions else None)
-        print(_format_summary(result.to_json()))
-        return 0
     result = evaluate(
-        model,
-        eval_items,
-        split.pool,
-        features=features,
-        saes=saes,
-        config=config,
-        dataset_name=args.dataset,
+        model, eval_items, split.pool, method=method, config=config, dataset_name=args.dataset
     )
     result.save(Path(args.output), Path(args.predictions) if args.predictions else None)
     print(_format_summary(result.to_json()))

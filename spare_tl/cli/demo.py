@@ -74,12 +74,7 @@ def demo(args: argparse.Namespace) -> int:
 
     model, features, saes = load_steering_setup(str(DEFAULT_FEATURES), str(DEFAULT_SAES), model)
     for direction in ("context", "memory"):
-        f = features.for_direction(direction)
-        print(
-            f"Steering to {direction}: {f.site} of layers {sorted(f.layers)}, K = {f.proportion}, "
-            f"α = {features.strength(direction)}, SAE code {f.latent_code!r}, "
-            f"(context, memory) features per layer {f.counts()}"
-        )
+        print(f"Steering to {direction}: {features.describe(direction)}")
     print()
     split = memorised_split(model, features, "builtin", progress=False)
     held_out = split.evaluation

@@ -8,7 +8,7 @@ regenerates its JSON. Missing parts are listed, not invented. The README only li
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,12 +106,14 @@ def relation_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _saved_json(directory: Path, names: Sequence[str]) -> dict[str, Any]:
+    """``<name>.json`` of ``directory``, read, for every name that has one."""
+    paths = {name: directory / f"{name}.json" for name in names}
+    return {name: cache.read_json(p) for name, p in paths.items() if p.is_file()}
+
+
 def _results_section(directory: Path, missing: list[str]) -> list[str]:
-    results = {
-        case: cache.read_json(directory / f"{case}.json")
-        for case in CASES
-        if (directory / f"{case}.json").is_file()
-    }
+    results = _saved_json(directory, CASES)
     if not results:
         missing.append(f"held-out results: no <case>.json in {directory}")
         return []
@@ -126,11 +128,7 @@ def _results_section(directory: Path, missing: list[str]) -> list[str]:
 def _baselines_section(directory: Path, missing: list[str]) -> list[str]:
     from spare_tl.studies.baselines import METHODS, baseline_table
 
-    results = {
-        m: cache.read_json(directory / f"{m}.json")
-        for m in METHODS
-        if (directory / f"{m}.json").is_file()
-    }
+    results = _saved_json(directory, METHODS)
     if not results:
         missing.append(f"baselines: no <method>.json in {directory}")
         return []

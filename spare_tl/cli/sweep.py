@@ -220,10 +220,5 @@ def _report(
         )
         features.save(Path(config.features_dir))
         for direction in ("context", "memory"):
-            f = features.for_direction(direction)
-            print(
-                f"wrote {config.features_dir}: to {direction} {f.site} layers "
-                f"{sorted(f.layers)}, K {f.proportion}, α {features.strength(direction)}, "
-                f"features {f.counts()}"
-            )
+            print(f"wrote {config.features_dir}: to {direction} {features.describe(direction)}")
     return 0

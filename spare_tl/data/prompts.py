@@ -94,7 +94,8 @@ def closed_book_prompt(item: ConflictItem, demonstrations: Sequence[ConflictItem
     return f"{head}question: {item.question}\nanswer:"
 
 
-def _key(item: ConflictItem) -> str:
+def question_key(item: ConflictItem) -> str:
+    """The question, lower-cased with whitespace collapsed: what makes two items the same."""
     return " ".join(item.question.lower().split())
 
 
@@ -102,7 +103,7 @@ def sample_demonstrations(
     pool: Sequence[ConflictItem], k: int, seed: int, exclude: ConflictItem | None = None
 ) -> list[ConflictItem]:
     """``k`` demonstrations from ``pool`` (seeded), never the test question itself."""
-    candidates = [d for d in pool if exclude is None or _key(d) != _key(exclude)]
+    candidates = [d for d in pool if exclude is None or question_key(d) != question_key(exclude)]
     if k > len(candidates):
         raise ValueError(f"cannot sample {k} demonstrations from a pool of {len(candidates)}")
     return random.Random(seed).sample(candidates, k)
@@ -129,7 +130,7 @@ def split_pool(
     """
     groups: dict[str, list[ConflictItem]] = {}
     for item in items:
-        groups.setdefault(_key(item), []).append(item)
+        groups.setdefault(question_key(item), []).append(item)
     keys = sorted(groups)
     if pool_size < 1:
         raise ValueError(f"pool size must be >= 1, got {pool_size}")

@@ -184,15 +184,7 @@ def _check_record(obj: Any, line: int) -> tuple[ConflictItem | None, list[Valida
     for key, value in obj.items():  # keep unknown top-level keys rather than drop them
         if key not in REQUIRED_FIELDS and key not in _OPTIONAL_FIELDS:
             extra.setdefault(key, value)
-    item = ConflictItem(
-        question=obj["question"],
-        org_context=obj["org_context"],
-        org_answer=tuple(obj["org_answer"]),
-        sub_context=obj["sub_context"],
-        sub_answer=tuple(obj["sub_answer"]),
-        relation=obj.get("relation", ""),
-        extra=extra,
-    )
+    item = ConflictItem.from_dict({**obj, "extra": extra})
     return item, []
 
 

@@ -18,7 +18,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from spare_tl import cache
-from spare_tl.methods.hooks import LastPromptPosition
+from spare_tl.methods.hooks import LastPromptPosition, resid_post_hook_name
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -59,7 +59,7 @@ class ConflictProbe:
 
     @property
     def hook_name(self) -> str:
-        return f"blocks.{self.layer}.hook_resid_post"
+        return resid_post_hook_name(self.layer)
 
     def logits(self, resid: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch"]:
         """The probe's logit of 'conflict' (float32, on ``resid``'s device)."""

@@ -17,6 +17,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from spare_tl.saes import site_hook_name
+
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
     from transformer_lens.hook_points import HookPoint
@@ -42,7 +44,7 @@ __all__ = [
 
 def resid_post_hook_name(layer: int) -> str:
     """The TransformerLens hook SpARE edits at ``layer``."""
-    return f"blocks.{layer}.hook_resid_post"
+    return site_hook_name(layer, "resid_post")
 
 
 def check_direction(direction: object) -> Direction:

@@ -50,10 +50,6 @@ from spare_tl.stages.behaviours import GroupedPrompts, require_groups
 logger = logging.getLogger(__name__)
 
 
-def resid_hook(layer: int) -> str:
-    return f"blocks.{layer}.hook_resid_post"
-
-
 def check_layers(model, layers: Sequence[int]) -> list[int]:
     """Sorted unique layers, each inside the model; a clear error otherwise."""
     if not layers:

@@ -7,7 +7,7 @@ model + SAEs → dataset → memorised set → pool split → grouped prompts �
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +22,7 @@ from spare_tl.stages.evaluation import EvaluationConfig
 
 if TYPE_CHECKING:
     from spare_tl.features import FunctionalFeatures
+    from spare_tl.stages.activations import Activations, LayerStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -306,28 +307,9 @@ def run_pipeline(
     )
     if stop == 1:
         return out
-    out.activations = collect_activations(
-        model,
-        out.grouped,
-        config.layers,
-        batch_size=config.batch_size,
-        cache_root=root,
-        progress=progress,
-    )
-    if stop == 2:
-        return out
-    out.statistics = feature_statistics(
-        model,
-        out.activations,
-        saes,
-        seed=config.mi_seed,
-        latent_code=config.latent_code,
-        cache_root=root,
-        progress=progress,
-    )
-    out.site_statistics = {DEFAULT_SITE: out.statistics}
-    for site, layers in config.site_layers.items():
-        site_activations = collect_activations(
+
+    def activations_at(site: str, layers: Sequence[int]) -> Activations:
+        return collect_activations(
             model,
             out.grouped,
             layers,
@@ -336,15 +318,27 @@ def run_pipeline(
             progress=progress,
             site=site,
         )
-        out.site_statistics[site] = feature_statistics(
+
+    def statistics_of(
+        activations: Activations, layer_saes: Mapping[Any, Any]
+    ) -> dict[int, LayerStatistics]:
+        return feature_statistics(
             model,
-            site_activations,
-            site_saes[site],
+            activations,
+            layer_saes,
             seed=config.mi_seed,
             latent_code=config.latent_code,
             cache_root=root,
             progress=progress,
         )
+
+    out.activations = activations_at(DEFAULT_SITE, config.layers)
+    if stop == 2:
+        return out
+    out.statistics = statistics_of(out.activations, saes)
+    out.site_statistics = {DEFAULT_SITE: out.statistics}
+    for site, layers in config.site_layers.items():
+        out.site_statistics[site] = statistics_of(activations_at(site, layers), site_saes[site])
     if stop == 3:
         return out
     out.features = features_from_config(

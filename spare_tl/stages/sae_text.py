@@ -11,7 +11,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from spare_tl.data.prompts import closed_book_prompt, conflict_prompt, sample_demonstrations
+from spare_tl.data.prompts import (
+    closed_book_prompt,
+    conflict_prompt,
+    question_key,
+    sample_demonstrations,
+)
 from spare_tl.data.schema import ConflictItem
 from spare_tl.stages.sae_config import (
     CLOSED_SHOTS,
@@ -24,17 +29,13 @@ from spare_tl.stages.sae_config import (
 logger = logging.getLogger(__name__)
 
 
-def _question_key(item: ConflictItem) -> str:
-    return " ".join(item.question.lower().split())
-
-
 def split_items(
     items: Sequence[ConflictItem], heldout_fraction: float, seed: int
 ) -> tuple[list[ConflictItem], list[ConflictItem]]:
     """Split items into (training, held-out) by distinct question (seeded)."""
     groups: dict[str, list[ConflictItem]] = {}
     for item in items:
-        groups.setdefault(_question_key(item), []).append(item)
+        groups.setdefault(question_key(item), []).append(item)
     keys = sorted(groups)
     if len(keys) < 2:
         raise ValueError(f"need at least 2 distinct questions to hold some out, got {len(keys)}")

@@ -20,85 +20,53 @@ The names of the modules above stay importable from here (the old ``spare_tl.bas
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from spare_tl import cache
-from spare_tl.methods.base import NoSteering, PromptMethod, SteeringMethod
-from spare_tl.methods.baselines import (
-    CAD,
-    ICL,
-    TASK_VECTOR_PROMPTS,
-    ActAdd,
-    PerDirection,
-    TaskVector,
-    add_vector,
-    cad_generate,
-    contrastive_scores,
-    mean_difference,
-    prompt_without_context,
-    replace_with,
-    task_vector_prompts,
-)
+from spare_tl.methods import baselines as baseline_methods
 from spare_tl.methods.hooks import DIRECTIONS
-from spare_tl.methods.spare import SpareMethod
-from spare_tl.stages.evaluation import CONDITION_OF, EvaluationConfig, saved_questions
-from spare_tl.studies.baseline_setup import (
-    DEFAULT_ALPHAS,
-    DEFAULT_COEFFICIENTS,
-    METHODS,
-    BaselineSetup,
-    actadd_vectors,
-    task_vectors,
-)
-from spare_tl.studies.baseline_sweep import (
-    STAGE,
-    best_hyperparameters,
-    evaluate_method,
-    save_method_sweep,
-    sweep_method,
-    sweep_path,
+from spare_tl.stages.evaluation import EvaluationConfig, saved_questions
+from spare_tl.studies.baseline_setup import BaselineSetup
+from spare_tl.studies.baseline_sweep import evaluate_method
+
+#: the names of the old ``spare_tl.baselines`` that now live elsewhere, by module; they stay
+#: importable from here for one release (resolved on first use by ``__getattr__``)
+OLD_NAMES: dict[str, tuple[str, ...]] = {
+    "spare_tl.methods.base": ("NoSteering", "PromptMethod", "SteeringMethod"),
+    "spare_tl.methods.baselines": tuple(baseline_methods.__all__),
+    "spare_tl.methods.spare": ("SpareMethod",),
+    "spare_tl.stages.evaluation": ("CONDITION_OF",),
+    "spare_tl.studies.baseline_setup": (
+        "DEFAULT_ALPHAS",
+        "DEFAULT_COEFFICIENTS",
+        "METHODS",
+        "actadd_vectors",
+        "task_vectors",
+    ),
+    "spare_tl.studies.baseline_sweep": (
+        "STAGE",
+        "best_hyperparameters",
+        "save_method_sweep",
+        "sweep_method",
+        "sweep_path",
+    ),
+}
+_HOME = {name: module for module, names in OLD_NAMES.items() for name in names}
+
+__all__ = sorted(
+    ["BaselineSetup", "baseline_table", "evaluate_method", "run_table", "table_rows", *_HOME]
 )
 
-__all__ = [
-    # the comparison table (this module)
-    "baseline_table",
-    "run_table",
-    "table_rows",
-    # re-exported for the old spare_tl.baselines
-    "CAD",
-    "CONDITION_OF",
-    "DEFAULT_ALPHAS",
-    "DEFAULT_COEFFICIENTS",
-    "ICL",
-    "METHODS",
-    "STAGE",
-    "TASK_VECTOR_PROMPTS",
-    "ActAdd",
-    "BaselineSetup",
-    "NoSteering",
-    "PerDirection",
-    "PromptMethod",
-    "SpareMethod",
-    "SteeringMethod",
-    "TaskVector",
-    "actadd_vectors",
-    "add_vector",
-    "best_hyperparameters",
-    "cad_generate",
-    "contrastive_scores",
-    "evaluate_method",
-    "mean_difference",
-    "prompt_without_context",
-    "replace_with",
-    "save_method_sweep",
-    "sweep_method",
-    "sweep_path",
-    "task_vector_prompts",
-    "task_vectors",
-]
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        return getattr(importlib.import_module(_HOME[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from spare_tl import cache
-from spare_tl.data.prompts import conflict_prompt, sample_demonstrations
+from spare_tl.data.prompts import conflict_prompt, question_key, sample_demonstrations
 from spare_tl.data.schema import ConflictItem
 from spare_tl.saes import encode_latents, sae_identity, validate_sae
 from spare_tl.stages.activations import check_layers, last_position_resid
@@ -43,10 +43,6 @@ FeatureKind = Literal["resid", "sae"]
 STAGE = "probes"
 #: Label of a prompt: 1 = conflicting context (``sub_context``), 0 = consistent (``org_context``).
 CONFLICT, NO_CONFLICT = 1, 0
-
-
-def _question_key(item: ConflictItem) -> str:
-    return " ".join(item.question.lower().split())
 
 
 def _demo_seed(seed: int, index: int) -> int:
@@ -91,7 +87,7 @@ def probe_prompts(
     for s in range(n_demo_sets):
         for i, item in enumerate(items):
             demos = sample_demonstrations(pool, n_shots, seed=_demo_seed(seed + s, i), exclude=item)
-            qid = keys.setdefault(_question_key(item), len(keys))
+            qid = keys.setdefault(question_key(item), len(keys))
             for context, label in (("sub", CONFLICT), ("org", NO_CONFLICT)):
                 prompts.append(conflict_prompt(item, demos, demo_type, context=context))
                 labels.append(label)

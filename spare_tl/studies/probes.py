@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal, Unpack
 
 from spare_tl import cache
+from spare_tl.data.prompts import question_key
 from spare_tl.data.schema import ConflictItem
 from spare_tl.data.scoring import behaviour_label
 from spare_tl.features import FunctionalFeatures
@@ -41,7 +42,6 @@ from spare_tl.studies.probe_data import (
     STAGE,
     ProbeDataset,
     _items_hash,
-    _question_key,
     build_probe_dataset,
     probe_prompts,
     split_by_question,
@@ -147,8 +147,8 @@ def evaluate_conditional(
     dec = Decoding.of(decoding, options)
     if not items:
         raise ValueError("no evaluation items")
-    pool_q = {_question_key(p) for p in pool}
-    leaked = [it.question for it in items if _question_key(it) in pool_q]
+    pool_q = {question_key(p) for p in pool}
+    leaked = [it.question for it in items if question_key(it) in pool_q]
     if leaked:
         raise ValueError(f"{len(leaked)} evaluation item(s) are pool questions, e.g. {leaked[0]!r}")
     first_edit = features.last_probe_layer(direction)
