@@ -14,6 +14,8 @@ import warnings
 from types import ModuleType
 from typing import Any
 
+from spare_tl.lazy import lazy_getattr
+
 __version__ = "0.1.0"
 
 # Public names -> defining module; imported on first use so `import spare_tl` stays light.
@@ -39,10 +41,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'spare_tl' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 def __dir__() -> list[str]:

@@ -20,13 +20,13 @@ The names of the modules above stay importable from here (the old ``spare_tl.bas
 
 from __future__ import annotations
 
-import importlib
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from spare_tl import cache
+from spare_tl.lazy import lazy_getattr
 from spare_tl.methods import baselines as baseline_methods
 from spare_tl.methods.hooks import DIRECTIONS
 from spare_tl.stages.evaluation import EvaluationConfig, saved_questions
@@ -62,10 +62,7 @@ __all__ = sorted(
 )
 
 
-def __getattr__(name: str) -> Any:
-    if name in _HOME:
-        return getattr(importlib.import_module(_HOME[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _HOME)
 
 
 logger = logging.getLogger(__name__)

@@ -18,8 +18,7 @@ The names below load on first use, so ``spare-tl --help`` does not import plotly
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from spare_tl.lazy import lazy_getattr
 
 # Public names -> defining module.
 _EXPORTS: dict[str, str] = {
@@ -50,10 +49,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'spare_tl.viz' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 def __dir__() -> list[str]:
