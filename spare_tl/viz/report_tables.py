@@ -64,6 +64,16 @@ def _pm(mean: Any, std: Any, digits: int = 1) -> str:
 # --------------------------------------------------------------------------------------
 
 
+def _feature_set_text(features: Mapping[str, Any], k_name: str, alpha_name: str) -> str:
+    """Layers, K and α of a saved feature-set summary, HTML-escaped."""
+    e = html.escape
+    return (
+        f"layers {e(str(features.get('layers')))}, {k_name} = "
+        f"{e(str(features.get('proportion')))}, {alpha_name} = "
+        f"{e(str(features.get('edit_strength')))}"
+    )
+
+
 def evaluation_html(name: str, data: Mapping[str, Any]) -> str:
     """One evaluation result's JSON: EM per condition, its protocol and features, transitions."""
     e = html.escape
@@ -84,19 +94,12 @@ def evaluation_html(name: str, data: Mapping[str, Any]) -> str:
         meta += f", seeds: {e(str(list(data['seeds'])))}"
     feats = data.get("features")
     if isinstance(feats, Mapping):
-        meta += (
-            f"<br>layers {e(str(feats.get('layers')))}, proportion K = "
-            f"{e(str(feats.get('proportion')))}, edit strength α = "
-            f"{e(str(feats.get('edit_strength')))}"
-        )
+        meta += "<br>" + _feature_set_text(feats, "proportion K", "edit strength α")
         if feats.get("edit_strength_to_memory") is not None:
             meta += f" (to memory: {e(str(feats['edit_strength_to_memory']))})"
         mem = feats.get("to_memory")
         if isinstance(mem, Mapping):
-            meta += (
-                f" (to context); to memory: layers {e(str(mem.get('layers')))}, K = "
-                f"{e(str(mem.get('proportion')))}, α = {e(str(mem.get('edit_strength')))}"
-            )
+            meta += " (to context); to memory: " + _feature_set_text(mem, "K", "α")
     out = (
         f"<h3>{e(name)}</h3><p class='meta'>{meta}</p>"
         "<table><tr><th>condition</th><th>EM_C (%)</th><th>EM_M (%)</th><th>neither (%)</th>"
