@@ -8,6 +8,7 @@ when every row has produced one (or after ``max_new_tokens``).
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -54,7 +55,7 @@ class Decoding:
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "batch_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
     @classmethod

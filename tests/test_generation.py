@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,6 +102,9 @@ def test_decoding_object_and_keywords_give_the_same_answers(tiny_model):
 def test_decoding_refuses_bad_values_and_unknown_options(tiny_model):
     with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
         Decoding(max_new_tokens=0)
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got True"):
+        Decoding(batch_size=True)
+    assert Decoding(max_new_tokens=np.int64(3)).max_new_tokens == 3  # any integral type
     with pytest.raises(ValueError, match="batch_size"):
         greedy_generate(tiny_model, ["hi"], batch_size=0)
     with pytest.raises(TypeError, match="unknown decoding options \\['max_tokens'\\]"):
