@@ -164,3 +164,14 @@ def test_combine_sweeps_joins_parts_of_one_grid(tmp_path):
     save_sweep(other, tmp_path / "c", {})
     with pytest.raises(ValueError, match="no-steering record differs"):
         combine_sweeps([tmp_path / "a" / "sweep.json", tmp_path / "c" / "sweep.json"])
+
+
+def test_combine_sweeps_refuses_parts_run_in_different_dtypes(tmp_path):
+    none = _record("none", [], 0.0, 0.0, 10.0)
+    save_sweep([none], tmp_path / "a", {"dtype": "torch.float32"})
+    save_sweep([none], tmp_path / "b", {"dtype": "torch.bfloat16"})
+    with pytest.raises(ValueError, match="different dtypes"):
+        combine_sweeps([tmp_path / "a" / "sweep.json", tmp_path / "b" / "sweep.json"])
+    save_sweep([none], tmp_path / "c", {"dtype": "torch.float32"})
+    _, config = combine_sweeps([tmp_path / "a" / "sweep.json", tmp_path / "c" / "sweep.json"])
+    assert config["dtype"] == "torch.float32"

@@ -73,3 +73,17 @@ def test_saved_results_are_reused_only_for_the_same_features_questions_and_seeds
     assert reusable(path, features, questions, [0, 1], "doo") is None  # needs steer_to_context
     (tmp_path / "dss-predictions.jsonl").unlink()
     assert reusable(path, features, questions, [0, 1], "dss") is None
+
+
+def test_sweep_section_names_the_dtype_or_says_it_is_unrecorded(tmp_path):
+    from spare_tl.cli.docs import _sweep_section
+    from spare_tl.stages.sweep import save_sweep
+
+    none = {"direction": "none", "layers": [], "n": 4, "EM_C": 50.0, "EM_M": 25.0, "neither": 25.0}
+    save_sweep([none], tmp_path / "a", {"dtype": "torch.float32"})
+    save_sweep([none], tmp_path / "b", {})
+    assert "Model weights in float32." in "\n".join(
+        _sweep_section(tmp_path / "a" / "sweep.json", [])
+    )
+    old = "\n".join(_sweep_section(tmp_path / "b" / "sweep.json", []))
+    assert "dtype is not recorded in sweep.json" in old

@@ -169,6 +169,13 @@ def _stale_spare(spare: Mapping[str, Any] | None, features_dir: Path) -> str | N
     )
 
 
+def _weights_text(dtype: str | None, where: str) -> str:
+    """ " Model weights in float32." from a recorded dtype, else that it was not recorded."""
+    if not dtype:
+        return f" The model's dtype is not recorded in {where}."
+    return f" Model weights in {dtype.removeprefix('torch.')}."
+
+
 def _sweep_section(path: Path, missing: list[str]) -> list[str]:
     if not path.is_file():
         missing.append(f"development sweep: no {path}")
@@ -186,6 +193,7 @@ def _sweep_section(path: Path, missing: list[str]) -> list[str]:
             f"(n = {base['n']}); {len(records) - 1} settings (site, layer window, K, α, "
             "direction)"
             + (f"; a chosen setting breaks at most {cap:g} points more answers." if cap else ".")
+            + _weights_text(config.get("dtype"), "sweep.json")
         )
         lines.append("")
     oracle = data.get("oracle") or {}
@@ -220,13 +228,15 @@ def _scan_section(directory: Path, missing: list[str]) -> list[str]:
         missing.append(f"steerability scan: no scan.json in {directory}")
         return []
     scan = ScanResult.load(directory)
+    dtype = (cache.read_stage_config(directory) or {}).get("config", {}).get("dtype")
+    ran_in = _weights_text(dtype, "the scan's config.json")
     lines = [
         "## Steerability scan",
         "",
         "EM on development questions after replacing the activation at the last prompt "
         "position of one layer and site with a donor run's (M<-site: EM_M with the closed-book "
         "memory donor; C<-site: EM_C with the dss context donor). The oracle for any edit "
-        "at that place.",
+        f"at that place.{ran_in}",
         "",
         "```",
         scan_table(scan),

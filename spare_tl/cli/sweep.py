@@ -146,6 +146,7 @@ def run_from_args(args) -> int:
             "n_items": len(items),
             "items": cache.fingerprint([it.question for it in items]),
             "latent_code": config.latent_code,
+            "dtype": str(model.cfg.dtype),
             "max_neither_rise": cap,
             "dev_set": "the last held-out questions (development_items), the test protocol "
             "(doo, 3 shots, demonstration seed 0)",

@@ -347,6 +347,9 @@ def combine_sweeps(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], dict[st
             if key not in seen:
                 seen.add(key)
                 records.append(rec)
+    dtypes = {str(part["config"].get("dtype")) for part in parts}
+    if len(dtypes) > 1:
+        raise ValueError(f"the parts ran the model in different dtypes {sorted(dtypes)}")
     config = dict(parts[0]["config"])
     for key in ("layer_sets", "proportions", "strengths"):
         merged: list[Any] = []
