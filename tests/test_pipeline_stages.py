@@ -111,6 +111,33 @@ def test_layer_beyond_the_model_is_refused(tiny_model):
         collect_activations(tiny_model, grouped, [1, 9], use_cache=False, progress=False)
 
 
+def test_activations_and_statistics_are_cached_per_model_dtype(tiny_model, tmp_path):
+    """A bf16 run's activations (and the statistics on them) are never reused by an fp32 run."""
+    import copy
+
+    from sae_lens import HookedSAETransformer
+
+    grouped = _synthetic_grouped("tiny-llama")
+    saes = {1: tiny_sae("blocks.1.hook_resid_post", k=16)}
+    fp32 = collect_activations(tiny_model, grouped, [1], cache_root=tmp_path, progress=False)
+    stats32 = feature_statistics(tiny_model, fp32, saes, cache_root=tmp_path, progress=False)
+    cfg = copy.deepcopy(tiny_model.cfg)
+    cfg.dtype = torch.bfloat16
+    bf16_model = HookedSAETransformer(cfg, tokenizer=tiny_model.tokenizer)
+    bf16_model.load_state_dict(
+        {k: v.to(torch.bfloat16) for k, v in tiny_model.state_dict().items()}
+    )
+    assert bf16_model.cfg.dtype == torch.bfloat16
+    bf16 = collect_activations(bf16_model, grouped, [1], cache_root=tmp_path, progress=False)
+    assert bf16.config["dtype"] == "torch.bfloat16" and not torch.equal(
+        bf16.resid[1], fp32.resid[1]
+    )
+    stats16 = feature_statistics(bf16_model, bf16, saes, cache_root=tmp_path, progress=False)
+    assert not torch.equal(stats16[1].context_activations, stats32[1].context_activations)
+    again = collect_activations(tiny_model, grouped, [1], cache_root=tmp_path, progress=False)
+    assert again.config["dtype"] == "torch.float32" and torch.equal(again.resid[1], fp32.resid[1])
+
+
 def test_statistics_and_features_end_to_end(tiny_model, tmp_path):
     grouped = _synthetic_grouped("tiny-llama")
     acts = collect_activations(tiny_model, grouped, [1, 2], cache_root=tmp_path, progress=False)

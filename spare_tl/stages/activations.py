@@ -190,6 +190,7 @@ def collect_activations(
         "grouped_hash": cache.fingerprint({"p": prompts, "l": labels.tolist()}),
         "position": "last prompt token",
         "hook": f"hook_{check_site(site)}",
+        "dtype": str(model.cfg.dtype),  # bf16 and fp32 activations select different features
     }
     directory = cache.stage_dir(model.cfg.model_name, stage_name("activations", site), cache_root)
     if use_cache and cache.is_fresh(directory, config):
@@ -345,6 +346,7 @@ def feature_statistics(
                 {"w": float(sae.W_enc.detach().double().sum()), "d": sae.cfg.d_sae}
             ),
             "activations": activations.config.get("grouped_hash"),
+            "activations_dtype": activations.config.get("dtype"),
             "estimator": "kNN (Ross 2014), 3 neighbours, min-max normalised",
             "seed": seed,
             "latent_code": latent_code,
