@@ -29,7 +29,7 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -125,6 +125,13 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file atomically (temporary file, then rename)."""
     with _atomic_path(Path(path)) as tmp:
         tmp.write_text(text)
+
+
+def write_file_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """Produce ``path`` with ``write(tmp)`` (any writer, given a temporary path beside it),
+    then rename: a crash leaves the old file or none, never half of a new one."""
+    with _atomic_path(Path(path)) as tmp:
+        write(tmp)
 
 
 def read_json(path: Path) -> Any:

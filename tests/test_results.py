@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from spare_tl.cli.docs import headline, relation_table, results_document, results_table
 from spare_tl.stages.evaluation import summarise
 from spare_tl.studies.results import reusable
@@ -87,3 +89,80 @@ def test_sweep_section_names_the_dtype_or_says_it_is_unrecorded(tmp_path):
     )
     old = "\n".join(_sweep_section(tmp_path / "b" / "sweep.json", []))
     assert "dtype is not recorded in sweep.json" in old
+
+
+def _saved_scan(root):
+    from spare_tl.stages.scan import ScanResult
+
+    rows = [
+        {"direction": d, "site": "resid_post", "layer": layer}
+        | {"EM_C": 10.0, "EM_M": 10.0 * layer, "neither": 0.0}
+        for d in ("memory", "context")
+        for layer in range(3)
+    ]
+    scan = ScanResult(
+        model_name="m",
+        n_items=4,
+        baseline={"EM_C": 50.0, "EM_M": 25.0, "neither": 25.0},
+        donors={"memory": {"EM_C": 0.0, "EM_M": 75.0, "neither": 25.0}},
+        rows=rows,
+        config={"sites": ["resid_post"]},
+    )
+    scan.save(root / "m" / "scan", {"stage": "scan", "dtype": "torch.float32", "items": "q"})
+
+
+def test_docs_redraws_the_scan_picture_or_says_why_not(tmp_path, monkeypatch):
+    from spare_tl.cli import docs
+    from spare_tl.viz import browser
+
+    monkeypatch.setenv("SPARE_TL_CACHE", str(tmp_path))
+    png = tmp_path / "img" / "scan.png"
+    monkeypatch.setattr(browser, "find_chromium", lambda: None)
+    assert "no headless Chromium" in docs.draw_scan_figure("m", png) and not png.exists()
+    monkeypatch.setattr(browser, "find_chromium", lambda: "/bin/true")
+    assert "no saved steerability scan" in docs.draw_scan_figure("m", png)
+    _saved_scan(tmp_path)
+    drawn: list[str] = []
+
+    def fake_screenshot(html, path):  # what Chromium does: render the page to a .png
+        assert "plotly" in html.read_text() and path.suffix == ".png"
+        drawn.append(str(path))
+        path.write_bytes(b"\x89PNG fake")
+        return path
+
+    monkeypatch.setattr(browser, "screenshot", fake_screenshot)
+    assert docs.draw_scan_figure("m", png) == f"redrew {png}"
+    assert png.read_bytes() == b"\x89PNG fake" and drawn and drawn[0] != str(png)
+    assert not list(png.parent.glob(".*tmp"))  # written beside, then renamed
+    text = docs.results_document(tmp_path / "m")[0]
+    assert "Model weights in float32." in text
+
+
+def test_screenshot_refuses_a_path_chromium_would_not_write_and_an_empty_result(tmp_path):
+    from spare_tl.viz.browser import screenshot
+
+    html = tmp_path / "page.html"
+    html.write_text("<p>hi</p>")
+    with pytest.raises(ValueError, match="only to a .png path"):
+        screenshot(html, tmp_path / "shot.png.tmp", chromium="/bin/true")
+    with pytest.raises(RuntimeError, match="without writing"):
+        screenshot(html, tmp_path / "shot.png", chromium="/bin/true")  # exits 0, draws nothing
+
+
+def test_sweep_oracle_follows_the_saved_scan_of_the_same_questions(tmp_path):
+    from spare_tl.cli.docs import _sweep_section
+    from spare_tl.stages.sweep import save_sweep
+
+    _saved_scan(tmp_path)  # memory donor: EM_M 0, 10, 20 at layers 0-2 (no patch 25)
+    rec = {"n": 4, "EM_C": 10.0, "neither": 0.0, "site": "resid_post", "proportion": 0.1}
+    records = [
+        rec | {"direction": "none", "layers": [], "EM_M": 25.0, "edit_strength": 0.0},
+        rec | {"direction": "memory", "layers": [1, 2], "EM_M": 50.0, "edit_strength": 2.0},
+    ]
+    stale = {"memory": {"oracle_EM": 99.0, "oracle_gain": 74.0, "spare_gain": 25.0, "share": 0.3}}
+    sweep = tmp_path / "m" / "sweep"
+    save_sweep(records, sweep, {"items": "q"}, stale)
+    text = "\n".join(_sweep_section(sweep / "sweep.json", []))
+    assert "reaches EM_M 20.0 (-5.0)" in text and "99.0" not in text  # the saved scan's
+    save_sweep(records, sweep, {"items": "other questions"}, stale)
+    assert "reaches EM_M 99.0" in "\n".join(_sweep_section(sweep / "sweep.json", []))

@@ -8,6 +8,8 @@ regenerates its JSON. Missing parts are listed, not invented. The README only li
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -176,6 +178,21 @@ def _weights_text(dtype: str | None, where: str) -> str:
     return f" Model weights in {dtype.removeprefix('torch.')}."
 
 
+def _current_oracle(scan_directory: Path, sweep: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The oracle shares of the sweep's chosen settings against the saved scan, when the scan
+    asked the sweep's development questions (else None: the sweep's own saved shares)."""
+    from spare_tl.stages.scan import ScanResult
+    from spare_tl.stages.sweep import best_settings, oracle_shares
+
+    key = cache.read_stage_config(scan_directory)
+    items = sweep.get("config", {}).get("items")
+    if key is None or items is None or key.get("config", {}).get("items") != items:
+        return None
+    records = sweep.get("records", [])
+    best = best_settings(records, sweep.get("config", {}).get("max_neither_rise"))
+    return oracle_shares(records, best, ScanResult.load(scan_directory))
+
+
 def _sweep_section(path: Path, missing: list[str]) -> list[str]:
     if not path.is_file():
         missing.append(f"development sweep: no {path}")
@@ -196,7 +213,7 @@ def _sweep_section(path: Path, missing: list[str]) -> list[str]:
             + _weights_text(config.get("dtype"), "sweep.json")
         )
         lines.append("")
-    oracle = data.get("oracle") or {}
+    oracle = _current_oracle(path.parent.parent / "scan", data) or data.get("oracle") or {}
     for direction, best in data.get("best", {}).items():
         key = "EM_C" if direction == "context" else "EM_M"
         line = (
@@ -321,10 +338,37 @@ def headline(model_dir: Path) -> str | None:
     )
 
 
+def draw_scan_figure(model: str, png: Path) -> str:
+    """Redraw the results page's picture (the saved scan beside the per-layer mutual
+    information, the committed features' layers shaded) as a PNG with headless Chromium;
+    returns what was done."""
+    from spare_tl.viz import find_chromium, screenshot, steerability_scan
+    from spare_tl.viz.report_inputs import load_report_inputs
+
+    if find_chromium() is None:
+        return f"{png} not redrawn: no headless Chromium (apt-get install chromium)"
+    inputs = load_report_inputs(model=model)
+    if inputs.scan is None:
+        return f"{png} not redrawn: no saved steerability scan"
+    layers = inputs.features.all_layers if inputs.features is not None else ()
+    figure = steerability_scan(inputs.scan, inputs.statistics or None, highlight_layers=layers)
+    with tempfile.TemporaryDirectory(prefix="spare-tl-docs-") as tmp:
+        html = Path(tmp) / "scan.html"
+        figure.write_html(html, include_plotlyjs=True, config={"displayModeBar": False})
+        shot = screenshot(html, Path(tmp) / "scan.png")
+        cache.write_file_atomic(png, lambda path: shutil.copyfile(shot, path))
+    return f"redrew {png}"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("docs", help="regenerate docs/results.md from the saved JSON")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model folder under the cache root")
     p.add_argument("--output", default="docs/results.md", help="where to write the page")
+    p.add_argument(
+        "--figures",
+        action="store_true",
+        help="also redraw the page's picture (img/steerability_scan.png beside the page)",
+    )
     p.set_defaults(func=_docs_command)
 
 
@@ -336,8 +380,10 @@ def _docs_command(args: argparse.Namespace) -> int:
     if not model_dir.is_dir():
         raise FileNotFoundError(f"no cached results for {args.model} in {model_dir}")
     text, missing = results_document(model_dir)
-    output.write_text(text)
+    cache.write_text_atomic(output, text)
     print(f"wrote {output} ({len(text.splitlines())} lines)")
+    if args.figures:
+        print(draw_scan_figure(args.model, output.parent / "img" / "steerability_scan.png"))
     for m in missing:
         print(f"missing: {m}")
     line = headline(model_dir)

@@ -43,11 +43,17 @@ def screenshot(
     budget_ms: int = 5000,
     timeout: float = 180.0,
 ) -> Path:
-    """Render ``html_path`` with headless Chromium and save a PNG of the window."""
+    """Render ``html_path`` with headless Chromium and save a PNG of the window.
+
+    Raises when Chromium leaves no image behind (it writes only to a path ending in ``.png``).
+    """
     binary = chromium or find_chromium()
     if binary is None:
         raise FileNotFoundError("no chromium found: apt-get install chromium (or set $CHROMIUM)")
     png_path = Path(png_path).resolve()
+    if png_path.suffix != ".png":
+        raise ValueError(f"{png_path}: Chromium writes screenshots only to a .png path")
+    png_path.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="spare-tl-chromium-") as profile:
         subprocess.run(
             [
@@ -63,4 +69,6 @@ def screenshot(
             capture_output=True,
             timeout=timeout,
         )
+    if not png_path.is_file() or png_path.stat().st_size == 0:
+        raise RuntimeError(f"Chromium exited without writing {png_path}")
     return png_path
