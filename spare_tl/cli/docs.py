@@ -172,28 +172,16 @@ def _stale_spare(spare: Mapping[str, Any] | None, features_dir: Path) -> str | N
 
 
 def _weights_text(dtype: str | None, where: str) -> str:
-    """ " Model weights in float32." from a recorded dtype, else that it was not recorded."""
+    """The sentence naming the dtype a study ran the model in (or saying it was not recorded)."""
     if not dtype:
         return f" The model's dtype is not recorded in {where}."
     return f" Model weights in {dtype.removeprefix('torch.')}."
 
 
-def _current_oracle(scan_directory: Path, sweep: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The oracle shares of the sweep's chosen settings against the saved scan, when the scan
-    asked the sweep's development questions (else None: the sweep's own saved shares)."""
-    from spare_tl.stages.scan import ScanResult
+def _sweep_section(path: Path, missing: list[str]) -> list[str]:
+    from spare_tl.stages.scan import scan_of_questions
     from spare_tl.stages.sweep import best_settings, oracle_shares
 
-    key = cache.read_stage_config(scan_directory)
-    items = sweep.get("config", {}).get("items")
-    if key is None or items is None or key.get("config", {}).get("items") != items:
-        return None
-    records = sweep.get("records", [])
-    best = best_settings(records, sweep.get("config", {}).get("max_neither_rise"))
-    return oracle_shares(records, best, ScanResult.load(scan_directory))
-
-
-def _sweep_section(path: Path, missing: list[str]) -> list[str]:
     if not path.is_file():
         missing.append(f"development sweep: no {path}")
         return []
@@ -213,7 +201,10 @@ def _sweep_section(path: Path, missing: list[str]) -> list[str]:
             + _weights_text(config.get("dtype"), "sweep.json")
         )
         lines.append("")
-    oracle = _current_oracle(path.parent.parent / "scan", data) or data.get("oracle") or {}
+    # the shares against the saved scan of the same questions (else those saved with the sweep)
+    scan = scan_of_questions(path.parent.parent / "scan", config.get("items"))
+    best_now = best_settings(records, config.get("max_neither_rise"))
+    oracle = oracle_shares(records, best_now, scan) if scan else data.get("oracle") or {}
     for direction, best in data.get("best", {}).items():
         key = "EM_C" if direction == "context" else "EM_M"
         line = (

@@ -22,7 +22,7 @@ from spare_tl.hardware import add_dtype_argument, load_model_for
 from spare_tl.saes import DEFAULT_SITE
 from spare_tl.stages.evaluation import development_items
 from spare_tl.stages.pipeline import PipelineConfig, run_pipeline
-from spare_tl.stages.scan import ScanResult, scan_dir
+from spare_tl.stages.scan import scan_dir, scan_of_questions
 from spare_tl.stages.sweep import (
     MAX_NEITHER_RISE,
     MIN_ORACLE_GAIN,
@@ -170,12 +170,11 @@ def _oracle(records, sweep_config, model_name, items, config) -> dict[str, Any] 
     if not (directory / "scan.json").exists():
         print("no steerability scan cached: run `spare-tl scan` for the oracle shares")
         return None
-    scan = ScanResult.load(directory)
-    scanned = cache.read_json(directory / cache.CONFIG)["config"].get("items")
-    if scanned != cache.fingerprint([it.question for it in items]):
+    scan = scan_of_questions(directory, cache.fingerprint([it.question for it in items]))
+    if scan is None:
         print(
-            f"the cached scan asked other development questions ({scan.n_items}) than the "
-            f"sweep ({len(items)}): no oracle shares (run `spare-tl scan --n-items {len(items)}`)"
+            f"the cached scan asked other development questions than the sweep ({len(items)}): "
+            f"no oracle shares (run `spare-tl scan --n-items {len(items)}`)"
         )
         return None
     return oracle_shares(

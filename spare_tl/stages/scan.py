@@ -239,6 +239,15 @@ def scan_dir(model_name: str, root: Path | None = None) -> Path:
     return cache.stage_dir(model_name, STAGE, root)
 
 
+def scan_of_questions(directory: Path, items: str | None) -> ScanResult | None:
+    """The scan saved in ``directory`` when it asked the development questions whose
+    fingerprint is ``items`` (``cache.fingerprint`` of their texts); else None."""
+    key = cache.read_stage_config(directory)
+    if key is None or items is None or key.get("config", {}).get("items") != items:
+        return None
+    return ScanResult.load(directory)
+
+
 def cached_scan(
     model,
     items: Sequence[ConflictItem],
