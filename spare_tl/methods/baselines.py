@@ -42,6 +42,8 @@ from spare_tl.data.schema import ConflictItem
 from spare_tl.generation import (
     Decoding,
     DecodingOptions,
+    _batches,
+    _decode_text,
     _last_logits,
     _tokenize,
     left_pad,
@@ -246,8 +248,7 @@ def cad_generate(
     device = model.cfg.device
     outputs = [""] * len(prompts)
     bar = tqdm(total=len(prompts), desc=dec.desc, disable=not dec.progress, leave=False)
-    for start in range(0, len(order), dec.batch_size):
-        batch = order[start : start + dec.batch_size]
+    for batch in _batches(order, dec.batch_size):
         b = len(batch)
         logits = []
         caches = []
@@ -275,8 +276,7 @@ def cad_generate(
                 logits[k] = _last_logits(model, resid[:, -1])
         new = torch.stack(generated, 1)
         for r, i in enumerate(batch):
-            text = model.tokenizer.decode(new[r], skip_special_tokens=True)
-            outputs[i] = text.split("\n")[0].strip() if dec.stop_at_newline else text
+            outputs[i] = _decode_text(model, new[r], stop_ids, dec.stop_at_newline)
         bar.update(b)
     bar.close()
     return outputs
