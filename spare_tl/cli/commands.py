@@ -15,7 +15,7 @@ from spare_tl.hardware import (
 )
 
 # spare_tl.studies.baselines.METHODS, spelled out so that building the parser imports no torch.
-EVALUATE_METHODS = ("spare", "none", "icl", "actadd", "taskvec", "cad")
+EVALUATE_METHODS = ("spare", "none", "closed_book", "icl", "actadd", "taskvec", "cad")
 
 _STAGE_HELP = {
     "memorised": "find the memorised set (closed-book exact match)",
@@ -191,7 +191,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.pool_size is not None:
         features.metadata["pool_size"] = args.pool_size
     split = memorised_split(model, features, args.dataset)
-    eval_items = split.evaluation[: args.n_items] if args.n_items else split.evaluation
+    eval_items = split.test[: args.n_items] if args.n_items else split.test
     config = EvaluationConfig(seeds=tuple(args.seeds), n_shots=args.shots, demo_type=args.demo_type)
     if args.method == "spare":
         method = SpareMethod(features, saes)
@@ -199,7 +199,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         from spare_tl.studies.baseline_setup import BaselineSetup
 
         setup = BaselineSetup(
-            model, features, saes, list(split.pool), list(split.evaluation), args.dataset
+            model,
+            features,
+            saes,
+            list(split.pool),
+            list(split.development),
+            list(split.test),
+            args.dataset,
         )
         method = setup.method(
             args.method,

@@ -116,7 +116,7 @@ def _conflict_table(args: argparse.Namespace) -> int:
     memorised = find_memorised(model, items, dataset_name="builtin")
     split = split_pool(memorised.filter(items), 128, 42)
     per_rel: dict[str, list[Any]] = defaultdict(list)
-    for it in split.evaluation:
+    for it in split.test:
         if not args.per_relation or len(per_rel[it.relation]) < args.per_relation:
             per_rel[it.relation].append(it)
     chosen = [it for rel in sorted(per_rel) for it in per_rel[rel]]

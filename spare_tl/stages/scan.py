@@ -35,7 +35,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from spare_tl import cache
-from spare_tl.data.prompts import closed_book_prompt, conflict_prompt
+from spare_tl.data.prompts import closed_book_prompt, conflict_prompt, relation_histogram
 from spare_tl.data.schema import ConflictItem
 from spare_tl.generation import Decoding
 from spare_tl.methods.spare import Direction, LastPromptPositionHook, attach_hooks
@@ -64,6 +64,7 @@ class ScanConfig:
     seed: int = 0
     max_new_tokens: int = 12
     batch_size: int = 16
+    demonstrations: str = "per_seed"
 
     def __post_init__(self) -> None:
         bad = [s for s in self.sites if s not in SITES]
@@ -102,6 +103,7 @@ class ScanResult:
     donors: dict[str, dict[str, float]]  # what each donor run answers itself
     rows: list[dict[str, Any]]
     config: dict[str, Any] = field(default_factory=dict)
+    relations: dict[str, int] = field(default_factory=dict)  # the questions' histogram
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -189,7 +191,9 @@ def steerability_scan(
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad or not layers:
         raise ValueError(f"layers {bad or '(none)'} are not in the model's 0-{n_layers - 1}")
-    questions = evaluation_questions(items, pool, config.n_shots, config.seed, config.demo_type)
+    questions = evaluation_questions(
+        items, pool, config.n_shots, config.seed, config.demo_type, config.demonstrations
+    )
     donors = donor_prompts(items, questions.demonstrations)
     hooks = [site_hook_name(layer, site) for layer in layers for site in config.sites]
     decoding = Decoding(
@@ -232,6 +236,7 @@ def steerability_scan(
         donors=donor_answers,
         rows=rows,
         config=json.loads(json.dumps(asdict(config) | {"layers": layers})),
+        relations=relation_histogram(items),
     )
 
 

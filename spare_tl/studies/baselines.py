@@ -177,7 +177,7 @@ def run_table(
 
     ``table.json`` holds the model, the protocol and :func:`table_rows` (what the report
     renders); its ``markdown`` is the same table for people reading the file, never parsed."""
-    items = setup.evaluation[:n_items] if n_items else setup.evaluation
+    items = setup.test[:n_items] if n_items else setup.test
     protocol = _protocol(config, len(items), setup.dataset)
     results: dict[str, dict[str, Any]] = {}
     shared: dict[int, tuple[list[str], float]] = {}  # no-steering answers, run once

@@ -74,7 +74,7 @@ def run_results(
     case (``doo``, ``dso``, ``dss``); write ``cache_data/<model>/results/<case>.json`` and its
     predictions, and return the results by case. With ``reuse``, a case whose saved results
     were made with the same features, questions and seeds is read, not recomputed."""
-    eval_items = split.evaluation[:n_items]
+    eval_items = split.test[:n_items]
     out_dir = cache.stage_dir(model.cfg.model_name, "results")  # never the shipped data
     results: dict[str, dict[str, Any]] = {}
     for demo_type in cases:
