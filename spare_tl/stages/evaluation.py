@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import statistics as st
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from spare_tl.data.schema import ConflictItem
 from spare_tl.data.scoring import behaviour_label, containment_label
 from spare_tl.features import FunctionalFeatures
 from spare_tl.generation import Decoding, newline_token_ids
+from spare_tl.hardware import describe
 from spare_tl.methods.base import NoSteering, SteeringMethod
 from spare_tl.methods.spare import DIRECTIONS, SpareMethod
 from spare_tl.stages.harness import Condition, answer_conditions
@@ -354,6 +356,7 @@ def evaluate(
     """
     config = config or EvaluationConfig()
     check_held_out(items, pool)
+    started = time.perf_counter()
     if method is None:
         needs_steering = any(c != "no_steering" for c in config.conditions)
         if needs_steering and (features is None or saes is None):
@@ -424,6 +427,8 @@ def evaluate(
         "demonstrations": config.demonstrations,
     }
     summary["relations"] = relation_histogram(items)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    summary["machine"] = describe()
     return EvaluationResult(
         model=model.cfg.model_name,
         dataset=dataset_name,

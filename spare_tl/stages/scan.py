@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
@@ -38,6 +39,7 @@ from spare_tl import cache
 from spare_tl.data.prompts import closed_book_prompt, conflict_prompt, relation_histogram
 from spare_tl.data.schema import ConflictItem
 from spare_tl.generation import Decoding
+from spare_tl.hardware import describe
 from spare_tl.methods.spare import Direction, LastPromptPositionHook, attach_hooks
 from spare_tl.saes import SITES, site_hook_name
 from spare_tl.stages.activations import last_position_activations
@@ -104,6 +106,8 @@ class ScanResult:
     rows: list[dict[str, Any]]
     config: dict[str, Any] = field(default_factory=dict)
     relations: dict[str, int] = field(default_factory=dict)  # the questions' histogram
+    seconds: float | None = None  # wall time of the scan
+    machine: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -186,6 +190,7 @@ def steerability_scan(
     config = config or ScanConfig()
     if not items:
         raise ValueError("the scan needs at least one development question")
+    started = time.perf_counter()
     n_layers = int(model.cfg.n_layers)
     layers = list(range(n_layers)) if config.layers is None else sorted(set(config.layers))
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
@@ -237,6 +242,8 @@ def steerability_scan(
         rows=rows,
         config=json.loads(json.dumps(asdict(config) | {"layers": layers})),
         relations=relation_histogram(items),
+        seconds=round(time.perf_counter() - started, 1),
+        machine=describe(),
     )
 
 
