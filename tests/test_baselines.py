@@ -500,7 +500,6 @@ def test_baselines_command_line(setup, tmp_path, monkeypatch, capsys):
     )
     assert table.methods == list(METHODS) and table.seeds == [0, 1, 2, 3, 4]
     assert table.n_items == 40 and not table.verbose and not table.reuse
-    assert parser.parse_args(["baselines", "-v", "table"]).verbose
     assert parser.parse_args(["-v", "baselines", "table"]).verbose
     with pytest.raises(SystemExit):
         parser.parse_args(["baselines", "sweep", "--method", "spare"])  # SpARE has its own
@@ -528,18 +527,6 @@ def test_baselines_command_line(setup, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cache" / "tiny-llama" / "baselines"
     rows = json.loads((out / "table.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["none", "icl"]
-
-
-def test_the_old_module_path_keeps_its_names():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import spare_tl.baselines as old
-    assert old is bl
-    for name in ("ActAdd", "CAD", "BaselineSetup", "evaluate_method", "run_table", "table_rows"):
-        assert getattr(old, name) is not None
-    assert old.ActAdd is ActAdd and old.sweep_method is sweep_method and old.METHODS == METHODS
 
 
 def test_no_steering_is_a_method():

@@ -43,9 +43,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "exact match and test questions, one interface, hyper-parameters chosen on the "
         "development set only.",
     )
-    # also after `baselines` (as `python -m spare_tl.baselines -v` took it); unset, the
-    # top-level `spare-tl -v` stands
-    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     actions = parser.add_subparsers(dest="baselines_command", metavar="ACTION", required=True)
 
     p = actions.add_parser("sweep", help="choose a baseline's hyper-parameters on the pool")
@@ -69,7 +66,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--shots", type=int, default=3)
     p.add_argument("--reuse", action="store_true", help="reuse saved results of this protocol")
-    p.add_argument("--no-readme", action="store_true", help=argparse.SUPPRESS)  # old flag
     p.set_defaults(func=run)
 
 

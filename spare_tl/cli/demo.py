@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES
+from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, EMBEDDED_MODEL
 from spare_tl.hardware import add_dtype_argument, resolve_dtype
 
 
@@ -56,7 +56,7 @@ def demo(args: argparse.Namespace) -> int:
     from spare_tl.models import load_model
 
     print("Loading the embedded model (smollm2-135m-instruct) ...", flush=True)
-    model = load_model("smollm2-135m-instruct", dtype=resolve_dtype(args.dtype))
+    model = load_model(EMBEDDED_MODEL, dtype=resolve_dtype(args.dtype))
     items = load_dataset("builtin")
     have_features = (DEFAULT_FEATURES / "features.json").exists() and DEFAULT_SAES.exists()
     if not have_features:

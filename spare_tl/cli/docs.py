@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from spare_tl import cache
+from spare_tl.embedded import EMBEDDED_MODEL as DEFAULT_MODEL
 from spare_tl.studies.results import CASES
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 COMMANDS = {
     "results": "spare-tl results --n-items 200 --seeds 0 1 2 3 4 --cases doo dso dss",
@@ -128,7 +127,8 @@ def _results_section(directory: Path, missing: list[str]) -> list[str]:
 
 
 def _baselines_section(directory: Path, missing: list[str]) -> list[str]:
-    from spare_tl.studies.baselines import METHODS, baseline_table
+    from spare_tl.studies.baseline_setup import METHODS
+    from spare_tl.studies.baselines import baseline_table
 
     results = _saved_json(directory, METHODS)
     if not results:

@@ -34,8 +34,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the knowledge-conflict probe study on the embedded default",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    # ``spare-tl probes run ...`` (the old ``python -m spare_tl.probes run ...``) still parses
-    run.add_argument("action", nargs="?", choices=["run"], help=argparse.SUPPRESS)
     run.add_argument("--layers", nargs="+", default=["6-20"], help="e.g. 6-20 or 6 8 10-12")
     run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     run.add_argument("--test-fraction", type=float, default=0.25)
@@ -60,7 +58,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--features", default=str(DEFAULT_FEATURES))
     run.add_argument("--saes", default=str(DEFAULT_SAES))
     run.add_argument("--figure", default=None, help="also write the figure as HTML here")
-    run.add_argument("--no-readme", action="store_true", help=argparse.SUPPRESS)  # old flag
     add_dtype_argument(run)
     run.add_argument("--quiet", action="store_true")
     run.set_defaults(func=_run)

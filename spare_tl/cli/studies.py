@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from spare_tl.cli.docs import results_table
+from spare_tl.embedded import EMBEDDED_MODEL
 from spare_tl.hardware import add_dtype_argument
 from spare_tl.studies.results import CASES
 
@@ -111,7 +112,7 @@ def _conflict_table(args: argparse.Namespace) -> int:
 
     torch.set_grad_enabled(False)
     start = time.time()
-    model = load_model("smollm2-135m-instruct", dtype=resolve_dtype(args.dtype))
+    model = load_model(EMBEDDED_MODEL, dtype=resolve_dtype(args.dtype))
     items = load_dataset("builtin")
     memorised = find_memorised(model, items, dataset_name="builtin")
     split = split_pool(memorised.filter(items), 128, 42)

@@ -86,7 +86,8 @@ def config_from_args(args: argparse.Namespace) -> SAETrainingConfig:
 
 def run_from_args(args: argparse.Namespace) -> int:
     from spare_tl.data.datasets import load_dataset
-    from spare_tl.models import EMBEDDED_MODEL, load_model
+    from spare_tl.embedded import EMBEDDED_MODEL
+    from spare_tl.models import load_model
 
     cfg = config_from_args(args)
     model_name = args.model or EMBEDDED_MODEL

@@ -14,8 +14,6 @@ and saves per-method JSON and ``table.json`` (:func:`table_rows`).
     spare-tl baselines sweep --method actadd      # dev sweep -> baselines/sweep-actadd.json
     spare-tl baselines table                      # held-out table -> JSON (spare-tl docs)
     spare-tl evaluate --method cad --output cad.json        # one method, dev-best settings
-
-The names of the modules above stay importable from here (the old ``spare_tl.baselines``).
 """
 
 from __future__ import annotations
@@ -26,44 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from spare_tl import cache
-from spare_tl.lazy import lazy_getattr
-from spare_tl.methods import baselines as baseline_methods
 from spare_tl.methods.hooks import DIRECTIONS
 from spare_tl.stages.evaluation import EvaluationConfig, saved_questions
 from spare_tl.studies.baseline_setup import BaselineSetup
 from spare_tl.studies.baseline_sweep import evaluate_method
 
-#: the names of the old ``spare_tl.baselines`` that now live elsewhere, by module; they stay
-#: importable from here for one release (resolved on first use by ``__getattr__``)
-OLD_NAMES: dict[str, tuple[str, ...]] = {
-    "spare_tl.methods.base": ("NoSteering", "PromptMethod", "SteeringMethod"),
-    "spare_tl.methods.baselines": tuple(baseline_methods.__all__),
-    "spare_tl.methods.spare": ("SpareMethod",),
-    "spare_tl.stages.evaluation": ("CONDITION_OF",),
-    "spare_tl.studies.baseline_setup": (
-        "DEFAULT_ALPHAS",
-        "DEFAULT_COEFFICIENTS",
-        "METHODS",
-        "actadd_vectors",
-        "task_vectors",
-    ),
-    "spare_tl.studies.baseline_sweep": (
-        "STAGE",
-        "best_hyperparameters",
-        "save_method_sweep",
-        "sweep_method",
-        "sweep_path",
-    ),
-}
-_HOME = {name: module for module, names in OLD_NAMES.items() for name in names}
-
-__all__ = sorted(
-    ["BaselineSetup", "baseline_table", "evaluate_method", "run_table", "table_rows", *_HOME]
-)
-
-
-__getattr__ = lazy_getattr(__name__, _HOME)
-
+__all__ = ["baseline_table", "run_table", "table_rows"]
 
 logger = logging.getLogger(__name__)
 

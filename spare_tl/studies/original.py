@@ -47,15 +47,10 @@ from spare_tl.studies.original_cache import (
 
 logger = logging.getLogger(__name__)
 
-# the name this class had before it was told apart from spare_tl.stages.activations's
-# LayerStatistics; kept for one release
-LayerStatistics = OriginalLayerStatistics
-
 # the reader's names stay importable from here
 __all__ = [
     "DEFAULT_HOOK_TEMPLATE",
     "PAPER_SETTINGS",
-    "LayerStatistics",
     "OriginalLayerStatistics",
     "MalformedCacheError",
     "OriginalCache",

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from spare_tl import cache
+from spare_tl.embedded import EMBEDDED_MODEL as DEFAULT_MODEL
 from spare_tl.errors import first_line
 from spare_tl.features import FunctionalFeatures
-from spare_tl.models import EMBEDDED_MODEL as DEFAULT_MODEL
 from spare_tl.stages.activations import LayerStatistics
 from spare_tl.stages.behaviours import GroupedPrompts
 from spare_tl.stages.scan import ScanResult
