@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from spare_tl.embedded import EMBEDDED_MODEL
+from spare_tl.errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +52,6 @@ PAPER_MODELS = (
     "meta-llama/Meta-Llama-3-8B",
     "google/gemma-2-9b",
 )
-
-
-class ModelLoadError(ValueError):
-    """A model could not be loaded; the message says what to do."""
 
 
 def embedded_gguf_path() -> Path:
@@ -292,7 +289,7 @@ def load_model(
     """Load a model as a TransformerLens ``HookedSAETransformer`` (no weight processing).
 
     Args:
-        name_or_path: ``"smollm2-135m-instruct"`` (the embedded default), a local Hugging
+        name_or_path: ``EMBEDDED_MODEL`` (the embedded default), a local Hugging
             Face folder or ``.gguf`` file of a Llama-family model, or an official
             TransformerLens model name such as ``"google/gemma-2-9b"``.
         device: where to put the model (default: CPU for local models, TransformerLens's

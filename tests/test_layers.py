@@ -127,3 +127,39 @@ def test_every_import_inside_the_package_resolves(path: Path):
             except ModuleNotFoundError:
                 missing.append(f"line {line}: from {source} import {name}")
     assert not missing, f"{module_name(path)}: {missing}"
+
+
+def _base_names(node: ast.ClassDef) -> list[str]:
+    return [b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", "") for b in node.bases]
+
+
+def test_every_error_class_is_defined_in_errors_py():
+    defined = [
+        (module_name(path), node.name)
+        for path in MODULES
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef)
+        and any(b.endswith(("Error", "Exception")) for b in _base_names(node))
+    ]
+    elsewhere = [f"{m}.{name}" for m, name in defined if m != "spare_tl.errors"]
+    assert len(defined) >= 10 and not elsewhere, f"define these in spare_tl/errors.py: {elsewhere}"
+
+
+def test_the_embedded_model_name_is_written_in_one_module():
+    literal = '"smollm2-135m-instruct"'
+    writers = sorted(module_name(p) for p in MODULES if literal in p.read_text())
+    assert writers == ["spare_tl.embedded"], writers
+
+
+@pytest.mark.parametrize("name", sorted(FLOORS) + ["data"])
+def test_every_subpackage_says_what_its_floor_is_for(name: str):
+    doc = ast.get_docstring(ast.parse((PACKAGE / name / "__init__.py").read_text())) or ""
+    first = doc.splitlines()[0] if doc else ""
+    assert first.startswith(("Floor", "Ground floor")) and len(doc) > 200, first
+
+
+def test_no_compatibility_scaffolding_is_left():
+    assert not (PACKAGE / "figures.py").exists() and not (PACKAGE / "report.py").exists()
+    assert not hasattr(spare_tl, "MOVED_MODULES")
+    pyproject = (PACKAGE.parent / "pyproject.toml").read_text()
+    assert "DeprecationWarning" not in pyproject

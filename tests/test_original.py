@@ -16,13 +16,12 @@ import pytest
 import torch
 
 from spare_tl.cli import main as cli_main
+from spare_tl.errors import MalformedCacheError, UnsafePickleError
 from spare_tl.features import FunctionalFeatures, LayerFeatures
 from spare_tl.studies.original import (
     PAPER_SETTINGS,
-    MalformedCacheError,
     OriginalCache,
     OriginalPromptRecord,
-    UnsafePickleError,
     export_grouped_prompts,
     export_statistics,
     import_original,

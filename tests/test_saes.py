@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from spare_tl.errors import SAEError
 from spare_tl.saes import (
-    SAEError,
     attach_sae,
     encode_latents,
     load_sae,

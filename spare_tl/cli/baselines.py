@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spare_tl.hardware import add_dtype_argument
+from spare_tl.cli.args import add_dtype_argument
 
 # spare_tl.studies.baseline_setup's METHODS, DEFAULT_COEFFICIENTS and DEFAULT_ALPHAS, spelled
 # out so that building the parser imports none of the study (tests/test_baselines.py checks).

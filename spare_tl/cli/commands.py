@@ -7,12 +7,9 @@ import json
 from pathlib import Path
 
 from spare_tl import checks
+from spare_tl.cli.args import add_dtype_argument, load_model_for
 from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, load_steering_setup
-from spare_tl.hardware import (
-    add_dtype_argument,
-    load_model_for,
-    resolve_dtype,
-)
+from spare_tl.hardware import resolve_dtype
 
 # spare_tl.studies.baselines.METHODS, spelled out so that building the parser imports no torch.
 EVALUATE_METHODS = ("spare", "none", "icl", "actadd", "taskvec", "cad")

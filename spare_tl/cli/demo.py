@@ -14,8 +14,9 @@ import time
 
 import torch
 
+from spare_tl.cli.args import add_dtype_argument
 from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, EMBEDDED_MODEL
-from spare_tl.hardware import add_dtype_argument, resolve_dtype
+from spare_tl.hardware import resolve_dtype
 
 
 def _conflict_showcase(model, items, n: int) -> None:

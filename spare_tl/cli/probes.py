@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from spare_tl.cli.args import add_dtype_argument
 from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, load_steering_setup
-from spare_tl.hardware import add_dtype_argument
 from spare_tl.layer_spec import parse_layers
 
 if TYPE_CHECKING:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from spare_tl import checks
+from spare_tl.cli.args import add_dtype_argument, load_model_for
 from spare_tl.data.datasets import load_dataset
 from spare_tl.data.prompts import split_pool
-from spare_tl.hardware import add_dtype_argument, load_model_for
 from spare_tl.layer_spec import parse_layers
 from spare_tl.saes import SITES
 from spare_tl.stages.evaluation import development_items

@@ -18,9 +18,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from spare_tl.cli.args import add_dtype_argument
 from spare_tl.cli.docs import results_table
 from spare_tl.embedded import EMBEDDED_MODEL
-from spare_tl.hardware import add_dtype_argument
 from spare_tl.studies.results import CASES
 
 

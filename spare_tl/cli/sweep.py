@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from spare_tl import cache, checks
-from spare_tl.hardware import add_dtype_argument, load_model_for
+from spare_tl.cli.args import add_dtype_argument, load_model_for
 from spare_tl.saes import DEFAULT_SITE
 from spare_tl.stages.evaluation import development_items
 from spare_tl.stages.pipeline import PipelineConfig, run_pipeline

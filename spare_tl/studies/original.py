@@ -31,16 +31,15 @@ from torch import Tensor
 
 from spare_tl.cache import begin_stage, mark_complete, write_json, write_jsonl, write_tensors
 from spare_tl.checks import finite_non_negative
+from spare_tl.errors import MalformedCacheError, UnsafePickleError
 from spare_tl.features import FunctionalFeatures, LayerFeatures, select_functional_features
 from spare_tl.saes import check_latent_code
 from spare_tl.studies.original_cache import (
     DEFAULT_HOOK_TEMPLATE,
     SOURCE,
-    MalformedCacheError,
     OriginalCache,
     OriginalLayerStatistics,
     OriginalPromptRecord,
-    UnsafePickleError,
     as_cache,
     load_memorised_set,
 )

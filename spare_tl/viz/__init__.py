@@ -1,4 +1,4 @@
-"""The visualisation layer: plotly figures of every SpARE stage and the one-page HTML report.
+"""Floor 4, viz: plotly figures of every SpARE stage, the tables and the one-page HTML report.
 
 Everything here takes the library's typed objects (statistics, feature sets, results JSON,
 the studies' rows) and returns a ``plotly`` ``Figure`` or HTML; nothing below imports it.
