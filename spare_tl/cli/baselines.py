@@ -73,9 +73,15 @@ def run(args: argparse.Namespace) -> int:
     """Load the model, features, SAEs and memorised split, then run the sweep or the table."""
     import torch
 
+    from spare_tl import checks
+    from spare_tl.cli.args import check_dataset, check_steering_folders
     from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, load_steering_setup
     from spare_tl.studies.baseline_setup import BaselineSetup
 
+    if args.baselines_command == "sweep" and args.output:
+        checks.output_file(args.output)
+    check_steering_folders(args.features or DEFAULT_FEATURES, args.saes or DEFAULT_SAES)
+    check_dataset(args.dataset)
     torch.set_grad_enabled(False)
     model, _, _ = load_steering_setup(
         args.features or DEFAULT_FEATURES, args.saes or DEFAULT_SAES, dtype=args.dtype

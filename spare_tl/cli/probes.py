@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spare_tl.cli.args import add_dtype_argument
+from spare_tl import checks
+from spare_tl.cli.args import add_dtype_argument, check_dataset, check_steering_folders
 from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, load_steering_setup
 from spare_tl.layer_spec import parse_layers
 
@@ -83,9 +84,13 @@ def _run(args: argparse.Namespace) -> int:
     from spare_tl.stages.memorised import memorised_split
     from spare_tl.studies.probes import run_probe_study
 
+    layers = parse_layers(args.layers)
+    if args.figure:
+        checks.output_file(args.figure, "--figure")
+    check_steering_folders(args.features, args.saes)
+    check_dataset(args.dataset)
     torch.set_grad_enabled(False)
     start = time.time()
-    layers = parse_layers(args.layers)
     model, features, saes = load_steering_setup(args.features, args.saes, dtype=args.dtype)
     have = [k for k in _available_sae_layers(Path(args.saes)) if k in layers]
     saes = {**load_saes_for_layers(model, args.saes, have), **saes}
