@@ -43,6 +43,7 @@ from spare_tl.studies.baseline_sweep import (
     sweep_path,
 )
 from spare_tl.testing import conflict_items, tiny_sae
+from spare_tl.viz.tables import baselines_markdown
 
 LAYERS = (1, 2)
 CONFIG = EvaluationConfig(seeds=(0, 1), n_shots=2, max_new_tokens=3, batch_size=4)
@@ -404,19 +405,20 @@ def test_table_json_and_readme(setup, tmp_path):
     save_method_sweep(records, sweep, {})
     out = tmp_path / "baselines"
     config = EvaluationConfig(seeds=(0,), n_shots=2, max_new_tokens=2)
-    table, results = bl.run_table(
-        setup, ["none", "icl", "cad"], config=config, n_items=2, out_dir=out
-    )
-    rows = json.loads((out / "table.json").read_text())["rows"]
+    results = bl.run_table(setup, ["none", "icl", "cad"], config=config, n_items=2, out_dir=out)
+    table = baselines_markdown(results)
+    saved = json.loads((out / "table.json").read_text())
+    assert "markdown" not in saved and baselines_markdown(saved) == table  # data only
+    rows = saved["rows"]
     assert [r["method"] for r in rows] == ["none", "icl", "cad"]
     assert rows[2]["extra_forward_passes_per_token"] == 1.0
     assert rows[0]["time_relative_to_no_steering"] == 1.0
     assert (out / "cad.json").exists() and (out / "cad-predictions.jsonl").exists()
     assert "| icl * |" in table and "alpha 1.0; alpha -1.0" in table and "EM_C→M" in table
-    again, _ = bl.run_table(
+    again = bl.run_table(
         setup, ["none", "icl", "cad"], config=config, n_items=2, out_dir=out, reuse=True
     )
-    assert again == table
+    assert baselines_markdown(again) == table
     (out / "cad.json").write_text(json.dumps(results["cad"] | {"seeds": [7]}))
     bl.run_table(setup, ["cad"], config=config, n_items=2, out_dir=out, reuse=True)
     assert json.loads((out / "cad.json").read_text())["seeds"] == [0]  # stale: re-run

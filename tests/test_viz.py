@@ -97,12 +97,12 @@ def _section(page: str, start: str, end: str | None = None) -> str:
 
 def test_report_sections_are_built_from_typed_data_without_markdown(monkeypatch):
     import spare_tl.cli.probes
-    import spare_tl.studies.baselines
+    from spare_tl.viz import tables
 
     def no_markdown(*args, **kwargs):
         raise AssertionError("the report must not write (and parse back) Markdown")
 
-    monkeypatch.setattr(spare_tl.studies.baselines, "baseline_table", no_markdown)
+    monkeypatch.setattr(tables.Table, "markdown", no_markdown)
     monkeypatch.setattr(spare_tl.cli.probes, "probes_table", no_markdown)
     for module in (report_page, report_tables):
         assert not hasattr(module, "_markdown_table") and not hasattr(module, "_markdown_html")

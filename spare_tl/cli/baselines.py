@@ -130,13 +130,15 @@ def _table_command(args: argparse.Namespace, setup: Any) -> int:
     from spare_tl.stages.evaluation import EvaluationConfig
     from spare_tl.studies.baseline_sweep import STAGE
     from spare_tl.studies.baselines import run_table
+    from spare_tl.viz.tables import baselines_markdown
 
     start = time.time()
     config = EvaluationConfig(seeds=tuple(args.seeds), n_shots=args.shots)
     out_dir = cache.stage_dir(setup.model.cfg.model_name, STAGE)
-    table, _ = run_table(
+    results = run_table(
         setup, args.methods, config=config, n_items=args.n_items, out_dir=out_dir, reuse=args.reuse
     )
+    table = baselines_markdown(results)
     seeds = " ".join(map(str, args.seeds))
     table += (
         f"\nRegenerate: `spare-tl baselines table --methods {' '.join(args.methods)} "

@@ -9,7 +9,6 @@ prints it. The Markdown is an output only: the report and ``spare-tl docs`` read
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -152,10 +151,6 @@ def study_table(study: ProbeStudy) -> str:
     )
 
 
-def _pm(mean: float, std: float, digits: int = 3) -> str:
-    return "—" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def probes_table(
     resid: ProbeResults,
     sae: ProbeResults | None = None,
@@ -165,26 +160,11 @@ def probes_table(
     conditional: ConditionalResult | Mapping[str, Any] | None = None,
 ) -> str:
     """Markdown: probe quality by layer, the deployed probe, latents, conditional steering."""
-    from spare_tl.studies.probes import CONDITIONS, GATE_CONDITION_NAMES
+    from spare_tl.viz.tables import conditional_table, probe_quality_table
 
     best_r = resid.best_layer()
     best_s = sae.best_layer() if sae is not None and sae.layers else None
-    lines = [
-        "| layer | residual accuracy | residual AUROC | SAE accuracy | SAE AUROC |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    for layer in sorted(set(resid.layers) | set(sae.layers if sae else {})):
-        r = resid.layers.get(layer)
-        s = sae.layers.get(layer) if sae is not None else None
-        cells = [
-            _pm(r.accuracy_mean, r.accuracy_std) if r else "—",
-            _pm(r.auroc_mean, r.auroc_std) if r else "—",
-            _pm(s.accuracy_mean, s.accuracy_std) if s else "—",
-            _pm(s.auroc_mean, s.auroc_std) if s else "—",
-        ]
-        mark = " (best residual)" if layer == best_r else ""
-        mark += " (best SAE)" if layer == best_s else ""
-        lines.append(f"| {layer}{mark} | " + " | ".join(cells) + " |")
+    lines = [probe_quality_table(resid, sae).markdown()]
     cfg = resid.config
     lines += [
         "",
@@ -220,18 +200,7 @@ def probes_table(
             )
     if conditional is not None:
         data = conditional.to_json() if hasattr(conditional, "to_json") else conditional
-        lines += [
-            "",
-            "| rows | condition | EM_M (memory answer) | EM_C (context answer) | neither |",
-            "|---|---|---:|---:|---:|",
-        ]
-        for rt, name in (("conflict", "conflict"), ("no_conflict", "no conflict")):
-            for cond in CONDITIONS:
-                d = data[rt][cond]
-                lines.append(
-                    f"| {name} | {GATE_CONDITION_NAMES[cond]} | {_pm(d['EM_M'], d['EM_M_std'], 1)} "
-                    f"| {_pm(d['EM_C'], d['EM_C_std'], 1)} | {d['neither']:.1f} |"
-                )
+        lines += ["", conditional_table(data).markdown()]
         pe, ch = data["probe_on_eval"], data["checks"]
         lines += [
             "",
