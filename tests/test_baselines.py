@@ -398,7 +398,7 @@ def test_sweep_on_a_real_method_feeds_evaluation(setup, tmp_path):
 # ------------------------------------------------------------------ table and command line
 
 
-def test_table_json_and_readme(setup, tmp_path):
+def test_table_json_holds_data_only_and_reuse_reruns_stale_methods(setup, tmp_path):
     root = setup.cache_root
     sweep = sweep_path(setup.model.cfg.model_name, "cad", root)
     records = sweep_method(setup.model, [CAD(1.0)], DEV[:2], POOL, n_shots=2, progress=False)

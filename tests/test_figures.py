@@ -433,7 +433,7 @@ def test_classify_result():
     assert classify_result({"x": 1}) == "unknown"
 
 
-def test_report_cli(tmp_path, capsys):
+def test_report_command_writes_the_page(tmp_path, capsys):
     from spare_tl.cli import main
 
     out = tmp_path / "r.html"

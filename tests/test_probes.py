@@ -433,7 +433,7 @@ def test_evaluate_conditional_on_a_mixed_set(model):
         )
 
 
-def test_run_probe_study_end_to_end_and_readme(model, tmp_path, monkeypatch):
+def test_run_probe_study_end_to_end_and_from_its_cache(model, tmp_path, monkeypatch):
     features, saes = make_features(), make_saes()
     pool, evaluation = make_items(12, start=100), make_items(2)
     kwargs = dict(

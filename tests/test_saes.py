@@ -72,7 +72,7 @@ def test_sparsify_folder_loads_through_the_converter(tmp_path, monkeypatch):
     assert torch.allclose(sae.encode(x), expected, atol=1e-5)
 
 
-def test_bad_folders(tmp_path):
+def test_folders_without_a_usable_sae_are_refused(tmp_path):
     with pytest.raises(SAEError, match="cfg.json"):
         load_sae(tmp_path)
     (tmp_path / "cfg.json").write_text("{}")
