@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from spare_tl import cache
+from spare_tl.embedded import EMBEDDED_MODEL as DEFAULT_MODEL
 from spare_tl.studies.results import CASES
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from spare_tl.viz.tables import Table, baselines_markdown, pm
 
 COMMANDS = {
     "results": "spare-tl results --n-items 200 --seeds 0 1 2 3 4 --cases doo dso dss",
@@ -31,7 +31,7 @@ COMMANDS = {
 def _cell(d: dict[str, Any], key: str) -> str:
     """``mean ± std [low, high]``: over seeds, and the 95 % bootstrap interval over questions
     (when the result has intervals)."""
-    text = f"{d[key]:.1f} ± {d[key + '_std']:.1f}"
+    text = pm(d[key], d[key + "_std"])
     ci = d.get("intervals", {}).get(key, {}).get("ci95")
     return text + (f" [{ci['low']:.1f}, {ci['high']:.1f}]" if ci else "")
 
@@ -48,23 +48,31 @@ def _versus(d: dict[str, Any], key: str) -> str:
 
 
 TARGET = {"steer_to_context": "EM_C", "steer_to_memory": "EM_M"}
+RESULTS_HEADER = (
+    "demonstrations",
+    "condition",
+    "EM_C (context answer)",
+    "EM_M (memory answer)",
+    "neither",
+    "steered − none, target metric",
+)
 
 
 def results_table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown table: one row per (demonstrations, condition), from the saved results JSON."""
-    lines = [
-        "| demonstrations | condition | EM_C (context answer) | EM_M (memory answer) | "
-        "neither | steered − none, target metric |",
-        "|---|---|---:|---:|---:|---:|",
+    body = [
+        [
+            demo_type,
+            cond.replace("_", " "),
+            _cell(data[cond], "EM_C"),
+            _cell(data[cond], "EM_M"),
+            f"{data[cond]['neither']:.1f}",
+            _versus(data[cond], TARGET[cond]) if cond in TARGET else "–",
+        ]
+        for demo_type, data in results.items()
+        for cond in CASES[demo_type]
     ]
-    for demo_type, data in results.items():
-        for cond in CASES[demo_type]:
-            d = data[cond]
-            versus = _versus(d, TARGET[cond]) if cond in TARGET else "–"
-            lines.append(
-                f"| {demo_type} | {cond.replace('_', ' ')} | {_cell(d, 'EM_C')} | "
-                f"{_cell(d, 'EM_M')} | {d['neither']:.1f} | {versus} |"
-            )
+    lines = [Table(RESULTS_HEADER, body, left={0, 1}).markdown()]
     first = next(iter(results.values()))
     feats = first.get("features", {})
     mem = feats.get("to_memory")
@@ -99,13 +107,16 @@ def relation_table(result: dict[str, Any]) -> str:
     """Markdown table of one case's per-relation EM_C / EM_M by condition."""
     per = result.get("per_relation", {})
     conds = [c for c in ("no_steering", "steer_to_context", "steer_to_memory") if c in result]
-    head = " | ".join(f"{c.replace('_', ' ')} EM_C / EM_M" for c in conds)
-    lines = [f"| relation | n | {head} |", "|---|---:|" + "---:|" * len(conds)]
-    for rel, data in per.items():
-        n = next(iter(data.values()))["n"]
-        cells = " | ".join(f"{data[c]['EM_C']:.1f} / {data[c]['EM_M']:.1f}" for c in conds)
-        lines.append(f"| {rel} | {n} | {cells} |")
-    return "\n".join(lines)
+    header = ["relation", "n", *(f"{c.replace('_', ' ')} EM_C / EM_M" for c in conds)]
+    body = [
+        [
+            rel,
+            next(iter(data.values()))["n"],
+            *(f"{data[c]['EM_C']:.1f} / {data[c]['EM_M']:.1f}" for c in conds),
+        ]
+        for rel, data in per.items()
+    ]
+    return Table(header, body, left={0}).markdown()
 
 
 def _saved_json(directory: Path, names: Sequence[str]) -> dict[str, Any]:
@@ -128,7 +139,7 @@ def _results_section(directory: Path, missing: list[str]) -> list[str]:
 
 
 def _baselines_section(directory: Path, missing: list[str]) -> list[str]:
-    from spare_tl.studies.baselines import METHODS, baseline_table
+    from spare_tl.studies.baseline_setup import METHODS
 
     results = _saved_json(directory, METHODS)
     if not results:
@@ -146,7 +157,7 @@ def _baselines_section(directory: Path, missing: list[str]) -> list[str]:
         out += [f"**Out of date:** {stale}", ""]
     return [
         *out,
-        baseline_table(results),  # with its own caption: questions, seeds, settings, time
+        baselines_markdown(results),  # with its caption: questions, seeds, settings, time
         "",
         f"Regenerate the JSON: `{command}`.",
         "",
