@@ -68,6 +68,7 @@ def test_the_baselines_table_from_rows_in_both_formats():
         "actadd",
         "61.2 ± 2.0",
         "30.0 ± 1.5",
+        "–",  # rows saved before "neither" was kept
         "3.0 ± 0.5",
         "–",
         "0",
@@ -79,6 +80,9 @@ def test_the_baselines_table_from_rows_in_both_formats():
     assert markdown.startswith(table.markdown() + "\n\nm, builtin dataset: 40 held-out")
     assert "seeds [0, 1]" in markdown
     assert "<td class='left'>icl *</td>" in table.html()
+    cad = {**ROW, "method": "cad", "neither_to_memory": 41.0, "memory_is_closed_book": True}
+    row = baselines_table([cad]).rows[0]
+    assert row[2] == "30.0 ± 1.5 (= closed book)" and row[3] == "41.0"
 
 
 def test_an_old_table_json_with_markdown_is_read_and_the_markdown_ignored():
