@@ -15,7 +15,10 @@
 3. Overlap: per layer and direction, the features chosen by attribution at the committed K
    against the committed (MI) set.
 
-Writes ``cache_data/smollm2-135m-instruct/benchmarks/attribution.json``.
+Writes ``cache_data/smollm2-135m-instruct/benchmarks/attribution.json``. With
+``--write-features DIR`` (and ``--selection``), also the feature set with the committed layers,
+K and α per direction chosen by that selection, for ``spare-tl evaluate --features DIR``;
+``--skip-exact`` leaves out step 2 (and the JSON).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from spare_tl import cache
 from spare_tl.embedded import DEFAULT_FEATURES, EMBEDDED_DIR, load_steering_setup
 from spare_tl.features import select_features
 from spare_tl.saes import site_of_hook
-from spare_tl.stages.activations import LayerStatistics
+from spare_tl.stages.activations import LayerStatistics, directional_features
 from spare_tl.stages.attribution import (
     SOURCE_GROUP,
     answer_first_tokens,
@@ -64,6 +67,9 @@ def main() -> None:
     parser.add_argument("--check-layers", type=int, nargs=2, default=[12, 20],
                         metavar=("CONTEXT_LAYER", "MEMORY_LAYER"))  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-exact", action="store_true")
+    parser.add_argument("--write-features", default=None, metavar="DIR")
+    parser.add_argument("--selection", default="attribution", choices=["attribution", "both"])
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     model, committed, saes_by_hook = load_steering_setup()
@@ -96,7 +102,9 @@ def main() -> None:
     mem_tok, ctx_tok = answer_first_tokens(model, memory), answer_first_tokens(model, context)
     valid = mem_tok != ctx_tok
     report["exact"] = {}
-    for direction, layer in zip(("context", "memory"), args.check_layers):
+    for direction, layer in zip(
+        ("context", "memory"), [] if args.skip_exact else args.check_layers
+    ):
         start = time.perf_counter()
         source = 0 if SOURCE_GROUP[direction] == "use_memory" else 1
         pool = torch.nonzero(valid & (labels == source)).squeeze(1)
@@ -156,8 +164,31 @@ def main() -> None:
             }
             report["overlap"][f"to_{direction} layer {layer}"] = row
             print(f"to {direction}, layer {layer}: {row}")
-    cache.write_json(OUTPUT, report)
-    print(f"wrote {OUTPUT}")
+    if args.write_features:
+        settings = {}
+        for direction in ("context", "memory"):
+            fset = committed.for_direction(direction)
+            settings[direction] = {
+                "layers": sorted(fset.layers),
+                "proportion": fset.proportion,
+                "edit_strength": committed.strength(direction),
+                "site": site,
+                "selection": args.selection,
+            }
+        chosen = directional_features(
+            {site: statistics},
+            model_name=model.cfg.model_name,
+            context=settings["context"],
+            memory=settings["memory"],
+            metadata={**committed.metadata, "chosen_by": "benchmarks/check_attribution.py"},
+            attribution={site: attribution},
+        )
+        chosen.save(Path(args.write_features))
+        for direction in ("context", "memory"):
+            print(f"wrote {args.write_features}: to {direction} {chosen.describe(direction)}")
+    if not args.skip_exact:
+        cache.write_json(OUTPUT, report)
+        print(f"wrote {OUTPUT}")
 
 
 if __name__ == "__main__":
