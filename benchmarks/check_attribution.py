@@ -8,8 +8,8 @@
    ``cache_data/smollm2-135m-instruct/attribution/`` (reused when fresh).
 2. Exact check: at a context-set layer (toward context, on use-memory prompts) and a
    memory-set layer (toward memory, on use-context prompts), ``--prompts`` pool prompts and
-   ``--latents`` latents (half the stage's top latents toward the direction, half drawn at
-   random from those active on the sample or with z̄ ≠ 0): the estimated change of the metric
+   ``--latents`` latents (half the latents with the largest mean estimate on the sample, half
+   drawn at random from those active on the sample or with z̄ ≠ 0): the estimated change of the metric
    g (z̄ − z) beside the exact change of setting that one latent to z̄; Pearson and Spearman
    over the (prompt, latent) pairs and over the latents' means.
 3. Overlap: per layer and direction, the features chosen by attribution at the committed K
@@ -18,7 +18,9 @@
 Writes ``cache_data/smollm2-135m-instruct/benchmarks/attribution.json``. With
 ``--write-features DIR`` (and ``--selection``), also the feature set with the committed layers,
 K and α per direction chosen by that selection, for ``spare-tl evaluate --features DIR``;
-``--skip-exact`` leaves out step 2 (and the JSON).
+``--skip-exact`` leaves out step 2, ``--exact-only`` steps 1 and 3; each run updates its parts
+of the JSON. ``--stage-seconds`` records the stage's wall time when an earlier run computed it
+(a run that finds the stage cached only loads it).
 """
 
 from __future__ import annotations
@@ -68,13 +70,16 @@ def main() -> None:
                         metavar=("CONTEXT_LAYER", "MEMORY_LAYER"))  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-exact", action="store_true")
+    parser.add_argument("--exact-only", action="store_true")
+    parser.add_argument("--stage-seconds", type=float, default=None)
     parser.add_argument("--write-features", default=None, metavar="DIR")
     parser.add_argument("--selection", default="attribution", choices=["attribution", "both"])
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     model, committed, saes_by_hook = load_steering_setup()
     grouped = GroupedPrompts.load(Path(DEFAULT_FEATURES).parent / GROUPED_STAGE)
-    report: dict = {"model": model.cfg.model_name, "dtype": str(model.cfg.dtype)}
+    report: dict = cache.read_json(OUTPUT) if OUTPUT.is_file() else {}
+    report.update(model=model.cfg.model_name, dtype=str(model.cfg.dtype))
 
     # 1. the stage, per direction's layers (one site each here)
     start = time.perf_counter()
@@ -88,20 +93,22 @@ def main() -> None:
         path = EMBEDDED_DIR / "mutual_information" / f"layer{layer}" / f"layer{layer}.safetensors"
         statistics[layer] = LayerStatistics.load(path)
     saes = {layer: saes_by_hook[hooks[layer].hook_name] for layer in layers}
-    attribution = latent_attribution(model, grouped, statistics, saes, site=site)
-    report["stage"] = {
-        "layers": layers,
-        "site": site,
-        "seconds": round(time.perf_counter() - start, 1),
-        "prompts": attribution[layers[0]].counts,
-    }
-    print(f"attribution stage, layers {layers}: {report['stage']['seconds']} s")
+    if not args.exact_only:
+        attribution = latent_attribution(model, grouped, statistics, saes, site=site)
+        seconds = round(time.perf_counter() - start, 1)
+        report["stage"] = {
+            "layers": layers,
+            "site": site,
+            "seconds_this_run": seconds,
+            "seconds_computed": args.stage_seconds or seconds,
+            "prompts": attribution[layers[0]].counts,
+        }
+        print(f"attribution stage, layers {layers}: {seconds} s")
 
     # 2. the exact check
     prompts, labels, memory, context = grouped_answers(grouped)
     mem_tok, ctx_tok = answer_first_tokens(model, memory), answer_first_tokens(model, context)
     valid = mem_tok != ctx_tok
-    report["exact"] = {}
     for direction, layer in zip(
         ("context", "memory"), [] if args.skip_exact else args.check_layers
     ):
@@ -118,7 +125,8 @@ def main() -> None:
         )
         estimate_all = attribution_scores(codes[hook], grads[hook], target)
         half = args.latents // 2
-        top = attribution[layer].toward(direction).topk(half).indices
+        sign = -1 if direction == "context" else 1  # the estimate toward the direction
+        top = (sign * estimate_all).mean(0).topk(half).indices
         live = torch.nonzero((codes[hook] > 0).any(0) | (target > 0)).squeeze(1)
         live = live[~torch.isin(live, top)]
         latents = torch.cat([top, live[torch.randperm(len(live))[: args.latents - half]]])
@@ -126,7 +134,7 @@ def main() -> None:
             model, sample, mem_tok[rows], ctx_tok[rows], saes[layer], latents, target
         )
         estimate = estimate_all[:, latents]
-        report["exact"][f"to_{direction}"] = {
+        report.setdefault("exact", {})[f"to_{direction}"] = {
             "layer": layer,
             "prompts": len(rows),
             "latents": len(latents),
@@ -140,8 +148,7 @@ def main() -> None:
         print(f"to {direction}, layer {layer}: {json.dumps(report['exact'][f'to_{direction}'])}")
 
     # 3. overlap with the committed (MI) sets at the committed K
-    report["overlap"] = {}
-    for direction in ("context", "memory"):
+    for direction in [] if args.exact_only else ("context", "memory"):
         fset = committed.for_direction(direction)
         for layer, f in sorted(fset.layers.items()):
             s = statistics[layer]
@@ -162,7 +169,7 @@ def main() -> None:
                 "shared": len(mi_ids & at_ids),
                 "union": len(mi_ids | at_ids),
             }
-            report["overlap"][f"to_{direction} layer {layer}"] = row
+            report.setdefault("overlap", {})[f"to_{direction} layer {layer}"] = row
             print(f"to {direction}, layer {layer}: {row}")
     if args.write_features:
         settings = {}
@@ -186,9 +193,8 @@ def main() -> None:
         chosen.save(Path(args.write_features))
         for direction in ("context", "memory"):
             print(f"wrote {args.write_features}: to {direction} {chosen.describe(direction)}")
-    if not args.skip_exact:
-        cache.write_json(OUTPUT, report)
-        print(f"wrote {OUTPUT}")
+    cache.write_json(OUTPUT, report)
+    print(f"wrote {OUTPUT}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,9 @@ class LayerAttribution:
         table = self.to_context if direction == "context" else self.to_memory
         return table[GROUPS.index(group)]
 
-    def save(self, directory: Path, config: Mapping[str, Any]) -> None:
+    def save(self, directory: Path, config: Mapping[str, Any], **extra: Any) -> None:
+        """Write ``attribution.safetensors`` as a completed stage (``extra``: more entries
+        for its ``config.json``, e.g. the seconds the computation took)."""
         directory = Path(directory)
         cache.begin_stage(directory)
         cache.write_tensors(
@@ -103,7 +106,7 @@ class LayerAttribution:
                 "sae_fingerprint": self.sae_fingerprint,
             },
         )
-        cache.mark_complete(directory, config, files=[FILE], counts=self.counts)
+        cache.mark_complete(directory, config, files=[FILE], counts=self.counts, **extra)
 
     @classmethod
     def load(cls, directory: Path) -> LayerAttribution:
@@ -396,6 +399,7 @@ def latent_attribution(
     if not valid.any():
         raise ValueError("every grouped prompt's two answers share their first token")
     hooks = {site_hook_name(layer, site): saes[layer] for layer in todo}
+    start = time.perf_counter()
     codes, grads, _ = latent_gradients(
         model,
         prompts,
@@ -406,6 +410,8 @@ def latent_attribution(
         batch_size=batch_size,
         progress=progress,
     )
+    # the one pass served every stale layer: its time is theirs together
+    seconds = round(time.perf_counter() - start, 1)
     counts = {
         g: int(m.sum())
         for g, m in zip(GROUPS, [valid & (labels == 1), valid & (labels == 0), valid])
@@ -428,7 +434,7 @@ def latent_attribution(
             sae_fingerprint=configs[layer]["sae_fingerprint"],
         )
         if use_cache:
-            result.save(root / f"{site}-{layer}", configs[layer])
+            result.save(root / f"{site}-{layer}", configs[layer], seconds_all_layers=seconds)
         out[layer] = result
     return dict(sorted(out.items()))
 
