@@ -20,7 +20,9 @@ Writes ``cache_data/smollm2-135m-instruct/benchmarks/attribution.json``. With
 K and α per direction chosen by that selection, for ``spare-tl evaluate --features DIR``;
 ``--skip-exact`` leaves out step 2, ``--exact-only`` steps 1 and 3; each run updates its parts
 of the JSON. ``--stage-seconds`` records the stage's wall time when an earlier run computed it
-(a run that finds the stage cached only loads it).
+(a run that finds the stage cached only loads it). ``--seeds`` keeps only the grouped prompts
+of those demonstration seeds and ``--max-prompts`` a seeded sample of that many of the kept
+ones (subsets of the pool's prompts, for a machine short of time).
 """
 
 from __future__ import annotations
@@ -72,12 +74,22 @@ def main() -> None:
     parser.add_argument("--skip-exact", action="store_true")
     parser.add_argument("--exact-only", action="store_true")
     parser.add_argument("--stage-seconds", type=float, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--max-prompts", type=int, default=None)
     parser.add_argument("--write-features", default=None, metavar="DIR")
     parser.add_argument("--selection", default="attribution", choices=["attribution", "both"])
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     model, committed, saes_by_hook = load_steering_setup()
     grouped = GroupedPrompts.load(Path(DEFAULT_FEATURES).parent / GROUPED_STAGE)
+    if args.seeds is not None:
+        kept = [r for r in grouped.records if r["seed"] in args.seeds]
+        grouped = GroupedPrompts(grouped.model_name, kept, grouped.config)
+    if args.max_prompts is not None:
+        kept = [r for r in grouped.records if r["label"] in ("context", "memory")]
+        pick = torch.randperm(len(kept), generator=torch.Generator().manual_seed(args.seed))
+        chosen = sorted(pick[: args.max_prompts].tolist())
+        grouped = GroupedPrompts(grouped.model_name, [kept[i] for i in chosen], grouped.config)
     report: dict = cache.read_json(OUTPUT) if OUTPUT.is_file() else {}
     report.update(model=model.cfg.model_name, dtype=str(model.cfg.dtype))
 
@@ -102,6 +114,8 @@ def main() -> None:
             "seconds_this_run": seconds,
             "seconds_computed": args.stage_seconds or seconds,
             "prompts": attribution[layers[0]].counts,
+            "grouped_seeds": args.seeds or "all",
+            "max_prompts": args.max_prompts,
         }
         print(f"attribution stage, layers {layers}: {seconds} s")
 
