@@ -380,8 +380,7 @@ def latent_attribution(
             **base,
             "layer": layer,
             "hook": site_hook_name(layer, site),
-            "sae": sae_identity(sae),
-            "sae_fingerprint": fp,
+            "sae_fingerprint": fp,  # the weights, wherever the SAE folder lies
             "latent_code": stats.latent_code,
             "targets": _tensor_hash(stats.context_activations, stats.memory_activations),
         }
