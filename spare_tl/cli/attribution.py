@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spare_tl.hardware import add_dtype_argument, load_model_for
+from spare_tl.cli.args import add_dtype_argument, load_model_for
 from spare_tl.saes import DEFAULT_SITE
 
 
