@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from scipy import stats as scipy_stats
 from spare_tl import cache
 from spare_tl.embedded import DEFAULT_FEATURES, EMBEDDED_DIR, load_steering_setup
 from spare_tl.features import select_features
+from spare_tl.hardware import describe
 from spare_tl.saes import site_of_hook
 from spare_tl.stages.activations import LayerStatistics, directional_features
 from spare_tl.stages.attribution import (
@@ -91,7 +93,14 @@ def main() -> None:
         chosen = sorted(pick[: args.max_prompts].tolist())
         grouped = GroupedPrompts(grouped.model_name, [kept[i] for i in chosen], grouped.config)
     report: dict = cache.read_json(OUTPUT) if OUTPUT.is_file() else {}
-    report.update(model=model.cfg.model_name, dtype=str(model.cfg.dtype))
+    report.update(
+        title="Attribution patching against exact one-latent patching (embedded model)",
+        machine=describe(),
+        date=time.strftime("%Y-%m-%d"),
+        command="python " + " ".join(sys.argv),
+        model=model.cfg.model_name,
+        dtype=str(model.cfg.dtype),
+    )
 
     # 1. the stage, per direction's layers (one site each here)
     start = time.perf_counter()
