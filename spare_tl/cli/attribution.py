@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spare_tl.cli.args import add_dtype_argument, load_model_for
+from spare_tl.cli.args import add_dtype_argument, check_dataset, load_model_for
 from spare_tl.saes import DEFAULT_SITE
 
 
@@ -67,6 +67,7 @@ def run_from_args(args) -> int:
                 f"the {site} layers {outside} are not candidate layers of {args.config} "
                 f"({config.candidate_layers(site)})"
             )
+    check_dataset(config.dataset, f"the dataset of {args.config}")
     start = time.time()
     model = load_model_for(config.model, args.dtype)
     result = run_pipeline(config, until="statistics", model=model)
