@@ -111,6 +111,71 @@ def select_functional_features(
     return nonzero[signs > 0].long(), nonzero[signs < 0].long()
 
 
+#: How functional features are chosen: by mutual information (the paper), by attribution
+#: (each latent's estimated effect on the answer toward the steering direction, see
+#: :mod:`spare_tl.stages.attribution`), or both (the latents either rule picks).
+SELECTIONS: tuple[str, ...] = ("mi", "attribution", "both")
+
+
+def check_selection(selection: str) -> str:
+    """``selection`` if it names a selection rule, else a ValueError listing them."""
+    if selection not in SELECTIONS:
+        raise ValueError(
+            f"selection must be one of {', '.join(repr(s) for s in SELECTIONS)}, got {selection!r}"
+        )
+    return selection
+
+
+def select_by_attribution(
+    attribution: Float[Tensor, " d_sae"],
+    expectation: Float[Tensor, " d_sae"],
+    proportion: float,
+) -> tuple[Int[Tensor, " n_context"], Int[Tensor, " n_memory"]]:
+    """Latent ids of the context and memory features chosen by attribution at proportion K:
+    the MI rule with the mean attribution toward the steering direction in place of MI.
+
+    Sort latents by attribution, descending; take the smallest k whose cumulative positive
+    attribution exceeds K of the layer's total positive attribution; keep the first k latents
+    with positive attribution and E ≠ 0, E > 0 a context feature and E < 0 a memory feature
+    (so the edit adds the ones the steering direction's group has more of and removes the
+    others). Returns two int64 tensors sorted by descending attribution.
+    """
+    if attribution.shape != expectation.shape or attribution.ndim != 1:
+        raise ValueError(
+            "attribution and expectation must be 1-D of the same length, got "
+            f"{tuple(attribution.shape)} and {tuple(expectation.shape)}"
+        )
+    positive = attribution.double().nan_to_num(0.0).clamp_min(0.0)
+    # a latent whose move would not help is never chosen, however far the walk goes
+    return select_functional_features(
+        positive, torch.where(positive > 0, expectation, 0), proportion
+    )
+
+
+def select_features(
+    selection: str,
+    proportion: float,
+    mutual_information: Float[Tensor, " d_sae"],
+    expectation: Float[Tensor, " d_sae"],
+    attribution: Float[Tensor, " d_sae"] | None = None,
+) -> tuple[Int[Tensor, " n_context"], Int[Tensor, " n_memory"]]:
+    """The context and memory features of one layer by ``selection`` (:data:`SELECTIONS`)
+    at proportion K; ``attribution`` (toward the steering direction) for the last two.
+    ``"both"``: the union of the MI and the attribution features, MI's first."""
+    check_selection(selection)
+    if selection == "mi":
+        return select_functional_features(mutual_information, expectation, proportion)
+    if attribution is None:
+        raise ValueError(f"selection {selection!r} needs the latents' attribution")
+    by_attr = select_by_attribution(attribution, expectation, proportion)
+    if selection == "attribution":
+        return by_attr
+    by_mi = select_functional_features(mutual_information, expectation, proportion)
+    return tuple(  # type: ignore[return-value]
+        torch.cat([m, a[~torch.isin(a, m)]]) for m, a in zip(by_mi, by_attr)
+    )
+
+
 def confidence_weighted_mean(
     codes: Float[Tensor, "n d_sae"], weights: Float[Tensor, " n"]
 ) -> Float[Tensor, " d_sae"]:

@@ -18,6 +18,7 @@ COMMANDS = [
     "features",
     "evaluate",
     "steer",
+    "attribution",
 ]
 
 

@@ -29,6 +29,7 @@ REGISTRARS: list[str] = [
     "spare_tl.cli.report:register",
     "spare_tl.cli.scan:register",
     "spare_tl.cli.sweep:register",
+    "spare_tl.cli.attribution:register",
     "spare_tl.cli.studies:register",
     "spare_tl.cli.baselines:register",
     "spare_tl.cli.probes:register",

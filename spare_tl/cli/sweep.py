@@ -65,6 +65,14 @@ def add_arguments(parser) -> None:
         "--directions", nargs="+", default=["context", "memory"], choices=list(TARGET)
     )
     parser.add_argument(
+        "--selections",
+        nargs="+",
+        default=["mi"],
+        choices=["mi", "attribution", "both"],
+        help="how features are chosen, tried per direction: mutual information (the paper), "
+        "attribution (the attribution stage, computed for the swept layers) or both",
+    )
+    parser.add_argument(
         "--n-items", type=int, default=128, help="development questions (default 128)"
     )
     parser.add_argument(
@@ -134,19 +142,29 @@ def run_from_args(args) -> int:
     result = run_pipeline(config, until="statistics", model=model)
     directory = Path(args.output) if args.output else cache.stage_dir(model.cfg.model_name, "sweep")
     items = development_items(result.split.development, args.n_items)
+    attribution = _attribution(args, config, model, result, layer_sets)
     if args.combine:
         records, sweep_config = combine_sweeps([Path(p) for p in args.combine])
         sweep_config["max_neither_rise"] = cap
     else:
-        settings = grid(layer_sets, args.proportions, args.strengths, args.directions)
+        settings = grid(
+            layer_sets, args.proportions, args.strengths, args.directions, args.selections
+        )
         print(f"sweep: {len(settings)} settings on {len(items)} development questions")
         records = sweep(
-            model, result.site_statistics, result.saes, items, result.split.pool, settings
+            model,
+            result.site_statistics,
+            result.saes,
+            items,
+            result.split.pool,
+            settings,
+            attribution=attribution,
         )
         sweep_config = {
             "layer_sets": {site: sets for site, sets in layer_sets.items()},
             "proportions": args.proportions,
             "strengths": args.strengths,
+            "selections": args.selections,
             "n_items": len(items),
             "items": cache.fingerprint([it.question for it in items]),
             "latent_code": config.latent_code,
@@ -162,7 +180,38 @@ def run_from_args(args) -> int:
     sweep_config["command"] = _command_line()
     oracle = _oracle(records, sweep_config, model.cfg.model_name, items, config)
     save_sweep(records, directory, sweep_config, oracle)
-    return _report(records, result, config, model, directory, args.write_features, cap, oracle)
+    return _report(
+        records, result, config, model, directory, args.write_features, cap, oracle, attribution
+    )
+
+
+def _attribution(args, config, model, result, layer_sets) -> dict[str, Any] | None:
+    """The attribution of the layers swept with a selection other than MI (the swept layer
+    sets, or for ``--combine`` the layers of the parts' such records); None when there are
+    none. Cached: the attribution stage."""
+    needed: dict[str, set[int]] = {}
+    if args.combine:
+        for path in args.combine:
+            for rec in cache.read_json(Path(path))["records"]:
+                if rec.get("selection", "mi") != "mi":
+                    site = rec.get("site") or DEFAULT_SITE
+                    needed.setdefault(site, set()).update(rec["layers"])
+    elif set(args.selections) - {"mi"}:
+        for site, sets in layer_sets.items():
+            needed[site] = {x for ls in sets for x in ls}
+    if not needed:
+        return None
+    from spare_tl.stages.attribution import attribution_by_site
+
+    return attribution_by_site(
+        model,
+        result.grouped,
+        result.site_statistics,
+        result.saes,
+        {site: sorted(layers) for site, layers in needed.items()},
+        batch_size=config.batch_size,
+        cache_root=Path(config.cache_root) if config.cache_root else None,
+    )
 
 
 def _command_line() -> str:
@@ -198,6 +247,7 @@ def _report(
     write_features: bool,
     max_neither_rise: float | None = None,
     oracle: Mapping[str, Any] | None = None,
+    attribution: Mapping[str, Any] | None = None,
 ) -> int:
     """Print the best settings and oracle shares; with ``write_features``, save the set."""
     best = best_settings(records, max_neither_rise)
@@ -224,6 +274,7 @@ def _report(
             model.cfg.model_name,
             metadata=metadata,
             max_neither_rise=max_neither_rise,
+            attribution=attribution,
         )
         features.save(Path(config.features_dir))
         for direction in ("context", "memory"):

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -29,9 +29,10 @@ from spare_tl.errors import CacheError
 from spare_tl.features import (
     FunctionalFeatures,
     LayerFeatures,
+    check_selection,
     confidence_weighted_mean,
     sae_fingerprint,
-    select_functional_features,
+    select_features,
 )
 from spare_tl.generation import _tokenize, left_pad
 from spare_tl.mutual_info import expectation_difference, mutual_information
@@ -46,6 +47,9 @@ from spare_tl.saes import (
     validate_sae,
 )
 from spare_tl.stages.behaviours import GroupedPrompts, require_groups
+
+if TYPE_CHECKING:
+    from spare_tl.stages.attribution import LayerAttribution
 
 logger = logging.getLogger(__name__)
 
@@ -383,8 +387,20 @@ def functional_features(
     edit_strength_to_memory: float | None = None,
     layers: Sequence[int] | None = None,
     metadata: dict[str, Any] | None = None,
+    selection: str = "mi",
+    direction: str | None = None,
+    attribution: Mapping[int, LayerAttribution] | None = None,
 ) -> FunctionalFeatures:
-    """The features stage: select context/memory features per layer at proportion K."""
+    """The features stage: select context/memory features per layer at proportion K, by
+    ``selection`` (``"mi"``, ``"attribution"`` or ``"both"``, :data:`spare_tl.features.SELECTIONS`);
+    the last two rank by ``attribution`` toward ``direction`` and give a set for that
+    direction only. The selection is recorded in the set's metadata."""
+    check_selection(selection)
+    if selection != "mi" and direction not in ("context", "memory"):
+        raise ValueError(
+            f"selection {selection!r} chooses features for one direction: pass "
+            f"direction='context' or 'memory', got {direction!r}"
+        )
     finite_non_negative(edit_strength, "edit strength α")
     if edit_strength_to_memory is not None:
         finite_non_negative(edit_strength_to_memory, "edit strength α to memory")
@@ -395,7 +411,10 @@ def functional_features(
     per_layer = {}
     for layer in chosen:
         s = statistics[layer]
-        ctx, mem = select_functional_features(s.mutual_information, s.expectation, proportion)
+        attr = None
+        if selection != "mi":
+            attr = _attribution_of(attribution, s, layer).toward(direction)  # type: ignore[arg-type]
+        ctx, mem = select_features(selection, proportion, s.mutual_information, s.expectation, attr)
         per_layer[layer] = LayerFeatures(
             layer=layer,
             hook_name=s.hook_name,
@@ -413,8 +432,27 @@ def functional_features(
         proportion=proportion,
         edit_strength=edit_strength,
         edit_strength_to_memory=edit_strength_to_memory,
-        metadata=dict(metadata or {}),
+        metadata={**(metadata or {}), "selection": selection},
     )
+
+
+def _attribution_of(
+    attribution: Mapping[int, LayerAttribution] | None, stats: LayerStatistics, layer: int
+) -> LayerAttribution:
+    """Layer ``layer``'s attribution, checked to come from the statistics' SAE and code."""
+    if not attribution or layer not in attribution:
+        raise ValueError(
+            f"no attribution for layer {layer}: run the attribution stage "
+            "(`spare-tl attribution CONFIG`) for it first"
+        )
+    a = attribution[layer]
+    if (a.sae_fingerprint, a.latent_code) != (stats.sae_fingerprint, stats.latent_code):
+        raise ValueError(
+            f"layer {layer}: the attribution was computed with another SAE or latent code "
+            f"than the statistics ({a.sae_fingerprint}/{a.latent_code} vs "
+            f"{stats.sae_fingerprint}/{stats.latent_code}); rerun `spare-tl attribution`"
+        )
+    return a
 
 
 def statistics_at(
@@ -444,31 +482,42 @@ def directional_features(
     context: Mapping[str, Any],
     memory: Mapping[str, Any],
     metadata: dict[str, Any] | None = None,
+    attribution: Mapping[str, Mapping[int, LayerAttribution]] | None = None,
 ) -> FunctionalFeatures:
     """The feature set steering to context with ``context`` and to memory with ``memory``
     (each a mapping with ``layers``, ``proportion``, ``edit_strength`` and optionally
-    ``site``; ``statistics`` per layer, or by site then layer).
+    ``site`` and ``selection``; ``statistics`` per layer, or by site then layer;
+    ``attribution`` by site then layer, needed for a selection other than ``"mi"``).
 
-    When both name the same site, layers and K, one set with an α per direction; otherwise
-    the context set carries a separate :attr:`~FunctionalFeatures.to_memory` set.
+    When both name the same site, layers and K and select by MI, one set with an α per
+    direction; otherwise the context set carries a separate
+    :attr:`~FunctionalFeatures.to_memory` set.
     """
 
-    def feature_set(setting: Mapping[str, Any], alpha_to_memory: float | None = None):
+    def feature_set(
+        setting: Mapping[str, Any], direction: str, alpha_to_memory: float | None = None
+    ):
+        site = setting.get("site", DEFAULT_SITE)
         return functional_features(
-            statistics_at(statistics, setting.get("site", DEFAULT_SITE)),
+            statistics_at(statistics, site),
             model_name=model_name,
             proportion=setting["proportion"],
             edit_strength=setting["edit_strength"],
             edit_strength_to_memory=alpha_to_memory,
             layers=setting["layers"],
             metadata=metadata,
+            selection=setting.get("selection", "mi"),
+            direction=direction,
+            attribution=(attribution or {}).get(site),
         )
 
-    if (
-        context.get("site", DEFAULT_SITE),
-        sorted(context["layers"] or []),
-        context["proportion"],
-    ) == (memory.get("site", DEFAULT_SITE), sorted(memory["layers"] or []), memory["proportion"]):
+    def key(setting: Mapping[str, Any]) -> tuple:
+        site = setting.get("site", DEFAULT_SITE)
+        return site, sorted(setting["layers"] or []), setting["proportion"]
+
+    mi = context.get("selection", "mi") == memory.get("selection", "mi") == "mi"
+    if mi and key(context) == key(memory):
         alpha_mem = memory["edit_strength"]
-        return feature_set(context, None if alpha_mem == context["edit_strength"] else alpha_mem)
-    return replace(feature_set(context), to_memory=feature_set(memory))
+        alpha_mem = None if alpha_mem == context["edit_strength"] else alpha_mem
+        return feature_set(context, "context", alpha_mem)
+    return replace(feature_set(context, "context"), to_memory=feature_set(memory, "memory"))

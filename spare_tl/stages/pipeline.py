@@ -17,6 +17,7 @@ import tomllib
 from spare_tl import cache
 from spare_tl.checks import at_least, finite_non_negative
 from spare_tl.embedded import EMBEDDED_MODEL
+from spare_tl.features import check_selection
 from spare_tl.saes import DEFAULT_SITE, check_latent_code, check_site
 from spare_tl.stages.behaviours import BehaviourConfig
 from spare_tl.stages.evaluation import EvaluationConfig
@@ -24,6 +25,7 @@ from spare_tl.stages.evaluation import EvaluationConfig
 if TYPE_CHECKING:
     from spare_tl.features import FunctionalFeatures
     from spare_tl.stages.activations import Activations, LayerStatistics
+    from spare_tl.stages.attribution import LayerAttribution
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +61,12 @@ class PipelineConfig:
     #: where the feature set edits: ``resid_post`` (candidate layers ``layers``) or a site of
     #: ``site_layers`` (``attn_out``: the attention output)
     feature_site: str = DEFAULT_SITE
-    #: a separate set for steering to memory: ``{layers, proportion, edit_strength, site}``
-    #: (FunctionalFeatures.to_memory); None: one set steers both ways
+    #: how the features are chosen: ``"mi"`` (mutual information, the paper), ``"attribution"``
+    #: (estimated effect on the answer, the attribution stage) or ``"both"``; to memory
+    #: ``to_memory.selection`` when given
+    selection: str = "mi"
+    #: a separate set for steering to memory: ``{layers, proportion, edit_strength, site,
+    #: selection}`` (FunctionalFeatures.to_memory); None: one set steers both ways
     to_memory: dict[str, Any] | None = None
     #: candidate layers at other sites, e.g. ``{attn_out = [19, 20, 21]}``: their activations
     #: and statistics are computed too (SAEs ``blocks.<l>.hook_<site>`` in ``saes``)
@@ -110,6 +116,7 @@ class PipelineConfig:
         at_least(e.max_new_tokens, 1, "evaluation.max_new_tokens")
         at_least(e.batch_size, 1, "evaluation.batch_size")
         check_latent_code(self.latent_code)
+        check_selection(self.selection)
         for site, layers in self.site_layers.items():
             check_site(site)
             if site == DEFAULT_SITE:
@@ -127,13 +134,14 @@ class PipelineConfig:
         if self.feature_site != DEFAULT_SITE and not self.feature_layers:
             raise ValueError(f"feature_site {self.feature_site!r} needs feature_layers")
         if self.to_memory is not None:
-            keys = {"layers", "proportion", "edit_strength", "site"}
+            keys = {"layers", "proportion", "edit_strength", "site", "selection"}
             unknown = sorted(set(self.to_memory) - keys)
             if unknown or not self.to_memory.get("layers"):
                 raise ValueError(
                     "to_memory needs 'layers' (and may set 'proportion', 'edit_strength', "
-                    f"'site'); got keys {sorted(self.to_memory)}"
+                    f"'site', 'selection'); got keys {sorted(self.to_memory)}"
                 )
+            check_selection(self.to_memory.get("selection", self.selection))
             site = check_site(self.to_memory.get("site", DEFAULT_SITE))
             candidates = self.candidate_layers(site)
             outside = sorted(set(self.to_memory["layers"]) - set(candidates))
@@ -186,6 +194,33 @@ class PipelineConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def direction_settings(self) -> dict[str, dict[str, Any]]:
+        """Per direction, the setting its feature set is chosen with: ``layers``,
+        ``proportion``, ``edit_strength``, ``site`` and ``selection``."""
+        context = {
+            "layers": self.feature_layers or self.layers or None,
+            "proportion": self.proportion,
+            "edit_strength": self.edit_strength,
+            "site": self.feature_site,
+            "selection": self.selection,
+        }
+        alpha_mem = self.edit_strength_to_memory
+        memory = {
+            **context,
+            "edit_strength": self.edit_strength if alpha_mem is None else alpha_mem,
+            **(self.to_memory or {}),
+        }
+        return {"context": context, "memory": memory}
+
+    def attribution_layers(self) -> dict[str, list[int]]:
+        """Per site, the layers whose attribution the chosen selections need."""
+        out: dict[str, set[int]] = {}
+        for setting in self.direction_settings().values():
+            if setting["selection"] != "mi":
+                site = setting["site"]
+                out.setdefault(site, set()).update(setting["layers"] or self.candidate_layers(site))
+        return {site: sorted(layers) for site, layers in out.items()}
+
     def features_metadata(self) -> dict[str, Any]:
         """What the functional features record about the run that made them."""
         return {
@@ -207,6 +242,8 @@ class PipelineResult:
     site_statistics: dict[str, Any] = field(default_factory=dict)
     #: every SAE loaded, keyed by hook name (``blocks.23.hook_attn_out``)
     saes: dict[str, Any] = field(default_factory=dict)
+    #: attribution by site, then layer (only when a selection needs it)
+    attribution: dict[str, Any] = field(default_factory=dict)
     features: Any = None
     evaluation: Any = None
 
@@ -216,29 +253,21 @@ def features_from_config(
     statistics: Mapping[int, Any],
     model_name: str,
     site_statistics: Mapping[str, Mapping[int, Any]] | None = None,
+    attribution: Mapping[str, Mapping[int, LayerAttribution]] | None = None,
 ) -> FunctionalFeatures:
     """The functional-feature set ``config`` describes, from per-layer ``statistics`` (the
-    residual's) and ``site_statistics`` (other sites')."""
+    residual's), ``site_statistics`` (other sites') and, for a selection by attribution,
+    ``attribution`` (by site, then layer)."""
     from spare_tl.stages.activations import directional_features
 
-    context = {
-        "layers": config.feature_layers or config.layers or None,
-        "proportion": config.proportion,
-        "edit_strength": config.edit_strength,
-        "site": config.feature_site,
-    }
-    alpha_mem = config.edit_strength_to_memory
-    memory = {
-        **context,
-        "edit_strength": config.edit_strength if alpha_mem is None else alpha_mem,
-        **(config.to_memory or {}),
-    }
+    settings = config.direction_settings()
     return directional_features(
         {DEFAULT_SITE: statistics, **(site_statistics or {})},
         model_name=model_name,
-        context=context,
-        memory=memory,
+        context=settings["context"],
+        memory=settings["memory"],
         metadata=config.features_metadata(),
+        attribution=attribution,
     )
 
 
@@ -342,8 +371,21 @@ def run_pipeline(
         out.site_statistics[site] = statistics_of(activations_at(site, layers), site_saes[site])
     if stop == 3:
         return out
+    if config.attribution_layers():
+        from spare_tl.stages.attribution import attribution_by_site
+
+        out.attribution = attribution_by_site(
+            model,
+            out.grouped,
+            out.site_statistics,
+            out.saes,
+            config.attribution_layers(),
+            batch_size=config.batch_size,
+            cache_root=root,
+            progress=progress,
+        )
     out.features = features_from_config(
-        config, out.statistics, model.cfg.model_name, out.site_statistics
+        config, out.statistics, model.cfg.model_name, out.site_statistics, out.attribution
     )
     features_dir = (
         Path(config.features_dir)

@@ -25,7 +25,7 @@ from spare_tl import cache
 from spare_tl.data.prompts import Questions
 from spare_tl.data.schema import ConflictItem
 from spare_tl.data.scoring import behaviour_label
-from spare_tl.features import FunctionalFeatures
+from spare_tl.features import FunctionalFeatures, check_selection
 from spare_tl.generation import Decoding, DecodingOptions
 from spare_tl.layer_spec import parse_layers
 from spare_tl.methods.base import NoSteering, SteeringMethod
@@ -84,18 +84,21 @@ def answer_settings(
 
 @dataclass(frozen=True)
 class Setting:
-    """One point of the sweep: steer to ``direction`` at ``site`` of ``layers`` with K, α."""
+    """One point of the sweep: steer to ``direction`` at ``site`` of ``layers`` with K, α,
+    the features chosen by ``selection`` (``"mi"``, ``"attribution"`` or ``"both"``)."""
 
     direction: str
     site: str
     layers: tuple[int, ...]
     proportion: float
     edit_strength: float
+    selection: str = "mi"
 
     def __post_init__(self) -> None:
         if self.direction not in TARGET:
             raise ValueError(f"direction must be 'context' or 'memory', got {self.direction!r}")
         check_site(self.site)
+        check_selection(self.selection)
         if not self.layers:
             raise ValueError("a setting needs at least one layer")
 
@@ -124,15 +127,18 @@ def grid(
     proportions: Sequence[float],
     strengths: Sequence[float],
     directions: Sequence[str] = ("context", "memory"),
+    selections: Sequence[str] = ("mi",),
 ) -> list[Setting]:
-    """Every (site, layers) of ``layer_sets`` (site → layer sets) × K × α × direction."""
+    """Every (site, layers) of ``layer_sets`` (site → layer sets) × K × α × direction ×
+    selection."""
     return [
-        Setting(d, site, tuple(sorted(ls)), float(k), float(a))
+        Setting(d, site, tuple(sorted(ls)), float(k), float(a), sel)
         for site, sets in layer_sets.items()
         for ls in sets
         for k in proportions
         for a in strengths
         for d in directions
+        for sel in selections
     ]
 
 
@@ -149,12 +155,14 @@ def sweep(
     demo_type: str = "doo",
     batch_size: int = 16,
     progress: bool = True,
+    attribution: Mapping[str, Mapping[int, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """EM per setting on the development ``items`` (demonstrations from ``pool`` as in the
     test protocol); first record: no steering.
 
     ``statistics``: per layer (the residual's) or by site then layer; ``saes``: keyed by hook
-    name (any site) or by layer (residual). Every setting is a condition of the one harness
+    name (any site) or by layer (residual); ``attribution`` (by site, then layer) for the
+    settings that select by it. Every setting is a condition of the one harness
     (:func:`spare_tl.stages.harness.answer_conditions`)."""
     if not items:
         raise ValueError("the sweep needs at least one development question")
@@ -166,6 +174,9 @@ def sweep(
             proportion=setting.proportion,
             edit_strength=setting.edit_strength,
             layers=setting.layers,
+            selection=setting.selection,
+            direction=setting.direction,
+            attribution=(attribution or {}).get(setting.site),
         )
         feature_sets.append(features)
         steered.append((SpareMethod(features, _saes_for(saes, setting)), setting.direction))
@@ -191,6 +202,7 @@ def sweep(
             "layers": list(setting.layers),
             "proportion": setting.proportion,
             "edit_strength": setting.edit_strength,
+            "selection": setting.selection,
             "n": len(items),
             "n_features": sum(c + m for c, m in features.counts().values()),
             **share,
@@ -265,10 +277,12 @@ def features_from_sweep(
     *,
     metadata: dict[str, Any] | None = None,
     max_neither_rise: float | None = None,
+    attribution: Mapping[str, Mapping[int, Any]] | None = None,
 ) -> FunctionalFeatures:
     """The feature set of the sweep's best setting per direction (each at its own site, layers,
-    K and α), exactly the setting measured on the development set
-    (:func:`~spare_tl.stages.activations.directional_features`)."""
+    K, α and selection), exactly the setting measured on the development set
+    (:func:`~spare_tl.stages.activations.directional_features`; ``attribution`` by site, then
+    layer, when a chosen setting selects by it)."""
     best = best_settings(records, max_neither_rise)
     if "context" not in best or "memory" not in best:
         raise ValueError("the sweep has no steered records for both directions")
@@ -278,6 +292,7 @@ def features_from_sweep(
         context=_setting_of(best["context"]),
         memory=_setting_of(best["memory"]),
         metadata=metadata,
+        attribution=attribution,
     )
 
 
@@ -287,6 +302,7 @@ def _setting_of(record: Mapping[str, Any]) -> dict[str, Any]:
         "layers": record["layers"],
         "proportion": record["proportion"],
         "edit_strength": record["edit_strength"],
+        "selection": record.get("selection", "mi"),
     }
 
 
@@ -343,6 +359,7 @@ def combine_sweeps(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], dict[st
                 tuple(rec["layers"]),
                 rec["proportion"],
                 rec["edit_strength"],
+                rec.get("selection", "mi"),
             )
             if key not in seen:
                 seen.add(key)
@@ -351,7 +368,9 @@ def combine_sweeps(paths: Sequence[Path]) -> tuple[list[dict[str, Any]], dict[st
     if len(dtypes) > 1:
         raise ValueError(f"the parts ran the model in different dtypes {sorted(dtypes)}")
     config = dict(parts[0]["config"])
-    for key in ("layer_sets", "proportions", "strengths"):
+    for key in ("layer_sets", "proportions", "strengths", "selections"):
+        if not any(key in part["config"] for part in parts):
+            continue
         merged: list[Any] = []
         for part in parts:
             for value in part["config"].get(key, []):
