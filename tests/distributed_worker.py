@@ -43,6 +43,15 @@ def tiny_setup(n_items: int):
     return model, features, saes, conflict_items(n_items), conflict_items(12, start=100)
 
 
+MEM = dict(dataset_name="tiny", n_shots=2, min_shared=8, max_new_tokens=4)
+
+
+def MEMORISED_ITEMS():  # noqa: N802 - a constant, built on demand
+    from spare_tl.testing import conflict_items
+
+    return conflict_items(40, start=200)
+
+
 def embedded_setup(n_items: int):
     from spare_tl.embedded import load_steering_setup
     from spare_tl.stages.memorised import memorised_split
@@ -93,6 +102,10 @@ def main() -> None:
         config=config,
         progress=False,
     )
+    if not args.embedded:  # the memorised set of 40 synthetic questions, under OUT-mem/
+        from spare_tl.stages.sharded import find_memorised_sharded
+
+        find_memorised_sharded(model, MEMORISED_ITEMS(), cache_root=Path(args.out + "-mem"), **MEM)
     if r.is_main:
         print(json.dumps({"rank": r.rank, "world": r.world_size, "n": len(result.predictions)}))
     if args.direct and r.is_main:

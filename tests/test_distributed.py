@@ -144,6 +144,26 @@ def test_torchrun_two_ranks_write_what_one_process_writes(tmp_path):
     answers = {r["steer_to_memory.prediction"] for r in one.predictions}
     assert len(answers) > 1 and one.predictions[0]["no_steering.prediction"]
 
+    # the memorised set: every file of the stage, config.json included, byte for byte
+    from spare_tl.stages.memorised import closed_book_units, find_memorised
+
+    mem_items = distributed_worker.MEMORISED_ITEMS()
+    mem = distributed_worker.MEM
+    units = closed_book_units(mem_items, mem["n_shots"], 0, mem["min_shared"])[1]
+    assert len(units) >= 3  # work for both ranks
+    single = find_memorised(model, mem_items, cache_root=tmp_path / "mem", progress=False, **mem)
+    folders = [
+        next((root / "tiny-llama" / "memorised").iterdir())
+        for root in (tmp_path / "mem", tmp_path / "two-mem")
+    ]
+    assert folders[0].name == folders[1].name
+    names = sorted(p.name for p in folders[0].iterdir())
+    assert names == ["config.json", "predictions.jsonl", "summary.json"]
+    assert names == sorted(p.name for p in folders[1].iterdir())
+    for name in names:
+        assert (folders[0] / name).read_bytes() == (folders[1] / name).read_bytes(), name
+    assert len({p["prediction"] for p in single.predictions}) > 1
+
 
 @pytest.mark.integration
 def test_embedded_evaluation_under_two_ranks_equals_one_process(tmp_path):

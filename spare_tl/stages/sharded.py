@@ -1,4 +1,5 @@
-"""Stages split across ``torchrun`` ranks: the held-out evaluation, one seed per work unit.
+"""Stages split across ``torchrun`` ranks: the held-out evaluation (one seed per work unit)
+and the memorised set (one unit per shared demonstration prefix).
 
 :func:`evaluate_sharded` runs :func:`spare_tl.stages.evaluation.evaluate` on each rank's
 seeds and merges the per-seed results with :func:`~spare_tl.stages.evaluation.summarise`
@@ -22,6 +23,7 @@ from typing import Any
 from spare_tl import cache, distributed
 from spare_tl.data.schema import ConflictItem
 from spare_tl.features import FunctionalFeatures
+from spare_tl.generation import Decoding
 from spare_tl.methods.base import NoSteering, SteeringMethod
 from spare_tl.methods.spare import DIRECTIONS, SpareMethod
 from spare_tl.stages.evaluation import (
@@ -31,6 +33,14 @@ from spare_tl.stages.evaluation import (
     evaluate,
     features_summary,
     summarise,
+)
+from spare_tl.stages.memorised import (
+    MemorisedSet,
+    answer_unit,
+    closed_book_units,
+    memorised_config,
+    memorised_dir,
+    memorised_from_answers,
 )
 
 TIMING = ("seconds_per_item", "shared_prefix_seconds_per_item", "time_relative_to_no_steering")
@@ -189,3 +199,40 @@ def evaluate_sharded(
 
     distributed.run_sharded(directory, stage_config, [f"seed-{s}" for s in seeds], compute, merge)
     return load_evaluation(directory)
+
+
+def find_memorised_sharded(
+    model,
+    items: list[ConflictItem],
+    *,
+    dataset_name: str = "builtin",
+    n_shots: int = 4,
+    seed: int = 0,
+    batch_size: int = 64,
+    max_new_tokens: int = 8,
+    min_shared: int = 8,
+    cache_root: Path | None = None,
+) -> MemorisedSet:
+    """:func:`~spare_tl.stages.memorised.find_memorised` with its units (one per shared
+    demonstration prefix, plus the full-prompt rest) split across ranks; the stage folder
+    and its files are the ones one process writes, byte for byte."""
+    if not items:
+        raise ValueError(f"dataset {dataset_name!r} holds no items")
+    config = memorised_config(model, items, dataset_name, n_shots, seed, max_new_tokens)
+    directory = memorised_dir(model, items, dataset_name, cache_root)
+    demos, units = closed_book_units(items, n_shots, seed, min_shared)
+    decoding = Decoding(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
+    keys = [f"{k:05d}" for k in range(len(units))]
+
+    def compute(key: str) -> list[str]:
+        return answer_unit(model, items, demos, units[int(key)], min_shared, decoding)
+
+    def merge(parts: list[Any]) -> dict[str, Any]:
+        answers = [""] * len(items)
+        for unit, outs in zip(units, parts):
+            for i, out in zip(unit, outs):
+                answers[i] = out
+        return memorised_from_answers(model, items, answers, dataset_name, config).stage_files()
+
+    distributed.run_sharded(directory, config, keys, compute, merge)
+    return MemorisedSet.load(directory)
