@@ -43,6 +43,7 @@ from spare_tl.studies.baseline_sweep import (
     sweep_path,
 )
 from spare_tl.testing import conflict_items, tiny_sae
+from spare_tl.viz.tables import baselines_markdown
 
 LAYERS = (1, 2)
 CONFIG = EvaluationConfig(seeds=(0, 1), n_shots=2, max_new_tokens=3, batch_size=4)
@@ -99,6 +100,7 @@ def setup(tiny_model, tmp_path_factory):
         saes,
         POOL,
         HELD_OUT,
+        HELD_OUT,
         grouped=_grouped(),
         cache_root=tmp_path_factory.mktemp("cache"),
         task_vector_prompts=4,
@@ -108,6 +110,7 @@ def setup(tiny_model, tmp_path_factory):
 
 SETTINGS = {
     "none": {},
+    "closed_book": {},
     "spare": {},
     "icl": {},
     "actadd": {"layers": [1, 2], "coefficient": 2.0},
@@ -134,7 +137,7 @@ def test_every_method_runs_end_to_end(setup, name):
     assert meta["name"] == name and set(meta["seconds_per_item"]) == set(conditions)
     assert meta["time_relative_to_no_steering"]["no_steering"] == pytest.approx(1.0)
     assert meta["extra_forward_passes_per_token"] == (1.0 if name == "cad" else 0.0)
-    assert meta["inference_time"] is (name != "icl")
+    assert meta["inference_time"] is (name not in ("icl", "closed_book"))
     # the unsteered answers are the evaluation's own doo prompts, greedy
     demos = evaluation_demonstrations(HELD_OUT, POOL, CONFIG.n_shots, 0)
     plain = greedy_generate(
@@ -397,26 +400,27 @@ def test_sweep_on_a_real_method_feeds_evaluation(setup, tmp_path):
 # ------------------------------------------------------------------ table and command line
 
 
-def test_table_json_and_readme(setup, tmp_path):
+def test_table_json_holds_data_only_and_reuse_reruns_stale_methods(setup, tmp_path):
     root = setup.cache_root
     sweep = sweep_path(setup.model.cfg.model_name, "cad", root)
     records = sweep_method(setup.model, [CAD(1.0)], DEV[:2], POOL, n_shots=2, progress=False)
     save_method_sweep(records, sweep, {})
     out = tmp_path / "baselines"
     config = EvaluationConfig(seeds=(0,), n_shots=2, max_new_tokens=2)
-    table, results = bl.run_table(
-        setup, ["none", "icl", "cad"], config=config, n_items=2, out_dir=out
-    )
-    rows = json.loads((out / "table.json").read_text())["rows"]
+    results = bl.run_table(setup, ["none", "icl", "cad"], config=config, n_items=2, out_dir=out)
+    table = baselines_markdown(results)
+    saved = json.loads((out / "table.json").read_text())
+    assert "markdown" not in saved and baselines_markdown(saved) == table  # data only
+    rows = saved["rows"]
     assert [r["method"] for r in rows] == ["none", "icl", "cad"]
     assert rows[2]["extra_forward_passes_per_token"] == 1.0
     assert rows[0]["time_relative_to_no_steering"] == 1.0
     assert (out / "cad.json").exists() and (out / "cad-predictions.jsonl").exists()
     assert "| icl * |" in table and "alpha 1.0; alpha -1.0" in table and "EM_C→M" in table
-    again, _ = bl.run_table(
+    again = bl.run_table(
         setup, ["none", "icl", "cad"], config=config, n_items=2, out_dir=out, reuse=True
     )
-    assert again == table
+    assert baselines_markdown(again) == table
     (out / "cad.json").write_text(json.dumps(results["cad"] | {"seeds": [7]}))
     bl.run_table(setup, ["cad"], config=config, n_items=2, out_dir=out, reuse=True)
     assert json.loads((out / "cad.json").read_text())["seeds"] == [0]  # stale: re-run
@@ -460,7 +464,9 @@ def test_cli_method_option(setup, tmp_path, monkeypatch, capsys):
         "load_steering_setup",
         lambda *a: (setup.model, setup.features, setup.saes),
     )
-    monkeypatch.setattr(memorised, "memorised_split", lambda *a, **k: PoolSplit(POOL, HELD_OUT, 0))
+    monkeypatch.setattr(
+        memorised, "memorised_split", lambda *a, **k: PoolSplit(POOL, HELD_OUT, HELD_OUT, 0)
+    )
     output = tmp_path / "cad.json"
     argv = ["evaluate", "--output", str(output), "--seeds", "0", "--n-items", "2", "--shots", "2"]
     code = main([*argv, "--method", "cad", "--hyperparameters", '{"alpha": -0.5}'])
@@ -500,7 +506,6 @@ def test_baselines_command_line(setup, tmp_path, monkeypatch, capsys):
     )
     assert table.methods == list(METHODS) and table.seeds == [0, 1, 2, 3, 4]
     assert table.n_items == 40 and not table.verbose and not table.reuse
-    assert parser.parse_args(["baselines", "-v", "table"]).verbose
     assert parser.parse_args(["-v", "baselines", "table"]).verbose
     with pytest.raises(SystemExit):
         parser.parse_args(["baselines", "sweep", "--method", "spare"])  # SpARE has its own
@@ -528,18 +533,6 @@ def test_baselines_command_line(setup, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cache" / "tiny-llama" / "baselines"
     rows = json.loads((out / "table.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["none", "icl"]
-
-
-def test_the_old_module_path_keeps_its_names():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import spare_tl.baselines as old
-    assert old is bl
-    for name in ("ActAdd", "CAD", "BaselineSetup", "evaluate_method", "run_table", "table_rows"):
-        assert getattr(old, name) is not None
-    assert old.ActAdd is ActAdd and old.sweep_method is sweep_method and old.METHODS == METHODS
 
 
 def test_no_steering_is_a_method():
@@ -580,14 +573,18 @@ def test_shared_no_steering_gives_the_same_result(setup):
 
 
 @pytest.mark.parametrize("name", METHODS)
-@pytest.mark.parametrize("batch_size", [2, 4])
-def test_shared_prefix_answers_equal_full_prompt_passes(setup, name, batch_size):
-    """Every method, every condition: the same answers from the shared prompt pass as from a
-    full prompt pass per condition (5 items: batches of 2, 2, 1 or 4, 1)."""
+@pytest.mark.parametrize(
+    ("batch_size", "sampling"),
+    [(1, "per_seed"), (2, "per_seed"), (16, "per_seed"), (4, "per_item")],
+)
+def test_shared_prefix_answers_equal_full_prompt_passes(setup, name, batch_size, sampling):
+    """Every method, every condition: the same answers from the shared prompt pass (and,
+    with one demonstration set per seed, the demonstration prefix run once) as from a full
+    prompt pass per condition (5 items: batches of 1, 2 or 4 rows, or one left-padded 5)."""
     from spare_tl.stages.harness import Condition, answer_conditions
 
     method = setup.make(name, SETTINGS[name])
-    demos = evaluation_demonstrations(HELD_OUT, POOL, 2, seed=0)
+    demos = evaluation_demonstrations(HELD_OUT, POOL, 2, seed=0, sampling=sampling)
     conditions = [
         Condition("no_steering", NoSteering()),
         Condition("to_context", method, "context"),
@@ -678,3 +675,22 @@ def test_evaluation_reports_intervals_and_paired_tests(setup):
     method = result["method"]
     assert method["time_relative_to_no_steering"]["no_steering"] == pytest.approx(1.0)
     assert method["shared_prefix_seconds_per_item"] > 0
+
+
+def test_closed_book_is_cad_at_minus_one(setup):
+    """CAD with α = −1 decodes log p(y | x): the closed-book reference's answers exactly."""
+    from spare_tl.methods.baselines import ClosedBook
+    from spare_tl.stages.harness import Condition, answer_conditions
+
+    questions = Questions(HELD_OUT, evaluation_demonstrations(HELD_OUT, POOL, 2, seed=0))
+    answers = answer_conditions(
+        setup.model,
+        questions,
+        [Condition("closed", ClosedBook(), "memory"), Condition("cad", CAD(1.0), "memory")],
+        max_new_tokens=5,
+        progress=False,
+    )
+    assert answers["closed"] == answers["cad"]
+    prompts = ClosedBook().prompts(questions, "memory")
+    assert all("context: " + it.sub_context not in p for it, p in zip(HELD_OUT, prompts))
+    assert ClosedBook().prompts(questions, None) == questions.prompts()

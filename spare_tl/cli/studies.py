@@ -18,8 +18,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from spare_tl.cli.args import add_dtype_argument
 from spare_tl.cli.docs import results_table
-from spare_tl.hardware import add_dtype_argument
+from spare_tl.embedded import EMBEDDED_MODEL
 from spare_tl.studies.results import CASES
 
 
@@ -37,6 +38,13 @@ def register(sub: Any) -> None:
     p.add_argument("--n-items", type=int, default=200)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument(
+        "--demonstrations",
+        default="per_seed",
+        choices=["per_seed", "per_item"],
+        help="one demonstration set per seed (the paper's protocol; results/<case>.json) or "
+        "each question its own (results/<case>-per_item.json, to compare the two)",
+    )
     add_dtype_argument(p)
     p.add_argument(
         "--reuse",
@@ -68,12 +76,15 @@ def register(sub: Any) -> None:
 def _results(args: argparse.Namespace) -> int:
     import torch
 
-    from spare_tl import checks
+    from spare_tl import cache, checks
+    from spare_tl.cli.args import check_steering_folders
     from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, load_steering_setup
     from spare_tl.stages.memorised import memorised_split
     from spare_tl.studies.results import run_results
 
     checks.at_least(args.n_items, 1, "--n-items")
+    check_steering_folders(DEFAULT_FEATURES, DEFAULT_SAES)
+    checks.output_dir(cache.default_cache_root(), "the cache root (SPARE_TL_CACHE)")
     torch.set_grad_enabled(False)
     start = time.time()
     model, features, saes = load_steering_setup(DEFAULT_FEATURES, DEFAULT_SAES, dtype=args.dtype)
@@ -87,12 +98,14 @@ def _results(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         cases=args.cases,
         reuse=args.reuse,
+        demonstrations=args.demonstrations,
     )
     print(results_table(results))
     seeds = " ".join(map(str, args.seeds))
     print(
         f"\nRegenerate: `spare-tl results --n-items {args.n_items} --seeds {seeds} "
-        f"--cases {' '.join(args.cases)}` ({time.time() - start:.0f} s)."
+        f"--cases {' '.join(args.cases)} --demonstrations {args.demonstrations}` "
+        f"({time.time() - start:.0f} s)."
     )
     print("docs/results.md is regenerated from these JSON files by `spare-tl docs`")
     return 0
@@ -101,6 +114,7 @@ def _results(args: argparse.Namespace) -> int:
 def _conflict_table(args: argparse.Namespace) -> int:
     import torch
 
+    from spare_tl import checks
     from spare_tl.cache import write_text_atomic
     from spare_tl.data.datasets import load_dataset
     from spare_tl.data.prompts import split_pool
@@ -109,14 +123,15 @@ def _conflict_table(args: argparse.Namespace) -> int:
     from spare_tl.stages.memorised import find_memorised
     from spare_tl.studies.conflict_table import conflict_behaviour, to_markdown
 
+    checks.output_file(args.output)
     torch.set_grad_enabled(False)
     start = time.time()
-    model = load_model("smollm2-135m-instruct", dtype=resolve_dtype(args.dtype))
+    model = load_model(EMBEDDED_MODEL, dtype=resolve_dtype(args.dtype))
     items = load_dataset("builtin")
     memorised = find_memorised(model, items, dataset_name="builtin")
     split = split_pool(memorised.filter(items), 128, 42)
     per_rel: dict[str, list[Any]] = defaultdict(list)
-    for it in split.evaluation:
+    for it in split.test:
         if not args.per_relation or len(per_rel[it.relation]) < args.per_relation:
             per_rel[it.relation].append(it)
     chosen = [it for rel in sorted(per_rel) for it in per_rel[rel]]
