@@ -58,7 +58,7 @@ def embedded_setup(n_items: int):
 
     model, features, saes = load_steering_setup()
     split = memorised_split(model, features, "builtin", progress=False)
-    return model, features, saes, split.evaluation[:n_items], split.pool
+    return model, features, saes, split.test[:n_items], split.pool
 
 
 def main() -> None:

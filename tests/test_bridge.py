@@ -163,6 +163,37 @@ def test_generation_paths_agree(pair):
     assert float((h[4] - b[4]).abs().max()) < 1e-4
 
 
+def test_a_shared_demonstration_prefix_runs_once_on_both(pair):
+    """Prompts that share a long token prefix (one demonstration set per seed): the prefix
+    runs once and each row continues from its KV cache, with padding after the prefix."""
+    from spare_tl.generation import MIN_SHARED_PREFIX
+
+    hooked, bridge = pair
+    demos = "context: the sky is green.\nquestion: sky?\nanswer: green\n\n"
+    assert len(demos) > MIN_SHARED_PREFIX  # bytes are tokens here
+    prompts = [demos + p for p in PROMPTS]
+    out = {}
+    for label, model in (("hooked", hooked), ("bridge", bridge)):
+
+        def steering(rows, model=model):
+            return model.hooks(fwd_hooks=[("blocks.2.hook_resid_post", _push_last)])
+
+        conditions = {"none": None, "pushed": steering}
+        out[label] = generate_shared_prefix(
+            model, prompts, conditions, max_new_tokens=8, progress=False
+        )
+        full = generate_shared_prefix(
+            model,
+            prompts,
+            conditions,
+            shared_demonstrations=False,
+            max_new_tokens=8,
+            progress=False,
+        )
+        assert full == out[label]  # the prefix cache gives the full passes' answers
+    assert out["hooked"] == out["bridge"]
+
+
 def _features() -> FunctionalFeatures:
     layers = {}
     for layer in (1, 2):

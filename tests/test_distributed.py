@@ -123,6 +123,8 @@ def _without_timing(summary: dict) -> dict:
     summary = json.loads(json.dumps(summary))
     for key in TIMING:
         summary["method"].pop(key)
+    for key in ("seconds", "machine"):  # the run's, not the answers'
+        summary.pop(key, None)
     return summary
 
 

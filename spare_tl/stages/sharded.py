@@ -30,6 +30,8 @@ from spare_tl.stages.evaluation import (
     CONDITION_OF,
     EvaluationConfig,
     EvaluationResult,
+    _mean_std,
+    _share,
     evaluate,
     features_summary,
     summarise,
@@ -44,6 +46,9 @@ from spare_tl.stages.memorised import (
 )
 
 TIMING = ("seconds_per_item", "shared_prefix_seconds_per_item", "time_relative_to_no_steering")
+#: fields of a summary that describe the run, not the answers: they go to timing.json
+RUN = ("seconds", "machine")
+HEAD = ("model", "dataset", "n_items", "seeds", "demo_type")
 
 
 def _items_digest(items: Sequence[ConflictItem]) -> str:
@@ -84,30 +89,44 @@ def merge_evaluations(
     parts: Sequence[Mapping[str, Any]], items: Sequence[ConflictItem], seeds: Sequence[int]
 ) -> EvaluationResult:
     """One :class:`EvaluationResult` from per-seed results (``{"summary": to_json(),
-    "predictions": [...]}`` of ``evaluate`` with one seed each), in ``seeds`` order."""
+    "predictions": [...]}`` of ``evaluate`` with one seed each), in ``seeds`` order.
+
+    The first seed's summary is the template (its keys, their order, the settings); what
+    depends on the seeds is recomputed from every seed's predictions as ``evaluate`` does
+    (:func:`summarise`, the containment shares) and the times are summed."""
     by_seed = {int(p["summary"]["seeds"][0]): p for p in parts}
     if sorted(by_seed) != sorted(int(s) for s in seeds) or len(parts) != len(seeds):
         raise ValueError(f"per-seed results for seeds {sorted(by_seed)}, expected {list(seeds)}")
     predictions = [rec for s in seeds for rec in by_seed[s]["predictions"]]
     first = by_seed[seeds[0]]["summary"]
     conditions = [k[: -len(".prediction")] for k in predictions[0] if k.endswith(".prediction")]
-    labels = {
-        c: {s: [r[f"{c}.label"] for r in by_seed[s]["predictions"]] for s in seeds}
-        for c in conditions
-    }
-    summary = summarise(labels, [it.relation for it in items], list(seeds))
+
+    def per_seed(field: str, cond: str) -> dict[int, list[str]]:
+        return {s: [r[f"{cond}.{field}"] for r in by_seed[s]["predictions"]] for s in seeds}
+
+    summary = {k: v for k, v in first.items() if k not in HEAD}
+    summary.update(
+        summarise(
+            {c: per_seed("label", c) for c in conditions},
+            [it.relation for it in items],
+            list(seeds),
+        )
+    )
+    for cond in conditions:
+        if f"{cond}.contains" not in predictions[0]:
+            continue
+        contained = per_seed("contains", cond)
+        for behaviour, key in (("context", "contains_C"), ("memory", "contains_M")):
+            shares = [_share(contained[s], behaviour) for s in seeds]
+            summary[cond][key] = _mean_std(shares)["mean"]
     summary["method"] = _merge_method(
         [by_seed[s]["summary"]["method"] for s in seeds], conditions, len(items)
     )
-    for key in ("features", "protocol"):
-        if key in first:
-            summary[key] = first[key]
+    if "seconds" in summary:
+        summary["seconds"] = round(sum(by_seed[s]["summary"]["seconds"] for s in seeds), 1)
     return EvaluationResult(
-        model=first["model"],
-        dataset=first["dataset"],
-        n_items=first["n_items"],
+        **{k: first[k] for k in HEAD if k != "seeds"},
         seeds=list(seeds),
-        demo_type=first["demo_type"],
         summary=summary,
         predictions=predictions,
     )
@@ -128,10 +147,12 @@ def _merge_method(parts: list[dict[str, Any]], conditions: list[str], n_items: i
 
 
 def _stage_files(result: EvaluationResult) -> dict[str, Any]:
-    """``summary.json`` without the timing fields, ``timing.json`` with them, predictions."""
+    """``summary.json`` without the fields that describe the run (times, machine),
+    ``timing.json`` with them, and the predictions."""
     summary = result.to_json()
     method = dict(summary["method"])
     timing = {k: method.pop(k) for k in TIMING}
+    timing.update({k: summary.pop(k) for k in RUN if k in summary})
     summary["method"] = method
     return {
         "summary.json": lambda p: cache.write_json(p, summary),
@@ -144,8 +165,10 @@ def load_evaluation(directory: Path) -> EvaluationResult:
     """The sealed evaluation stage at ``directory`` (verified against its manifest)."""
     cache.verify_stage(directory)
     summary = cache.read_json(Path(directory) / "summary.json")
-    summary["method"].update(cache.read_json(Path(directory) / "timing.json"))
-    head = {k: summary.pop(k) for k in ("model", "dataset", "n_items", "seeds", "demo_type")}
+    timing = cache.read_json(Path(directory) / "timing.json")
+    summary["method"].update({k: timing[k] for k in TIMING})
+    summary.update({k: timing[k] for k in RUN if k in timing})
+    head = {k: summary.pop(k) for k in HEAD}
     return EvaluationResult(
         **head, summary=summary, predictions=cache.read_jsonl(Path(directory) / "predictions.jsonl")
     )
