@@ -109,11 +109,12 @@ def _load_setup(args: argparse.Namespace):
 
     from spare_tl import distributed
 
-    # under torchrun each rank holds its own replica (cuda:<LOCAL_RANK> on GPUs)
-    device = distributed.device_for() if distributed.ranks().distributed else None
-    if resolve_dtype(args.dtype) == torch.float32:
-        return load_steering_setup(args.features, args.saes, device=device)
-    return load_steering_setup(args.features, args.saes, dtype=args.dtype, device=device)
+    options = {}
+    if distributed.ranks().distributed:  # each rank's own replica (cuda:<LOCAL_RANK> on GPUs)
+        options["device"] = distributed.device_for()
+    if resolve_dtype(args.dtype) != torch.float32:
+        options["dtype"] = args.dtype
+    return load_steering_setup(args.features, args.saes, **options)
 
 
 def _run(args: argparse.Namespace) -> int:
