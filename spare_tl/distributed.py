@@ -162,8 +162,8 @@ def run_sharded(
 
     ``keys`` names the units in their global order; ``compute(key)`` returns one unit's
     JSON-serialisable result; ``merge(results)`` takes every unit's result in ``keys`` order
-    and returns the stage's files as ``{name: writer}`` (each writer is given a temporary
-    path; see :func:`spare_tl.cache.write_file_atomic`). Every rank calls this; rank 0 seals
+    and returns the stage's files as ``{name: writer}``: each writer is given the file's path
+    and writes it atomically (``lambda path: cache.write_json(path, data)``). Every rank calls this; rank 0 seals
     the stage with ``config`` and returns True, the others return False once it is sealed.
     A stage already sealed with ``config`` is left as it is.
     """
@@ -193,7 +193,7 @@ def run_sharded(
         results = _gather(directory, config, keys, r.world_size)
         files = merge(results)
         for name, write in files.items():
-            cache.write_file_atomic(directory / name, write)
+            write(directory / name)
         cache.mark_complete(directory, config, files=list(files))
         cache.verify_stage(directory)
         shutil.rmtree(directory / f"shards-{cache.fingerprint(config)}", ignore_errors=True)

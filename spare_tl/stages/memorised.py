@@ -82,7 +82,7 @@ class MemorisedSet:
             )
 
     def stage_files(self) -> dict[str, Callable[[Path], None]]:
-        """The stage's files as ``{name: writer of a temporary path}``."""
+        """The stage's files as ``{name: atomic writer of that file's path}``."""
         summary = {
             "model": self.model_name,
             "dataset": self.dataset,
@@ -100,7 +100,7 @@ class MemorisedSet:
         cache.begin_stage(directory)
         files = self.stage_files()
         for name, write in files.items():
-            cache.write_file_atomic(directory / name, write)
+            write(directory / name)
         cache.mark_complete(directory, self.config, files=list(files))
 
     @classmethod
