@@ -32,13 +32,17 @@ def load_steering_setup(
     saes_dir: str | Path = DEFAULT_SAES,
     model=None,
     dtype=None,
+    backend: str = "hooked",
+    device=None,
 ):
     """``(model, features, saes)`` from a functional-feature folder and a folder of SAEs
     (``saes`` keyed by hook name, e.g. ``"blocks.12.hook_resid_post"``; pass it to ``steer``).
 
     Defaults to the embedded model's committed features and SAEs. ``dtype`` (a torch dtype or
     ``"auto"`` / ``"float32"`` / ``"bfloat16"``; default float32) is the model's when it is
-    loaded here; the SAEs keep their own (the edit runs in it).
+    loaded here; the SAEs keep their own (the edit runs in it). ``backend`` (``"hooked"`` or
+    ``"bridge"``) and ``device`` are :func:`spare_tl.load_model`'s, for a model loaded here;
+    with ``device`` the SAEs go there too.
     """
     from spare_tl.features import FunctionalFeatures
     from spare_tl.models import load_model
@@ -48,8 +52,15 @@ def load_steering_setup(
     if model is None:
         from spare_tl.hardware import resolve_dtype
 
-        model = load_model(features.model_name, dtype=resolve_dtype(dtype or "float32"))
+        model = load_model(
+            features.model_name,
+            dtype=resolve_dtype(dtype or "float32"),
+            backend=backend,
+            device=device,
+        )
     saes = load_saes_for_hooks(model, saes_dir, features.hook_names)
+    if device is not None:  # beside the model (a torchrun rank's own GPU)
+        saes = {name: sae.to(device) for name, sae in saes.items()}
     return model, features, saes
 
 

@@ -284,9 +284,12 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     n_ctx: int | None = None,
     use_local_cache: bool = True,
+    backend: str = "hooked",
     **from_pretrained_kwargs: Any,
 ):
-    """Load a model as a TransformerLens ``HookedSAETransformer`` (no weight processing).
+    """Load a model as a TransformerLens ``HookedSAETransformer`` (no weight processing), or
+    with ``backend="bridge"`` as a ``TransformerBridge`` around the Hugging Face model with the
+    same hook names (:mod:`spare_tl.bridge`).
 
     Args:
         name_or_path: ``EMBEDDED_MODEL`` (the embedded default), a local Hugging
@@ -300,7 +303,16 @@ def load_model(
             otherwise.
         use_local_cache: keep de-quantised GGUF weights in ``~/.cache/spare-tl/models``
             (``$SPARE_TL_MODEL_CACHE``) so the next load takes seconds.
+        backend: ``"hooked"`` (``HookedSAETransformer``, the default) or ``"bridge"``
+            (``SAETransformerBridge``: TransformerLens 3's successor API, which runs the
+            Hugging Face model itself).
     """
+    from spare_tl.bridge import check_backend
+
+    if check_backend(backend) == "bridge":
+        return _load_bridge(
+            name_or_path, device, dtype, n_ctx, use_local_cache, from_pretrained_kwargs
+        )
     name = str(name_or_path)
     if name.lower() in EMBEDDED_ALIASES:
         return _load_gguf(
@@ -336,6 +348,33 @@ def load_model(
         official, dtype=dtype, device=device, **kwargs
     )
     return use_grouped_attention(use_linear_layout(model.eval()))
+
+
+def _load_bridge(name_or_path, device, dtype, n_ctx, use_local_cache: bool, hub_kwargs):
+    """The ``backend="bridge"`` routes of :func:`load_model` (same names, same errors)."""
+    from spare_tl import bridge
+
+    name = str(name_or_path)
+    cache_dir = _local_cache_dir() if use_local_cache else None
+    path = Path(name).expanduser()
+    if name.lower() in EMBEDDED_ALIASES or (path.is_file() and path.suffix == ".gguf"):
+        embedded = name.lower() in EMBEDDED_ALIASES
+        gguf = embedded_gguf_path() if embedded else path
+        model_name = EMBEDDED_MODEL if embedded else path.stem
+        hf_model, tok = bridge.hf_model_from_gguf(gguf, model_name, cache_dir)
+        n_ctx = n_ctx or (EMBEDDED_N_CTX if embedded else None)
+    elif path.is_dir():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json)")
+        hf_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tok, model_name = AutoTokenizer.from_pretrained(path), path.name
+    elif path.suffix == ".gguf" or name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"no model file or folder at {path}")
+    else:
+        return bridge.bridge_from_hub(name, n_ctx=n_ctx, device=device, dtype=dtype, **hub_kwargs)
+    return bridge.bridge_from_hf(hf_model, tok, model_name, n_ctx=n_ctx, device=device, dtype=dtype)
 
 
 def _load_hf_folder(path: Path, n_ctx, device, dtype):

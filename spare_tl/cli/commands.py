@@ -107,9 +107,14 @@ def _load_setup(args: argparse.Namespace):
     (the SAEs keep their own dtype)."""
     import torch
 
-    if resolve_dtype(args.dtype) == torch.float32:
-        return load_steering_setup(args.features, args.saes)
-    return load_steering_setup(args.features, args.saes, dtype=args.dtype)
+    from spare_tl import distributed
+
+    options = {}
+    if distributed.ranks().distributed:  # each rank's own replica (cuda:<LOCAL_RANK> on GPUs)
+        options["device"] = distributed.device_for()
+    if resolve_dtype(args.dtype) != torch.float32:
+        options["dtype"] = args.dtype
+    return load_steering_setup(args.features, args.saes, **options)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -222,9 +227,29 @@ def _evaluate(args: argparse.Namespace) -> int:
             sweep=Path(args.sweep) if args.sweep else None,
             overrides=json.loads(args.hyperparameters) if args.hyperparameters else None,
         )
-    result = evaluate(
-        model, eval_items, split.pool, method=method, config=config, dataset_name=args.dataset
-    )
+    from spare_tl import cache, distributed
+
+    ranks = distributed.init()  # launched by torchrun: the seeds are split across ranks
+    if ranks.distributed:
+        from spare_tl.stages.sharded import evaluate_sharded
+
+        stage = cache.stage_dir(model.cfg.model_name, f"evaluation-{args.method}-{args.demo_type}")
+        result = evaluate_sharded(
+            model,
+            eval_items,
+            split.pool,
+            stage,
+            method=method,
+            config=config,
+            dataset_name=args.dataset,
+        )
+        distributed.finish()
+        if not ranks.is_main:
+            return 0
+    else:
+        result = evaluate(
+            model, eval_items, split.pool, method=method, config=config, dataset_name=args.dataset
+        )
     result.save(Path(args.output), Path(args.predictions) if args.predictions else None)
     print(_format_summary(result.to_json()))
     return 0

@@ -14,6 +14,7 @@ import logging
 import random
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,21 +81,27 @@ class MemorisedSet:
                 f"items; use a pool size below {n}"
             )
 
+    def stage_files(self) -> dict[str, Callable[[Path], None]]:
+        """The stage's files as ``{name: atomic writer of that file's path}``."""
+        summary = {
+            "model": self.model_name,
+            "dataset": self.dataset,
+            "n_items": len(self.predictions),
+            "n_memorised": len(self.questions),
+            "per_relation": {r: list(v) for r, v in self.per_relation().items()},
+        }
+        return {
+            "predictions.jsonl": lambda p: cache.write_jsonl(p, self.predictions),
+            "summary.json": lambda p: cache.write_json(p, summary),
+        }
+
     def save(self, directory: Path) -> None:
         directory = Path(directory)
         cache.begin_stage(directory)
-        cache.write_jsonl(directory / "predictions.jsonl", self.predictions)
-        cache.write_json(
-            directory / "summary.json",
-            {
-                "model": self.model_name,
-                "dataset": self.dataset,
-                "n_items": len(self.predictions),
-                "n_memorised": len(self.questions),
-                "per_relation": {r: list(v) for r, v in self.per_relation().items()},
-            },
-        )
-        cache.mark_complete(directory, self.config, files=["predictions.jsonl", "summary.json"])
+        files = self.stage_files()
+        for name, write in files.items():
+            write(directory / name)
+        cache.mark_complete(directory, self.config, files=list(files))
 
     @classmethod
     def load(cls, directory: Path) -> MemorisedSet:
@@ -172,80 +179,120 @@ def find_memorised(
     """
     if not items:
         raise ValueError(f"dataset {dataset_name!r} holds no items")
-    content = items_hash(items)
-    config = {
+    config = memorised_config(model, items, dataset_name, n_shots, seed, max_new_tokens)
+    directory = memorised_dir(model, items, dataset_name, cache_root)
+    if use_cache and cache.is_fresh(directory, config):
+        logger.info("memorised set: cached in %s", directory)
+        return MemorisedSet.load(directory)
+    demos, units = closed_book_units(items, n_shots, seed, min_shared)
+    decoding = Decoding(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
+    answers = [""] * len(items)
+    bar = tqdm(total=len(items), desc="closed-book answers", disable=not progress)
+    for unit in units:
+        for i, out in zip(unit, answer_unit(model, items, demos, unit, min_shared, decoding)):
+            answers[i] = out
+        bar.update(len(unit))
+    bar.close()
+    result = memorised_from_answers(model, items, answers, dataset_name, config)
+    if use_cache:
+        result.save(directory)
+    return result
+
+
+def memorised_config(
+    model,
+    items: list[ConflictItem],
+    dataset_name: str,
+    n_shots: int,
+    seed: int,
+    max_new_tokens: int,
+) -> dict[str, Any]:
+    """What a memorised set depends on (the stage's fingerprint)."""
+    return {
         "stage": STAGE,
         "model": model.cfg.model_name,
         "dataset": dataset_name,
         "n_items": len(items),
         "questions_hash": cache.fingerprint({"q": [it.question for it in items]}),
-        "items_hash": content,
+        "items_hash": items_hash(items),
         "n_shots": n_shots,
         "seed": seed,
         "max_new_tokens": max_new_tokens,
         "demonstrations": "same relation, drawn once per relation, shared prefix",
     }
-    directory = cache.stage_dir(
-        model.cfg.model_name, f"{STAGE}/{dataset_key(dataset_name, content)}", cache_root
-    )
-    if use_cache and cache.is_fresh(directory, config):
-        logger.info("memorised set: cached in %s", directory)
-        return MemorisedSet.load(directory)
+
+
+def memorised_dir(
+    model, items: list[ConflictItem], dataset_name: str, cache_root: Path | None = None
+) -> Path:
+    """The stage folder of ``items``' memorised set (named by their content)."""
+    key = dataset_key(dataset_name, items_hash(items))
+    return cache.stage_dir(model.cfg.model_name, f"{STAGE}/{key}", cache_root)
+
+
+def closed_book_units(
+    items: list[ConflictItem], n_shots: int, seed: int, min_shared: int
+) -> tuple[list[list[ConflictItem]], list[list[int]]]:
+    """Every item's demonstrations, and the items in units answered together: first the
+    items whose prefix fewer than ``min_shared`` share (one batch of full prompts), then one
+    unit per shared demonstration prefix. Each unit's answers do not depend on the others."""
     demos = closed_book_demonstrations(items, n_shots, seed)
     groups: dict[tuple[str, ...], list[int]] = {}
     for i, d in enumerate(demos):
         groups.setdefault(tuple(x.question for x in d), []).append(i)
-    answers = [""] * len(items)
-    decoding = Decoding(max_new_tokens=max_new_tokens, batch_size=batch_size, progress=False)
-    bar = tqdm(total=len(items), desc="closed-book answers", disable=not progress)
     # Items that are themselves demonstrations use a variant prefix shared by one or two
     # items: one prefix pass each would cost more than answering them together in full.
     singles = [i for idx in groups.values() if len(idx) < min_shared for i in idx]
-    if singles:
-        outs = greedy_generate(
-            model,
-            [closed_book_prompt(items[i], demos[i]) for i in singles],
-            decoding=decoding,
+    shared = [idx for idx in groups.values() if len(idx) >= min_shared]
+    return demos, ([singles] if singles else []) + shared
+
+
+def answer_unit(
+    model,
+    items: list[ConflictItem],
+    demos: list[list[ConflictItem]],
+    unit: list[int],
+    min_shared: int,
+    decoding: Decoding,
+) -> list[str]:
+    """Closed-book greedy answers of one unit of :func:`closed_book_units` (a shared
+    demonstration prefix computed once when the unit has one)."""
+    if len(unit) < min_shared or len({tuple(x.question for x in demos[i]) for i in unit}) > 1:
+        return greedy_generate(
+            model, [closed_book_prompt(items[i], demos[i]) for i in unit], decoding=decoding
         )
-        for i, out in zip(singles, outs):
-            answers[i] = out
-        bar.update(len(singles))
-    for idx in groups.values():
-        if len(idx) < min_shared:
-            continue
-        prefix = closed_book_prompt(items[idx[0]], demos[idx[0]])
-        prefix = prefix[: prefix.rindex("question: ")]  # the shared demonstrations
-        outs = greedy_generate(
-            model,
-            [closed_book_prompt(items[i]) for i in idx],
-            prefix=prefix,
-            decoding=decoding,
-        )
-        for i, out in zip(idx, outs):
-            answers[i] = out
-        bar.update(len(idx))
-    bar.close()
-    preds = []
-    for it, ans in zip(items, answers):
-        preds.append(
-            {
-                "question": it.question,
-                "relation": it.relation,
-                "prediction": ans,
-                "org_answer": list(it.org_answer),
-                "memorised": exact_match(ans, it.org_answer),
-            }
-        )
-    result = MemorisedSet(
+    prefix = closed_book_prompt(items[unit[0]], demos[unit[0]])
+    prefix = prefix[: prefix.rindex("question: ")]  # the shared demonstrations
+    return greedy_generate(
+        model, [closed_book_prompt(items[i]) for i in unit], prefix=prefix, decoding=decoding
+    )
+
+
+def memorised_from_answers(
+    model,
+    items: list[ConflictItem],
+    answers: list[str],
+    dataset_name: str,
+    config: dict[str, Any],
+) -> MemorisedSet:
+    """The memorised set from every item's closed-book answer (exact match on M)."""
+    preds = [
+        {
+            "question": it.question,
+            "relation": it.relation,
+            "prediction": ans,
+            "org_answer": list(it.org_answer),
+            "memorised": exact_match(ans, it.org_answer),
+        }
+        for it, ans in zip(items, answers)
+    ]
+    return MemorisedSet(
         model_name=model.cfg.model_name,
         dataset=dataset_name,
         questions=[p["question"] for p in preds if p["memorised"]],
         predictions=preds,
         config=config,
     )
-    if use_cache:
-        result.save(directory)
-    return result
 
 
 def memorised_split(model, features, dataset: str = "builtin", *, progress: bool = True):

@@ -1,0 +1,120 @@
+"""One rank of a sharded evaluation, for tests/test_distributed.py (run by ``torchrun`` or
+as a plain script for one process).
+
+    torchrun --standalone --nproc-per-node 2 tests/distributed_worker.py --out DIR [--embedded]
+
+Tiny model (default): a random tiny Llama, random functional features and SAEs, synthetic
+conflict items, 3 seeds. ``--embedded``: the embedded model with its committed features and
+SAEs on the first ``--items`` held-out questions, 2 seeds. With ``--direct FILE`` the
+process also writes plain ``evaluate``'s result there (the reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def tiny_setup(n_items: int):
+    from spare_tl.features import FunctionalFeatures, LayerFeatures
+    from spare_tl.methods.spare import resid_post_hook_name
+    from spare_tl.testing import conflict_items, tiny_model, tiny_sae
+
+    model = tiny_model(seed=0)
+    layers, saes = {}, {}
+    for layer in (1, 2):
+        g = torch.Generator().manual_seed(layer)
+        ids = torch.randperm(128, generator=g)
+        layers[layer] = LayerFeatures(
+            layer=layer,
+            hook_name=resid_post_hook_name(layer),
+            context_features=ids[:6],
+            memory_features=ids[6:12],
+            context_activations=torch.rand(128, generator=g) * 4,
+            memory_activations=torch.rand(128, generator=g) * 4,
+        )
+        saes[layer] = tiny_sae(resid_post_hook_name(layer), seed=layer)
+    features = FunctionalFeatures(
+        model_name="tiny-llama", layers=layers, proportion=0.1, edit_strength=3.0
+    )
+    return model, features, saes, conflict_items(n_items), conflict_items(12, start=100)
+
+
+MEM = dict(dataset_name="tiny", n_shots=2, min_shared=8, max_new_tokens=4)
+
+
+def MEMORISED_ITEMS():  # noqa: N802 - a constant, built on demand
+    from spare_tl.testing import conflict_items
+
+    return conflict_items(40, start=200)
+
+
+def embedded_setup(n_items: int):
+    from spare_tl.embedded import load_steering_setup
+    from spare_tl.stages.memorised import memorised_split
+
+    model, features, saes = load_steering_setup()
+    split = memorised_split(model, features, "builtin", progress=False)
+    return model, features, saes, split.test[:n_items], split.pool
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--embedded", action="store_true")
+    parser.add_argument("--items", type=int, default=6)
+    parser.add_argument("--direct", default=None)
+    parser.add_argument("--log", default=None, help="append each computed seed here")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+
+    from spare_tl import distributed
+    from spare_tl.stages.evaluation import EvaluationConfig, evaluate
+    from spare_tl.stages.sharded import evaluate_sharded
+
+    r = distributed.init()
+    setup = embedded_setup if args.embedded else tiny_setup
+    model, features, saes, items, pool = setup(args.items)
+    seeds = (0, 1) if args.embedded else (0, 1, 2)
+    config = EvaluationConfig(seeds=seeds, max_new_tokens=6 if not args.embedded else 12)
+    if args.log:
+        import spare_tl.stages.sharded as sharded
+
+        plain = sharded.evaluate
+
+        def logged(*a, **k):
+            with open(f"{args.log}.rank{r.rank}", "a") as f:
+                f.write(f"{k['config'].seeds[0]}\n")
+            return plain(*a, **k)
+
+        sharded.evaluate = logged
+    result = evaluate_sharded(
+        model,
+        items,
+        pool,
+        Path(args.out),
+        features=features,
+        saes=saes,
+        config=config,
+        progress=False,
+    )
+    if not args.embedded:  # the memorised set of 40 synthetic questions, under OUT-mem/
+        from spare_tl.stages.sharded import find_memorised_sharded
+
+        find_memorised_sharded(model, MEMORISED_ITEMS(), cache_root=Path(args.out + "-mem"), **MEM)
+    if r.is_main:
+        print(json.dumps({"rank": r.rank, "world": r.world_size, "n": len(result.predictions)}))
+    if args.direct and r.is_main:
+        direct = evaluate(
+            model, items, pool, features=features, saes=saes, config=config, progress=False
+        )
+        Path(args.direct).write_text(json.dumps(direct.to_json(), indent=2) + "\n")
+    distributed.finish()
+
+
+if __name__ == "__main__":
+    main()
