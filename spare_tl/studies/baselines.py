@@ -20,11 +20,13 @@ and saves per-method JSON and ``table.json`` (:func:`table_rows`, data only; ren
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from spare_tl import cache
+from spare_tl.hardware import describe
 from spare_tl.methods.hooks import DIRECTIONS
 from spare_tl.stages.evaluation import EvaluationConfig, saved_questions
 from spare_tl.studies.baseline_setup import BaselineSetup
@@ -95,10 +97,11 @@ def run_table(
     ``reuse``, take saved results of the same protocol and settings), save per-method JSON
     and ``table.json``, return the results by method.
 
-    ``table.json`` holds the model, the protocol and :func:`table_rows`: data only; the
-    table is rendered by :func:`spare_tl.viz.tables.baselines_markdown` (Markdown) and the
-    report (HTML)."""
-    items = setup.evaluation[:n_items] if n_items else setup.evaluation
+    ``table.json`` holds the model, the protocol, :func:`table_rows` and how long it took on
+    which machine: data only; the table is rendered by
+    :func:`spare_tl.viz.tables.baselines_markdown` (Markdown) and the report (HTML)."""
+    started = time.perf_counter()
+    items = setup.test[:n_items] if n_items else setup.test
     protocol = _protocol(config, len(items), setup.dataset)
     results: dict[str, dict[str, Any]] = {}
     shared: dict[int, tuple[list[str], float]] = {}  # no-steering answers, run once
@@ -132,6 +135,12 @@ def run_table(
     model_name = next(iter(results.values()))["model"]
     cache.write_json(
         Path(out_dir) / "table.json",
-        {"model": model_name, "protocol": protocol, "rows": table_rows(results)},
+        {
+            "model": model_name,
+            "protocol": protocol,
+            "rows": table_rows(results),
+            "seconds": round(time.perf_counter() - started, 1),
+            "machine": describe(),
+        },
     )
     return results
