@@ -54,8 +54,35 @@ RESULTS_HEADER = (
     "EM_C (context answer)",
     "EM_M (memory answer)",
     "neither",
+    "contains C / M",
     "steered − none, target metric",
 )
+
+
+def _contains(d: dict[str, Any]) -> str:
+    if d.get("contains_C") is None:
+        return "–"
+    return f"{d['contains_C']:.1f} / {d['contains_M']:.1f}"
+
+
+def protocol_text(result: dict[str, Any]) -> str:
+    """How the saved result drew its demonstrations and which relations its questions span."""
+    drawn = result.get("protocol", {}).get("demonstrations")
+    how = {
+        "per_seed": "one set of pool demonstrations per seed, shown before every question "
+        "(the paper's protocol)",
+        "per_item": "each question its own seeded pool demonstrations",
+        None: "each question its own seeded pool demonstrations (recorded before the "
+        "protocol was; spare-tl's protocol then)",
+    }[drawn]
+    relations = result.get("relations")
+    spread = (
+        f"; the questions span {len(relations)} relations "
+        f"({', '.join(f'{r} {n}' for r, n in relations.items())})"
+        if relations
+        else ""
+    )
+    return f"Demonstrations: {how}{spread}."
 
 
 def results_table(results: dict[str, dict[str, Any]]) -> str:
@@ -67,6 +94,7 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
             _cell(data[cond], "EM_C"),
             _cell(data[cond], "EM_M"),
             f"{data[cond]['neither']:.1f}",
+            _contains(data[cond]),
             _versus(data[cond], TARGET[cond]) if cond in TARGET else "–",
         ]
         for demo_type, data in results.items()
@@ -94,7 +122,11 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
         f"seeds {first['seeds']}; mean ± std over seeds (%), [95 % bootstrap interval over "
         "questions]; last column: steered minus no steering in the direction's target (EM_C "
         "to context, EM_M to memory), points, with its paired-bootstrap interval and p-value "
-        f"(questions resampled jointly). Features: {setting}",
+        f"(questions resampled jointly). Contains: answers that hold C (or M) as whole "
+        "words without matching exactly, beside the exact matches (a wrapped answer is a "
+        f"broken format, not a wrong fact). Features: {setting}",
+        "",
+        protocol_text(first),
     ]
     if "transitions" in results.get("doo", {}):
         t = results["doo"]["transitions"]
@@ -134,8 +166,44 @@ def _results_section(directory: Path, missing: list[str]) -> list[str]:
     if "doo" in results:
         out += ["Per relation, doo demonstrations (% of rows over all seeds):", ""]
         out += [relation_table(results["doo"]), ""]
+    per_item = _saved_json(directory, [f"{case}-per_item" for case in CASES])
+    if per_item:
+        out += [
+            "Demonstrations drawn once per seed (the paper's protocol, above) or per question "
+            "(`--demonstrations per_item`), the same questions and seeds: mean ± std over "
+            "seeds (%).",
+            "",
+            protocol_comparison(results, per_item),
+            "",
+        ]
     out += [f"Regenerate the JSON: `{COMMANDS['results']}`.", ""]
     return out
+
+
+def protocol_comparison(
+    per_seed: Mapping[str, Mapping[str, Any]], per_item: Mapping[str, Mapping[str, Any]]
+) -> str:
+    """The target metric of every condition under both demonstration protocols."""
+    body = []
+    for name, item in per_item.items():
+        case = name.removesuffix("-per_item")
+        seed = per_seed.get(case)
+        for cond in CASES[case]:
+            for key in ("EM_C", "EM_M"):
+                if cond in TARGET and TARGET[cond] != key:
+                    continue
+                one = seed[cond] if seed and cond in seed else None
+                body.append(
+                    [
+                        case,
+                        cond.replace("_", " "),
+                        key,
+                        pm(one[key], one[f"{key}_std"]) if one else "–",
+                        pm(item[cond][key], item[cond][f"{key}_std"]),
+                    ]
+                )
+    header = ("demonstrations", "condition", "metric", "one set per seed", "per question")
+    return Table(header, body, left={0, 1, 2}).markdown()
 
 
 def _baselines_section(directory: Path, missing: list[str]) -> list[str]:

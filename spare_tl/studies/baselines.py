@@ -53,6 +53,12 @@ def table_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]
                 "EM_C_std": ctx["EM_C_std"],
                 "EM_M": mem["EM_M"],
                 "EM_M_std": mem["EM_M_std"],
+                "neither_to_context": ctx.get("neither"),
+                "neither_to_memory": mem.get("neither"),
+                "contains_M_to_memory": mem.get("contains_M"),
+                # CAD at α = −1 decodes log p(y | x): the closed-book answer
+                "memory_is_closed_book": name == "cad"
+                and meta["hyperparameters"].get("memory", {}).get("alpha") == -1.0,
                 "EM_C->M": data.get("transitions", {}).get("EM_C->M"),
                 "EM_M->C": data.get("transitions", {}).get("EM_M->C"),
                 "extra_forward_passes_per_token": meta["extra_forward_passes_per_token"],
@@ -71,6 +77,7 @@ def _protocol(config: EvaluationConfig, n_items: int, dataset: str) -> dict[str,
         "demo_type": config.demo_type,
         "n_shots": config.n_shots,
         "dataset": dataset,
+        "demonstrations": config.demonstrations,
     }
 
 
@@ -97,9 +104,9 @@ def run_table(
     ``reuse``, take saved results of the same protocol and settings), save per-method JSON
     and ``table.json``, return the results by method.
 
-    ``table.json`` holds the model, the protocol, :func:`table_rows` and how long it took on
-    which machine: data only; the table is rendered by
-    :func:`spare_tl.viz.tables.baselines_markdown` (Markdown) and the report (HTML)."""
+    ``table.json`` holds the model, the protocol, :func:`table_rows` and the table's wall
+    time: data only; the table is rendered by :func:`spare_tl.viz.tables.baselines_markdown`
+    (Markdown) and the report (HTML)."""
     started = time.perf_counter()
     items = setup.test[:n_items] if n_items else setup.test
     protocol = _protocol(config, len(items), setup.dataset)

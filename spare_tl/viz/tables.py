@@ -109,6 +109,7 @@ BASELINES_HEADER = (
     "method",
     "EM_C, to context",
     "EM_M, to memory",
+    "neither, to memory",
     "EM_C→M",
     "EM_M→C",
     "extra passes / token",
@@ -148,7 +149,9 @@ def baselines_table(rows: Sequence[Mapping[str, Any]]) -> Table:
         [
             f"{r['method']}{'' if r['inference_time'] else ' *'}",
             pm(r["EM_C"], r["EM_C_std"]),
-            pm(r["EM_M"], r["EM_M_std"]),
+            pm(r["EM_M"], r["EM_M_std"])
+            + (" (= closed book)" if r.get("memory_is_closed_book") else ""),
+            "–" if r.get("neither_to_memory") is None else f"{r['neither_to_memory']:.1f}",
             _transition(r.get("EM_C->M")),
             _transition(r.get("EM_M->C")),
             f"{r['extra_forward_passes_per_token']:g}",
@@ -157,7 +160,7 @@ def baselines_table(rows: Sequence[Mapping[str, Any]]) -> Table:
         ]
         for r in rows
     ]
-    return Table(BASELINES_HEADER, body, left={0, 7})
+    return Table(BASELINES_HEADER, body, left={0, 8})
 
 
 def baselines_markdown(baselines: Mapping[str, Any]) -> str:
@@ -168,7 +171,11 @@ def baselines_markdown(baselines: Mapping[str, Any]) -> str:
         f"questions, {p.get('demo_type')} demonstrations, seeds {p.get('seeds')}, mean ± std "
         "over seeds (%). `none`: EM_C and EM_M without steering. Settings chosen on the "
         "development (pool) questions only (`cache_data/<model>/baselines/sweep-*.json`). "
-        "\\* ICL changes the demonstrations (dss / dso) and is not an inference-time method. "
+        "\\* ICL changes the demonstrations (dss / dso) and is not an inference-time method; "
+        "`closed_book` removes the test item's context (its demonstrations kept): not a "
+        "steering method but the reference for what memory alone answers in this format, and "
+        "what CAD decodes at α = −1 ((1 + α)·log p(y | c, x) − α·log p(y | x) = log p(y | x)); "
+        "a method whose memory setting is that answer is marked (= closed book). "
         "Time: wall time per item relative to no steering in the same run; task vectors and "
         "ActAdd's mean difference are computed once beforehand, CAD runs a second (context-"
         "free) prompt pass per item."
