@@ -31,6 +31,7 @@ ROW = {
     "hyperparameters": {"context": {"layers": [12, 13, 14], "coefficient": 2.0}, "memory": {}},
 }
 ICL = ROW | {"method": "icl", "inference_time": False, "hyperparameters": {}}
+CAD = ROW | {"method": "cad", "neither_to_memory": 12.34, "memory_is_closed_book": True}
 PROTOCOL = {"dataset": "builtin", "n_items": 40, "demo_type": "doo", "seeds": [0, 1]}
 
 
@@ -76,6 +77,8 @@ def test_the_baselines_table_from_rows_in_both_formats():
         "layers 12-14, coefficient 2.0",
     ]
     assert table.rows[1][0] == "icl *" and table.rows[1][-1] == "–"
+    cad = baselines_table([CAD]).rows[0]
+    assert cad[2] == "30.0 ± 1.5 (= closed book)" and cad[3] == "12.3"
     markdown = baselines_markdown({"model": "m", "protocol": PROTOCOL, "rows": [ROW, ICL]})
     assert markdown.startswith(table.markdown() + "\n\nm, builtin dataset: 40 held-out")
     assert "seeds [0, 1]" in markdown

@@ -3,7 +3,7 @@
 Every benchmark script in ``benchmarks/`` writes one JSON file with the machine, the date and
 the command that made it; this module renders each file as a section: the study targets
 (``study.json``) as a table of seconds, targets and the FLOP limit, every other file as its
-figures flattened to ``name | value`` rows. Nothing here is typed by hand: rerun a benchmark
+figures flattened to ``name | value`` rows (both :class:`spare_tl.viz.tables.Table`). Nothing here is typed by hand: rerun a benchmark
 and ``spare-tl docs`` to change the page.
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from spare_tl import cache
+from spare_tl.viz.tables import Table
 
 #: the keys every benchmark JSON carries, shown in the section header, not in its table
 HEADER_KEYS = ("machine", "date", "command", "title", "description")
@@ -46,23 +47,29 @@ def _shown(path: Path) -> str:
         return Path(path).as_posix()
 
 
+STUDY_HEADER = ("study", "seconds", "target", "met", "FLOP limit (s)", "× limit", "what")
+
+
 def _study_section(data: Mapping[str, Any]) -> list[str]:
-    lines = [
-        "| study | seconds | target | met | FLOP limit (s) | × limit | what |",
-        "|---|---:|---:|---|---:|---:|---|",
-    ]
+    body = []
     for name, study in data.get("studies", {}).items():
         seconds = study.get("ratio", study.get("seconds"))
         met = {True: "yes", False: "**no**", None: "–"}[study.get("target_met")]
         limit = study.get("flop_limit_seconds")
         times = study.get("times_flop_limit")
         estimate = " (decode estimated)" if study.get("decode_tokens_estimated") else ""
-        lines.append(
-            f"| {name} | {_value(seconds) if seconds is not None else '–'} "
-            f"| {_value(study.get('target'))} | {met} "
-            f"| {_value(limit) if limit else '–'}{estimate} "
-            f"| {_value(times) if times else '–'} | {study.get('what', '')} |"
+        body.append(
+            [
+                name,
+                _value(seconds) if seconds is not None else "–",
+                _value(study.get("target")),
+                met,
+                f"{_value(limit) if limit else '–'}{estimate}",
+                _value(times) if times else "–",
+                study.get("what", ""),
+            ]
         )
+    lines = [Table(STUDY_HEADER, body, left={0, 3, 6}).markdown()]
     machines = {s.get("machine") for s in data.get("studies", {}).values() if s.get("machine")}
     lines += [
         "",
@@ -92,8 +99,8 @@ def benchmark_sections(directory: Path) -> list[str]:
             lines += _study_section(data)
         else:
             rows = [(k, v) for k, v in _flatten(data) if k not in HEADER_KEYS]
-            lines += ["| figure | value |", "|---|---:|"]
-            lines += [f"| {k} | {_value(v)} |" for k, v in rows]
+            figures = [(k, _value(v)) for k, v in rows]
+            lines.append(Table(("figure", "value"), figures, left={0}).markdown())
         lines += ["", f"Source: `{_shown(path)}`.", ""]
     return lines
 
