@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from spare_tl.saes import encode_latents
 from spare_tl.stages.feature_examples import (
     FeatureExamples,
     FeatureExamplesConfig,
@@ -13,7 +14,6 @@ from spare_tl.stages.feature_examples import (
     text_passages,
     top_k_merge,
 )
-from spare_tl.saes import encode_latents
 from spare_tl.testing import conflict_items, tiny_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -19,6 +19,7 @@ as one ``<hook>.safetensors`` (densities, histograms, last-position activations)
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +35,7 @@ from spare_tl.data.schema import ConflictItem
 from spare_tl.embedded import SHIPPED_ROOT
 from spare_tl.features import sae_fingerprint
 from spare_tl.saes import encode_latents, hook_name
-from spare_tl.stages.sae_text import prompt_texts, tokenize_text
+from spare_tl.stages.sae_text import prompt_texts, split_items, tokenize_text
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +49,8 @@ class FeatureExamplesConfig:
 
     k: int = 8  # top contexts per latent and source
     n_text: int = 2000  # general-text passages
-    text_tokens: int = 48  # tokens per passage (the tail of one training-format prompt)
-    n_grouped: int | None = None  # grouped prompts (None: all)
+    text_tokens: int = 32  # tokens per passage (the tail of one training-format prompt)
+    n_grouped: int | None = 384  # grouped prompts, a seeded sample (None: all)
     before: int = 20  # tokens kept before the firing token
     after: int = 3  # and after it
     n_bins: int = 24  # histogram bins over log10(activation) in [log_min, log_max]
@@ -236,6 +237,7 @@ class SAEExamples:
     labels: list[str]  # the grouped prompts' behaviour labels
     examples: dict[int, dict[str, list[dict[str, Any]]]]  # latent -> source -> top contexts
     n_tokens: dict[str, int] = field(default_factory=dict)
+    logit_tokens: dict[int, dict[str, list[dict[str, Any]]]] = field(default_factory=dict)
 
     def column(self, latent: int) -> int:
         if latent not in self.latents:
@@ -262,6 +264,7 @@ class SAEExamples:
             "edges": self.edges,
             "last_position": groups,
             "examples": self.examples[latent],
+            **self.logit_tokens.get(latent, {}),
         }
 
     def save(self, directory: Path, fingerprint: str) -> None:
@@ -284,6 +287,7 @@ class SAEExamples:
                 "labels": self.labels,
                 "n_tokens": self.n_tokens,
                 "examples": {str(k): v for k, v in self.examples.items()},
+                "logit_tokens": {str(k): v for k, v in self.logit_tokens.items()},
             },
         )
 
@@ -301,6 +305,7 @@ class SAEExamples:
             labels=list(meta["labels"]),
             examples={int(k): v for k, v in meta["examples"].items()},
             n_tokens=dict(meta.get("n_tokens", {})),
+            logit_tokens={int(k): v for k, v in meta.get("logit_tokens", {}).items()},
         )
 
 
@@ -388,7 +393,12 @@ def feature_examples(
     config = config or FeatureExamplesConfig()
     latents = {h: sorted({int(x) for x in latents.get(h, [])}) for h in saes} if latents else {}
     saes = {hook_name(s) if not isinstance(h, str) else h: s for h, s in saes.items()}
-    records = list(grouped)[: config.n_grouped]
+    records = list(grouped)
+    if config.n_grouped is not None and config.n_grouped < len(records):
+        keep = sorted(
+            random.Random(f"grouped:{config.seed}").sample(range(len(records)), config.n_grouped)
+        )
+        records = [records[i] for i in keep]
     stage_config = {
         "stage": STAGE,
         "model": model.cfg.model_name,
@@ -416,7 +426,9 @@ def feature_examples(
     if todo:
         sources = {
             "grouped": [tokenize_text(model, r["prompt"]) for r in records],
-            "text": text_passages(model, text_items, config.n_text, config.text_tokens, config.seed),
+            "text": text_passages(
+                model, text_items, config.n_text, config.text_tokens, config.seed
+            ),
         }
         found: dict[str, dict[str, Any]] = {h: {} for h in todo}
         for source, passages in sources.items():
@@ -435,8 +447,14 @@ def feature_examples(
                 found[h][source] = (tracker, _records(tracker, passages, decode, config), last[h])
         for h in todo:
             done[h] = _assemble(h, latents.get(h, []), found[h], records, config)
+            done[h].logit_tokens = logit_tokens(model, saes[h], done[h].latents)
             if directory is not None:
                 done[h].save(directory, key)
+    for h, found_h in done.items():  # saved before the logit lens was kept: add it
+        if found_h.latents and not found_h.logit_tokens:
+            found_h.logit_tokens = logit_tokens(model, saes[h], found_h.latents)
+            if directory is not None:
+                found_h.save(directory, key)
     result = FeatureExamples(
         model.cfg.model_name, {h: done[h] for h in stage_config["hooks"]}, stage_config
     )
@@ -454,6 +472,33 @@ def _saved_with(directory: Path, hook: str, key: str) -> bool:
     if not (path.is_file() and (directory / f"{hook}.safetensors").is_file()):
         return False
     return cache.read_json(path).get("fingerprint") == key
+
+
+@torch.no_grad()
+def logit_tokens(
+    model, sae: Any, latents: Sequence[int], k: int = 10
+) -> dict[int, dict[str, list[dict[str, Any]]]]:
+    """Per latent, the ``k`` tokens its decoder direction promotes and suppresses most
+    through the unembedding (``W_dec[latent] @ W_U``, no final norm)."""
+    if not latents:
+        return {}
+    w_u = model.W_U.detach().float()
+    scores = (sae.W_dec[list(latents)].detach().float().to(w_u.device) @ w_u).cpu()
+    decode = _decoder(model)
+    out = {}
+    for latent, row in zip(latents, scores):
+        up, down = torch.topk(row, k), torch.topk(-row, k)
+        out[int(latent)] = {
+            "promoted": [
+                {"token": decode(int(i)), "logit": round(float(v), 4)}
+                for v, i in zip(up.values, up.indices)
+            ],
+            "suppressed": [
+                {"token": decode(int(i)), "logit": round(-float(v), 4)}
+                for v, i in zip(down.values, down.indices)
+            ],
+        }
+    return out
 
 
 def _decoder(model) -> Any:
@@ -511,3 +556,26 @@ def load_feature_examples(
         f"no feature examples for {model_name!r} under {', '.join(map(str, roots))}; run "
         "`spare-tl features examples` first"
     )
+
+
+def functional_latents(features: Any) -> dict[str, list[int]]:
+    """The latents of a :class:`~spare_tl.features.FunctionalFeatures` set (both directions)
+    by hook name: the latents whose examples the stage keeps."""
+    sets = [features] + ([features.to_memory] if features.to_memory is not None else [])
+    out: dict[str, set[int]] = {}
+    for fset in sets:
+        for f in fset.layers.values():
+            ids = torch.cat([f.context_features, f.memory_features]).tolist()
+            out.setdefault(f.hook_name, set()).update(int(i) for i in ids)
+    return {h: sorted(v) for h, v in out.items()}
+
+
+def sae_training_items(dataset: str = "builtin") -> list[ConflictItem]:
+    """The questions the SAEs' training text was built from (the training side of
+    :func:`spare_tl.stages.sae_text.split_items` with the default SAE config)."""
+    from spare_tl.data.datasets import load_dataset
+    from spare_tl.stages.sae_config import SAETrainingConfig
+
+    cfg = SAETrainingConfig()
+    train, _ = split_items(load_dataset(dataset), cfg.heldout_fraction, cfg.seed)
+    return train
