@@ -36,6 +36,9 @@ _EXPORTS: dict[str, str] = {
     "exact_match": "spare_tl.data.scoring",
     "load_dataset": "spare_tl.data.datasets",
     "ConflictItem": "spare_tl.data.schema",
+    "load_statistics": "spare_tl.stages.activations",
+    "load_feature_examples": "spare_tl.stages.feature_examples",
+    "load_feature_effects": "spare_tl.stages.feature_effects",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -11,7 +11,7 @@ from spare_tl.stages.evaluation import CONDITION_OF, EvaluationConfig, evaluate
 from spare_tl.stages.feature_effects import (
     direction_features,
     feature_effects,
-    load_feature_effects,
+    read_feature_effects,
     restricted,
 )
 from spare_tl.testing import conflict_items, tiny_sae
@@ -77,7 +77,7 @@ def test_full_set_equals_the_evaluation(tiny_model, setup, tmp_path):
         assert gains == sorted(gains, reverse=True)
         assert len(block["top"]) == 3
     # cached: loaded back equal, and a second call does not recompute
-    assert load_feature_effects(tmp_path) == effects
+    assert read_feature_effects(tmp_path) == effects
     assert (
         feature_effects(
             tiny_model, features, saes, DEV, POOL, config=CONFIG, directory=tmp_path, progress=False

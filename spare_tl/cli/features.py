@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--n-items", type=int, default=DEVELOPMENT_QUESTIONS, help="effects: questions")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="effects: demonstration seeds")
+    p.add_argument("--batch-size", type=int, default=32, help="effects: questions per batch")
+    p.add_argument("--max-new-tokens", type=int, default=12, help="effects: answer length (tokens)")
     p.add_argument("--n-text", type=int, default=2000, help="examples: general-text passages")
 
 
@@ -84,7 +86,7 @@ def _show(args: argparse.Namespace) -> int:
     from spare_tl.saes import check_site, site_hook_name
     from spare_tl.stages.activations import load_statistics
     from spare_tl.stages.feature_effects import STAGE as EFFECTS
-    from spare_tl.stages.feature_effects import load_feature_effects
+    from spare_tl.stages.feature_effects import read_feature_effects
     from spare_tl.stages.feature_examples import load_feature_examples
     from spare_tl.viz.feature_card import feature_card
 
@@ -114,7 +116,7 @@ def _show(args: argparse.Namespace) -> int:
     effects = None
     directory = _stage_dir(name, EFFECTS)
     if (directory / "config.json").is_file():
-        effects = load_feature_effects(directory).of(layer, latent)
+        effects = read_feature_effects(directory).of(layer, latent)
     sae = saes.get(hook)
     if sae is None:
         from spare_tl.embedded import DEFAULT_SAES
@@ -188,7 +190,11 @@ def _effects(args: argparse.Namespace) -> int:
         saes,
         items,
         pool,
-        config=EvaluationConfig(seeds=tuple(args.seeds)),
+        config=EvaluationConfig(
+            seeds=tuple(args.seeds),
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+        ),
         directory=_stage_dir(model.cfg.model_name, STAGE),
     )
     print(

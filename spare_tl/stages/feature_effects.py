@@ -30,6 +30,7 @@ import torch
 from spare_tl import cache
 from spare_tl.data.schema import ConflictItem
 from spare_tl.data.scoring import behaviour_label
+from spare_tl.embedded import SHIPPED_ROOT
 from spare_tl.features import FunctionalFeatures
 from spare_tl.methods.base import NoSteering
 from spare_tl.methods.spare import DIRECTIONS, SpareMethod
@@ -285,8 +286,24 @@ def _mean(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
 
 
-def load_feature_effects(directory: str | Path) -> FeatureEffects:
-    """A saved causal-effect stage, checked against its manifest."""
+def read_feature_effects(directory: str | Path) -> FeatureEffects:
+    """A saved causal-effect stage folder, checked against its manifest."""
     directory = Path(directory)
     cache.verify_stage(directory)
     return FeatureEffects.from_json(cache.read_json(directory / "effects.json"))
+
+
+def load_feature_effects(
+    model_name: str = "smollm2-135m-instruct", *, root: str | Path | None = None
+) -> FeatureEffects:
+    """The saved causal effect of each functional feature of ``model_name`` (the shipped one
+    for the embedded model when the writable cache has none)."""
+    roots = [Path(root)] if root is not None else [cache.default_cache_root(), SHIPPED_ROOT]
+    for base in roots:
+        directory = cache.stage_dir(model_name, STAGE, base)
+        if (directory / cache.CONFIG).is_file():
+            return read_feature_effects(directory)
+    raise FileNotFoundError(
+        f"no causal effects for {model_name!r} under {', '.join(map(str, roots))}; run "
+        "`spare-tl features effects` first"
+    )

@@ -21,7 +21,7 @@ from spare_tl.models import EMBEDDED_MODEL as DEFAULT_MODEL
 from spare_tl.stages.activations import LayerStatistics
 from spare_tl.stages.behaviours import GroupedPrompts
 from spare_tl.stages.feature_effects import STAGE as EFFECTS_STAGE
-from spare_tl.stages.feature_effects import FeatureEffects, load_feature_effects
+from spare_tl.stages.feature_effects import FeatureEffects, read_feature_effects
 from spare_tl.stages.feature_examples import STAGE as EXAMPLES_STAGE
 from spare_tl.stages.feature_examples import FeatureExamples
 from spare_tl.stages.scan import ScanResult
@@ -162,7 +162,7 @@ def load_report_inputs(
 
     for stage, what, load in (
         (EXAMPLES_STAGE, "feature examples", FeatureExamples.load),
-        (EFFECTS_STAGE, "causal effect of each feature", load_feature_effects),
+        (EFFECTS_STAGE, "causal effect of each feature", read_feature_effects),
     ):
         folder = study_dir(None, stage)
         if not (folder / cache.CONFIG).is_file():
