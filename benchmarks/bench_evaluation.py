@@ -99,7 +99,7 @@ def main() -> None:
     }
     model, features, saes = load_steering_setup()
     split = memorised_split(model, features, "builtin", progress=False)
-    items = split.evaluation[: args.items]
+    items = split.test[: args.items]
     common = (model, features, saes, items, split.pool, args.seeds, args.batch_size)
     _evaluate(*common[:3], items[:4], split.pool, [0], args.batch_size, True)  # warm-up
     alone, t_alone = _evaluate(*common, True, ("no_steering",))
@@ -137,7 +137,7 @@ def main() -> None:
         out["precision"] = {"fp32_tokens_per_s": fp32, "bf16_tokens_per_s": bf16}
         print(f"prompt pass: fp32 {fp32:.0f} tok/s, bf16 {bf16:.0f} tok/s (x{bf16 / fp32:.2f})")
         if args.parity_items:
-            par_items = split.evaluation[: args.parity_items]
+            par_items = split.test[: args.parity_items]
             ref, _ = _evaluate(model, features, saes, par_items, split.pool, [0], 16, True)
             low, _ = _evaluate(bf16_model, features, saes, par_items, split.pool, [0], 16, True)
             a, b = _answers(ref), _answers(low)

@@ -148,6 +148,61 @@ def _expand_cache(kv, batch: int):
     return _map_cache(kv, lambda t: t.expand(batch, *t.shape[1:]))
 
 
+#: Shortest common token prefix worth computing once (the paper's protocol shows one
+#: demonstration set per seed, so a seed's prompts share ~100 tokens; per-item sampling
+#: shares only BOS and a word or two).
+MIN_SHARED_PREFIX = 16
+
+
+@dataclass
+class PromptPrefix:
+    """The token prefix every prompt of a call shares, run once: its batch-1 KV cache.
+
+    ``length`` tokens of every prompt (never the last one) are covered; rows start from
+    :meth:`cache` and run only their own tokens. The tokens are the full prompts' own, so
+    the rows see exactly the tokens of a full pass (tokenising the prefix apart can merge
+    differently at the boundary)."""
+
+    length: int
+    kv: Any = None
+
+    @classmethod
+    def of(cls, model, token_lists: Sequence[Sequence[int]], enabled: bool = True) -> PromptPrefix:
+        """Find the shared prefix of ``token_lists`` and run it (empty when shorter than
+        :data:`MIN_SHARED_PREFIX`, when ``enabled`` is False, or for a single prompt)."""
+        from os.path import commonprefix
+
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        if not enabled or len(token_lists) < 2:
+            return cls(0)
+        shared = len(commonprefix([list(t) for t in token_lists]))
+        shared = min(shared, min(len(t) for t in token_lists) - 1)  # each row keeps its last
+        if shared < MIN_SHARED_PREFIX:
+            return cls(0)
+        kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, 1)
+        tokens = torch.tensor([list(token_lists[0][:shared])], device=model.cfg.device)
+        model(
+            tokens,
+            attention_mask=torch.ones_like(tokens),
+            past_kv_cache=kv,
+            stop_at_layer=model.cfg.n_layers,
+        )
+        return cls(shared, kv)
+
+    def own(self, token_lists: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Each prompt's tokens after the shared prefix."""
+        return [list(t[self.length :]) for t in token_lists]
+
+    def cache(self, model, batch: int):
+        """A fresh batch-``batch`` KV cache holding the prefix (empty without one)."""
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        if self.kv is None:
+            return TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
+        return _expand_cache(self.kv, batch)
+
+
 def _last_logits(model, resid: Tensor) -> Tensor:
     """Logits from final residuals (ln_final + unembed), only where they are needed."""
     return model.unembed(model.ln_final(resid)).float()
@@ -329,6 +384,7 @@ def generate_shared_prefix(
     conditions: Mapping[str, StartSteering | None],
     *,
     seconds: dict[str, float] | None = None,
+    shared_demonstrations: bool = True,
     decoding: Decoding | None = None,
     **options: Unpack[DecodingOptions],
 ) -> dict[str, list[str]]:
@@ -345,29 +401,36 @@ def generate_shared_prefix(
     batches, and left before decoding (the KV cache carries the edit), so decoding drops
     rows as they finish.
 
+    When the prompts also share a token prefix (one demonstration set per seed), that
+    prefix is run once for the whole call (:class:`PromptPrefix`) and every batch starts from
+    its KV cache, running only each row's own tokens (``shared_demonstrations=False``: not).
+
     ``seconds`` (optional) accumulates wall time: ``"prefix"`` for the shared passes and one
     entry per condition for its own last-token pass and decoding.
     """
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
     dec = Decoding.of(decoding, options)
     outputs = {name: [""] * len(prompts) for name in conditions}
     if not prompts:
         return outputs
-    token_lists = _tokenize(model, prompts)
+    timer = seconds if seconds is not None else {}
+    start = time.perf_counter()
+    full = _tokenize(model, prompts)
+    prefix = PromptPrefix.of(model, full, enabled=shared_demonstrations)
+    token_lists = prefix.own(full)
+    timer["prefix"] = timer.get("prefix", 0.0) + time.perf_counter() - start
     order = sorted(range(len(prompts)), key=lambda i: len(token_lists[i]))
     stop_ids = stop_token_ids(model, dec.stop_at_newline)
     n_layers = model.cfg.n_layers
-    timer = seconds if seconds is not None else {}
     total = len(prompts) * len(conditions)
     bar = tqdm(total=total, desc=dec.desc, disable=not dec.progress, leave=False)
     for batch in _batches(order, dec.batch_size):
         b = len(batch)
         tokens, mask = left_pad(
-            model, [token_lists[i] for i in batch], extra=dec.max_new_tokens + 8
+            model, [token_lists[i] for i in batch], extra=dec.max_new_tokens + 8 + prefix.length
         )
         start = time.perf_counter()
-        prefix_kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, b)
+        prefix_kv = prefix.cache(model, b)
         if tokens.shape[1] > 1:
             model(
                 tokens[:, :-1],

@@ -99,6 +99,7 @@ def setup(tiny_model, tmp_path_factory):
         saes,
         POOL,
         HELD_OUT,
+        HELD_OUT,
         grouped=_grouped(),
         cache_root=tmp_path_factory.mktemp("cache"),
         task_vector_prompts=4,
@@ -108,6 +109,7 @@ def setup(tiny_model, tmp_path_factory):
 
 SETTINGS = {
     "none": {},
+    "closed_book": {},
     "spare": {},
     "icl": {},
     "actadd": {"layers": [1, 2], "coefficient": 2.0},
@@ -134,7 +136,7 @@ def test_every_method_runs_end_to_end(setup, name):
     assert meta["name"] == name and set(meta["seconds_per_item"]) == set(conditions)
     assert meta["time_relative_to_no_steering"]["no_steering"] == pytest.approx(1.0)
     assert meta["extra_forward_passes_per_token"] == (1.0 if name == "cad" else 0.0)
-    assert meta["inference_time"] is (name != "icl")
+    assert meta["inference_time"] is (name not in ("icl", "closed_book"))
     # the unsteered answers are the evaluation's own doo prompts, greedy
     demos = evaluation_demonstrations(HELD_OUT, POOL, CONFIG.n_shots, 0)
     plain = greedy_generate(
@@ -460,7 +462,9 @@ def test_cli_method_option(setup, tmp_path, monkeypatch, capsys):
         "load_steering_setup",
         lambda *a: (setup.model, setup.features, setup.saes),
     )
-    monkeypatch.setattr(memorised, "memorised_split", lambda *a, **k: PoolSplit(POOL, HELD_OUT, 0))
+    monkeypatch.setattr(
+        memorised, "memorised_split", lambda *a, **k: PoolSplit(POOL, HELD_OUT, HELD_OUT, 0)
+    )
     output = tmp_path / "cad.json"
     argv = ["evaluate", "--output", str(output), "--seeds", "0", "--n-items", "2", "--shots", "2"]
     code = main([*argv, "--method", "cad", "--hyperparameters", '{"alpha": -0.5}'])
@@ -580,14 +584,18 @@ def test_shared_no_steering_gives_the_same_result(setup):
 
 
 @pytest.mark.parametrize("name", METHODS)
-@pytest.mark.parametrize("batch_size", [2, 4])
-def test_shared_prefix_answers_equal_full_prompt_passes(setup, name, batch_size):
-    """Every method, every condition: the same answers from the shared prompt pass as from a
-    full prompt pass per condition (5 items: batches of 2, 2, 1 or 4, 1)."""
+@pytest.mark.parametrize(
+    ("batch_size", "sampling"),
+    [(1, "per_seed"), (2, "per_seed"), (16, "per_seed"), (4, "per_item")],
+)
+def test_shared_prefix_answers_equal_full_prompt_passes(setup, name, batch_size, sampling):
+    """Every method, every condition: the same answers from the shared prompt pass (and,
+    with one demonstration set per seed, the demonstration prefix run once) as from a full
+    prompt pass per condition (5 items: batches of 1, 2 or 4 rows, or one left-padded 5)."""
     from spare_tl.stages.harness import Condition, answer_conditions
 
     method = setup.make(name, SETTINGS[name])
-    demos = evaluation_demonstrations(HELD_OUT, POOL, 2, seed=0)
+    demos = evaluation_demonstrations(HELD_OUT, POOL, 2, seed=0, sampling=sampling)
     conditions = [
         Condition("no_steering", NoSteering()),
         Condition("to_context", method, "context"),
@@ -678,3 +686,22 @@ def test_evaluation_reports_intervals_and_paired_tests(setup):
     method = result["method"]
     assert method["time_relative_to_no_steering"]["no_steering"] == pytest.approx(1.0)
     assert method["shared_prefix_seconds_per_item"] > 0
+
+
+def test_closed_book_is_cad_at_minus_one(setup):
+    """CAD with α = −1 decodes log p(y | x): the closed-book reference's answers exactly."""
+    from spare_tl.methods.baselines import ClosedBook
+    from spare_tl.stages.harness import Condition, answer_conditions
+
+    questions = Questions(HELD_OUT, evaluation_demonstrations(HELD_OUT, POOL, 2, seed=0))
+    answers = answer_conditions(
+        setup.model,
+        questions,
+        [Condition("closed", ClosedBook(), "memory"), Condition("cad", CAD(1.0), "memory")],
+        max_new_tokens=5,
+        progress=False,
+    )
+    assert answers["closed"] == answers["cad"]
+    prompts = ClosedBook().prompts(questions, "memory")
+    assert all("context: " + it.sub_context not in p for it, p in zip(HELD_OUT, prompts))
+    assert ClosedBook().prompts(questions, None) == questions.prompts()

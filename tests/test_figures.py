@@ -524,7 +524,7 @@ def write_baselines(directory) -> dict[str, dict]:
     ]
     bl.save_method_sweep(sweep, directory / "sweep-cad.json", {"method": "cad"})
     setup = SimpleNamespace(  # answers only with the saved settings: run_table reuses them all
-        evaluation=[SimpleNamespace(question=f"question {i}?") for i in range(4)],
+        test=[SimpleNamespace(question=f"question {i}?") for i in range(4)],
         pool=[],
         model=None,
         dataset="builtin",

@@ -122,3 +122,58 @@ def test_questions_check_their_shape_once():
         Questions(items, demos[:2])
     with pytest.raises(ValueError, match="unknown demonstration type"):
         Questions(items, demos, "xyz")
+
+
+def _seed_prompts() -> list[str]:
+    """Prompts of one seed under the paper's protocol: the same demonstrations before every
+    item, items of different lengths (so batches are left-padded)."""
+    items = conflict_items(6, start=50)
+    demos = conflict_items(3)
+    return [conflict_prompt(it, demos, "doo") for it in items[:5]] + [
+        conflict_prompt(items[5], demos, "doo") + " and a longer tail of words"
+    ]
+
+
+def test_the_demonstration_prefix_is_found_on_the_full_prompts_tokens(tiny_model):
+    from os.path import commonprefix
+
+    from spare_tl.generation import MIN_SHARED_PREFIX, PromptPrefix, _tokenize
+
+    tokens = _tokenize(tiny_model, _seed_prompts())
+    prefix = PromptPrefix.of(tiny_model, tokens)
+    assert prefix.length == len(commonprefix(tokens)) >= MIN_SHARED_PREFIX
+    assert all(p[: prefix.length] + own == p for p, own in zip(tokens, prefix.own(tokens)))
+    assert PromptPrefix.of(tiny_model, tokens, enabled=False).length == 0
+    assert PromptPrefix.of(tiny_model, tokens[:1]).length == 0
+    short = [t[:5] for t in tokens]
+    assert PromptPrefix.of(tiny_model, short).length == 0  # below the threshold
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 16])
+def test_the_demonstration_prefix_run_once_gives_the_full_pass_answers(tiny_model, batch_size):
+    from spare_tl.generation import generate_shared_prefix
+
+    prompts = _seed_prompts()
+    dec = Decoding(max_new_tokens=6, batch_size=batch_size, progress=False)
+    conditions = {"none": None}
+    once = generate_shared_prefix(tiny_model, prompts, conditions, decoding=dec)
+    per_batch = generate_shared_prefix(
+        tiny_model, prompts, conditions, decoding=dec, shared_demonstrations=False
+    )
+    assert once == per_batch
+    assert once["none"] == greedy_generate(tiny_model, prompts, decoding=dec)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_cad_runs_each_prompt_versions_prefix_once_with_the_same_answers(tiny_model, batch_size):
+    from spare_tl.methods.baselines import cad_generate
+
+    prompts = _seed_prompts()
+    closed = [p.replace("context: ", "") for p in prompts]
+    dec = Decoding(max_new_tokens=5, batch_size=batch_size, progress=False)
+    for alpha in (0.5, -1.0):
+        once = cad_generate(tiny_model, prompts, closed, alpha, decoding=dec)
+        full = cad_generate(
+            tiny_model, prompts, closed, alpha, decoding=dec, shared_demonstrations=False
+        )
+        assert once == full

@@ -29,7 +29,7 @@ def test_committed_features_steer_held_out_conflicts_both_ways(embedded_model):
     split = memorised_split(model, features, "builtin", progress=False)
     result = evaluate(
         model,
-        split.evaluation[:N_ITEMS],
+        split.test[:N_ITEMS],
         split.pool,
         features=features,
         saes=saes,
@@ -48,16 +48,21 @@ def test_committed_features_steer_held_out_conflicts_both_ways(embedded_model):
     assert to_m["neither"] <= base["neither"] + 35, "steering to memory breaks answers"
 
 
-def test_shared_prefix_evaluation_gives_the_full_prompt_pass_answers(embedded_model):
-    """The shared-prefix harness changes no answer of the embedded model (fp32): the same
-    generated text as one full prompt pass per condition, in all three conditions."""
+@pytest.mark.parametrize(("batch_size", "n_items"), [(16, 32), (1, 12)])
+def test_shared_prefix_evaluation_gives_the_full_prompt_pass_answers(
+    embedded_model, batch_size, n_items
+):
+    """The shared-prefix harness (the seed's demonstration prefix run once, then one pass of
+    each item's own tokens per batch) changes no answer of the embedded model (fp32): the
+    same generated text as one full prompt pass per condition, in all three conditions, in
+    left-padded batches of 16 and one row at a time."""
     from spare_tl.stages.evaluation import EvaluationConfig, evaluate
     from spare_tl.stages.memorised import memorised_split
 
     model, features, saes = load_steering_setup(model=embedded_model)
     split = memorised_split(model, features, "builtin", progress=False)
-    held_out = split.evaluation[:32]
-    config = EvaluationConfig(seeds=(0,))
+    held_out = split.test[:n_items]
+    config = EvaluationConfig(seeds=(0,), batch_size=batch_size)
     runs = [
         evaluate(
             model,

@@ -130,7 +130,7 @@ print(json.dumps({
     "sae_hooks": sorted(saes),
     "counts": {str(k): list(v) for k, v in features.counts().items()},
     "pool": len(split.pool),
-    "evaluation": len(split.evaluation),
+    "evaluation": len(split.test),
     "opened": sorted(opened),
 }))
 """

@@ -66,6 +66,11 @@ def test_saved_results_are_reused_only_for_the_same_features_questions_and_seeds
     (tmp_path / "dss-predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     # saved before latent codes existed: made with the SAE's own encode
     features = {**saved["features"], "latent_code": "encode"}
+    # saved before the protocol was recorded: demonstrations drawn per item
+    assert reusable(path, features, questions, [0, 1], "dss", "per_item") == saved
+    assert reusable(path, features, questions, [0, 1], "dss") is None  # per seed: another run
+    saved["protocol"] = {"demonstrations": "per_seed"}
+    path.write_text(json.dumps(saved))
     assert reusable(path, features, questions, [0, 1], "dss") == saved
     assert reusable(tmp_path / "missing.json", features, questions, [0, 1], "dss") is None
     assert reusable(path, {**features, "latent_code": "relu_pre"}, questions, [0, 1], "dss") is None

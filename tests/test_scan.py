@@ -136,9 +136,9 @@ def test_config_and_development_items_are_checked():
     with pytest.raises(ValueError, match="directions"):
         ScanConfig(directions=("up",))
     items = _items(10)
-    assert development_items(items, 4) == items[6:]
-    with pytest.raises(ValueError, match="held-out"):
-        development_items(items, 8, n_test=3)
+    assert development_items(items, 4) == items[:4]
+    with pytest.raises(ValueError, match="ask for fewer"):
+        development_items(items, 11)
     with pytest.raises(ValueError, match="at least 1"):
         development_items(items, 0)
 

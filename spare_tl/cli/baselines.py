@@ -22,7 +22,7 @@ from spare_tl.hardware import add_dtype_argument
 
 # spare_tl.studies.baseline_setup's METHODS, DEFAULT_COEFFICIENTS and DEFAULT_ALPHAS, spelled
 # out so that building the parser imports none of the study (tests/test_baselines.py checks).
-METHODS = ("none", "spare", "icl", "actadd", "taskvec", "cad")
+METHODS = ("none", "closed_book", "spare", "icl", "actadd", "taskvec", "cad")
 DEFAULT_COEFFICIENTS = (0.5, 1.0, 2.0, 4.0, 8.0)
 DEFAULT_ALPHAS = (0.25, 0.5, 1.0, 2.0)
 
@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _sweep_command(args: argparse.Namespace, setup: Any) -> int:
     from spare_tl import cache
+    from spare_tl.data.prompts import relation_histogram
     from spare_tl.stages.evaluation import development_items
     from spare_tl.stages.sweep import best_settings, parse_layer_set
     from spare_tl.studies.baseline_sweep import save_method_sweep, sweep_method, sweep_path
@@ -105,7 +106,7 @@ def _sweep_command(args: argparse.Namespace, setup: Any) -> int:
         layers=args.layers,
         alphas=args.alphas,
     )
-    items = development_items(setup.evaluation, args.n_items)
+    items = development_items(setup.development, args.n_items)
     records = sweep_method(setup.model, candidates, items, setup.pool, n_shots=args.shots)
     path = Path(args.output) if args.output else sweep_path(setup.model.cfg.model_name, args.method)
     config = {
@@ -113,7 +114,9 @@ def _sweep_command(args: argparse.Namespace, setup: Any) -> int:
         "candidates": [c.hyperparameters("context") for c in candidates],
         "n_items": args.n_items,
         "items": cache.fingerprint([it.question for it in items]),
-        "dev_set": f"the last held-out questions (development_items), the test protocol "
+        "relations": relation_histogram(items),
+        "dev_set": f"development questions (split per relation, disjoint from the test), "
+        f"the test protocol, one demonstration set per seed "
         f"(doo, {args.shots} shots, demonstration seed 0)",
         "seconds": round(time.time() - start),
     }

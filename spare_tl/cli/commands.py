@@ -15,7 +15,7 @@ from spare_tl.hardware import (
 )
 
 # spare_tl.studies.baselines.METHODS, spelled out so that building the parser imports no torch.
-EVALUATE_METHODS = ("spare", "none", "icl", "actadd", "taskvec", "cad")
+EVALUATE_METHODS = ("spare", "none", "closed_book", "icl", "actadd", "taskvec", "cad")
 
 _STAGE_HELP = {
     "memorised": "find the memorised set (closed-book exact match)",
@@ -61,6 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-items", type=int, default=None, help="evaluate only the first N items")
     p.add_argument("--demo-type", default="doo", choices=["doo", "dss", "dso"])
     p.add_argument("--shots", type=int, default=3)
+    p.add_argument(
+        "--demonstrations",
+        default="per_seed",
+        choices=["per_seed", "per_item"],
+        help="one demonstration set per seed before every question (the paper's protocol) "
+        "or each question its own",
+    )
     p.add_argument("--edit-strength", type=float, default=None, help="override α (both ways)")
     p.add_argument("--predictions", default=None, help="per-item predictions JSONL")
     p.add_argument("--pool-size", type=int, default=None)
@@ -205,15 +212,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.pool_size is not None:
         features.metadata["pool_size"] = args.pool_size
     split = memorised_split(model, features, args.dataset)
-    eval_items = split.evaluation[: args.n_items] if args.n_items else split.evaluation
-    config = EvaluationConfig(seeds=tuple(args.seeds), n_shots=args.shots, demo_type=args.demo_type)
+    eval_items = split.test[: args.n_items] if args.n_items else split.test
+    config = EvaluationConfig(
+        seeds=tuple(args.seeds),
+        n_shots=args.shots,
+        demo_type=args.demo_type,
+        demonstrations=args.demonstrations,
+    )
     if args.method == "spare":
         method = SpareMethod(features, saes)
     else:
         from spare_tl.studies.baseline_setup import BaselineSetup
 
         setup = BaselineSetup(
-            model, features, saes, list(split.pool), list(split.evaluation), args.dataset
+            model,
+            features,
+            saes,
+            list(split.pool),
+            list(split.development),
+            list(split.test),
+            args.dataset,
         )
         method = setup.method(
             args.method,

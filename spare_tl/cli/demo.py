@@ -77,7 +77,7 @@ def demo(args: argparse.Namespace) -> int:
         print(f"Steering to {direction}: {features.describe(direction)}")
     print()
     split = memorised_split(model, features, "builtin", progress=False)
-    held_out = split.evaluation
+    held_out = split.test
     examples = held_out[:: max(1, len(held_out) // args.examples)][: args.examples]
     demonstrations = [
         sample_demonstrations(split.pool, 3, seed=i, exclude=it) for i, it in enumerate(examples)

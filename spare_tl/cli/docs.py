@@ -462,6 +462,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="model folder under the cache root")
     p.add_argument("--output", default="docs/results.md", help="where to write the page")
     p.add_argument(
+        "--benchmarks",
+        default="docs/benchmarks.md",
+        help="where to write the benchmarks page (from cache_data/<model>/benchmarks/*.json); "
+        "'-' to skip it",
+    )
+    p.add_argument(
         "--figures",
         action="store_true",
         help="also redraw the page's pictures (img/steerability_scan.png, img/feature_card.png)",
@@ -479,6 +485,13 @@ def _docs_command(args: argparse.Namespace) -> int:
     text, missing = results_document(model_dir)
     cache.write_text_atomic(output, text)
     print(f"wrote {output} ({len(text.splitlines())} lines)")
+    if args.benchmarks != "-":
+        from spare_tl.cli.docs_benchmarks import benchmarks_document
+
+        bench = checks.output_file(args.benchmarks)
+        page = benchmarks_document(model_dir / "benchmarks")
+        cache.write_text_atomic(bench, page)
+        print(f"wrote {bench} ({len(page.splitlines())} lines)")
     if args.figures:
         print(draw_scan_figure(args.model, output.parent / "img" / "steerability_scan.png"))
         print(draw_card_figure(args.model, output.parent / "img" / "feature_card.png"))

@@ -98,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
         features,
         saes,
         split.pool,
-        split.evaluation,
+        split.test,
         layers=layers,
         seeds=args.seeds,
         test_fraction=args.test_fraction,

@@ -48,7 +48,7 @@ def _scan_command(args) -> int:
     memorised.require(config.pool_size)
     split = split_pool(memorised.filter(load_dataset(config.dataset)), config.pool_size,
                        config.pool_seed)  # fmt: skip
-    items = development_items(split.evaluation, args.n_items)
+    items = development_items(split.development, args.n_items)
     root = Path(config.cache_root) if config.cache_root else None
     result = cached_scan(model, items, split.pool, scan_config, root=root)
     print(scan_table(result))

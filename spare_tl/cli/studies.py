@@ -37,6 +37,13 @@ def register(sub: Any) -> None:
     p.add_argument("--n-items", type=int, default=200)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    p.add_argument(
+        "--demonstrations",
+        default="per_seed",
+        choices=["per_seed", "per_item"],
+        help="one demonstration set per seed (the paper's protocol; results/<case>.json) or "
+        "each question its own (results/<case>-per_item.json, to compare the two)",
+    )
     add_dtype_argument(p)
     p.add_argument(
         "--reuse",
@@ -87,12 +94,14 @@ def _results(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         cases=args.cases,
         reuse=args.reuse,
+        demonstrations=args.demonstrations,
     )
     print(results_table(results))
     seeds = " ".join(map(str, args.seeds))
     print(
         f"\nRegenerate: `spare-tl results --n-items {args.n_items} --seeds {seeds} "
-        f"--cases {' '.join(args.cases)}` ({time.time() - start:.0f} s)."
+        f"--cases {' '.join(args.cases)} --demonstrations {args.demonstrations}` "
+        f"({time.time() - start:.0f} s)."
     )
     print("docs/results.md is regenerated from these JSON files by `spare-tl docs`")
     return 0
@@ -116,7 +125,7 @@ def _conflict_table(args: argparse.Namespace) -> int:
     memorised = find_memorised(model, items, dataset_name="builtin")
     split = split_pool(memorised.filter(items), 128, 42)
     per_rel: dict[str, list[Any]] = defaultdict(list)
-    for it in split.evaluation:
+    for it in split.test:
         if not args.per_relation or len(per_rel[it.relation]) < args.per_relation:
             per_rel[it.relation].append(it)
     chosen = [it for rel in sorted(per_rel) for it in per_rel[rel]]

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from spare_tl import cache, checks
+from spare_tl.data.prompts import relation_histogram
 from spare_tl.hardware import add_dtype_argument, load_model_for
 from spare_tl.saes import DEFAULT_SITE
 from spare_tl.stages.evaluation import development_items
@@ -129,7 +130,7 @@ def run_from_args(args) -> int:
     model = load_model_for(config.model, args.dtype)
     result = run_pipeline(config, until="statistics", model=model)
     directory = Path(args.output) if args.output else cache.stage_dir(model.cfg.model_name, "sweep")
-    items = development_items(result.split.evaluation, args.n_items)
+    items = development_items(result.split.development, args.n_items)
     if args.combine:
         records, sweep_config = combine_sweeps([Path(p) for p in args.combine])
         sweep_config["max_neither_rise"] = cap
@@ -148,8 +149,11 @@ def run_from_args(args) -> int:
             "latent_code": config.latent_code,
             "dtype": str(model.cfg.dtype),
             "max_neither_rise": cap,
-            "dev_set": "the last held-out questions (development_items), the test protocol "
-            "(doo, 3 shots, demonstration seed 0)",
+            "dev_set": "development questions (split per relation from the held-out ones, "
+            "disjoint from the test), the test protocol (doo, 3 shots, one demonstration set, "
+            "seed 0)",
+            "relations": relation_histogram(items),
+            "test_relations": relation_histogram(result.split.test[:200]),
             "seconds": round(time.time() - start),
         }
     sweep_config["command"] = _command_line()

@@ -109,24 +109,70 @@ def sample_demonstrations(
     return random.Random(seed).sample(candidates, k)
 
 
+DEFAULT_DEVELOPMENT_SHARE = 1 / 3
+
+
+def relation_histogram(items: Sequence[ConflictItem]) -> dict[str, int]:
+    """How many items of each relation (sorted by relation): the shape of a question set."""
+    counts: dict[str, int] = {}
+    for it in items:
+        counts[it.relation] = counts.get(it.relation, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 @dataclass(frozen=True)
 class PoolSplit:
-    """The demonstration pool (development set) and the evaluation items, disjoint."""
+    """The demonstration pool, the development questions and the test questions: disjoint.
+
+    ``development`` and ``test`` split the held-out questions per relation (seeded), so both
+    cover every relation in proportion; each is ordered so that any first ``n`` of it is
+    itself spread over the relations in proportion (the usual held-out slice
+    ``test[:200]``). Tune on ``development``, report on ``test``.
+    """
 
     pool: list[ConflictItem]
-    evaluation: list[ConflictItem]
+    development: list[ConflictItem]
+    test: list[ConflictItem]
     seed: int
+
+    def histograms(self) -> dict[str, dict[str, int]]:
+        """The relation histogram of the pool, the development and the test questions."""
+        return {
+            "pool": relation_histogram(self.pool),
+            "development": relation_histogram(self.development),
+            "test": relation_histogram(self.test),
+        }
+
+
+def proportional_order(groups: dict[str, list[str]]) -> list[str]:
+    """Interleave per-relation lists so every prefix holds each relation in proportion.
+
+    Element ``i`` of a relation with ``n`` elements sits at ``i / n``; the merged order
+    sorts by that position (ties by relation). So the first ``k`` of the result hold every
+    relation once ``k`` reaches the number of relations, and about ``k * n / total`` of each
+    (within one) after that.
+    """
+    keyed = [
+        (i / len(members), relation, i, key)
+        for relation, members in groups.items()
+        for i, key in enumerate(members)
+    ]
+    return [key for *_, key in sorted(keyed)]
 
 
 def split_pool(
-    items: Sequence[ConflictItem], pool_size: int = DEFAULT_POOL_SIZE, seed: int = DEFAULT_POOL_SEED
+    items: Sequence[ConflictItem],
+    pool_size: int = DEFAULT_POOL_SIZE,
+    seed: int = DEFAULT_POOL_SEED,
+    development_share: float = DEFAULT_DEVELOPMENT_SHARE,
 ) -> PoolSplit:
-    """Hold out ``pool_size`` distinct questions (seeded) as the demonstration pool.
+    """Hold out ``pool_size`` distinct questions (seeded) as the demonstration pool, then
+    split the rest per relation into development and test questions.
 
-    Items sharing a question go to the same side, so a pool question never appears as an
-    evaluation item. The evaluation items are interleaved across relations (round-robin over
-    the relations, each in question order), so its first n items, the usual held-out slice,
-    span every relation instead of the alphabetically first ones.
+    Items sharing a question go to the same side, so no question is in two sets. Within each
+    relation the held-out questions are shuffled (seeded) and ``development_share`` of them
+    (rounded, at least one when the relation has 2 or more, never all) go to development, the
+    rest to test; both lists are ordered by :func:`proportional_order`.
     """
     groups: dict[str, list[ConflictItem]] = {}
     for item in items:
@@ -134,6 +180,8 @@ def split_pool(
     keys = sorted(groups)
     if pool_size < 1:
         raise ValueError(f"pool size must be >= 1, got {pool_size}")
+    if not 0 < development_share < 1:
+        raise ValueError(f"development share must be in (0, 1), got {development_share}")
     if not keys:
         raise ValueError(
             "no items to split into a pool and evaluation items: 0 questions are memorised "
@@ -149,8 +197,19 @@ def split_pool(
     for k in keys:
         if k not in chosen:
             by_relation.setdefault(groups[k][0].relation, []).append(k)
-    queues = [by_relation[r] for r in sorted(by_relation)]
-    depth = max((len(q) for q in queues), default=0)
-    order = [q[i] for i in range(depth) for q in queues if i < len(q)]
-    evaluation = [it for k in order for it in groups[k]]
-    return PoolSplit(pool=pool, evaluation=evaluation, seed=seed)
+    development: dict[str, list[str]] = {}
+    test: dict[str, list[str]] = {}
+    for relation, members in sorted(by_relation.items()):
+        shuffled = list(members)
+        random.Random(f"{seed}:{relation}").shuffle(shuffled)
+        n_dev = round(len(shuffled) * development_share)
+        n_dev = min(max(n_dev, 1 if len(shuffled) >= 2 else 0), len(shuffled) - 1)
+        if n_dev:
+            development[relation] = shuffled[:n_dev]
+        test[relation] = shuffled[n_dev:]
+    return PoolSplit(
+        pool=pool,
+        development=[it for k in proportional_order(development) for it in groups[k]],
+        test=[it for k in proportional_order(test) for it in groups[k]],
+        seed=seed,
+    )

@@ -104,3 +104,32 @@ def behaviour_label(prediction: str, item: ConflictItem) -> Behaviour:
     if uses_memory and not uses_context:
         return "memory"
     return "neither"
+
+
+def contains_answer(prediction: str, candidates: str | Iterable[str]) -> bool:
+    """Whether any normalised candidate occurs in the normalised prediction as whole words.
+
+    Looser than exact match: ``"author J.K. Rowling"`` contains ``"J.K. Rowling"``. Beside
+    exact match it tells a broken answer format (the fact is there, wrapped) from a wrong
+    fact (it is not there at all).
+    """
+    if isinstance(candidates, str):
+        candidates = (candidates,)
+    pred = f" {normalize_answer(prediction)} "
+    if not pred.strip():
+        return False
+    return any(
+        bool(norm) and f" {norm} " in pred for norm in (normalize_answer(c) for c in candidates)
+    )
+
+
+def containment_label(prediction: str, item: ConflictItem) -> Behaviour:
+    """:func:`behaviour_label` by containment: ``context`` when the prediction contains C and
+    not M, ``memory`` when it contains M and not C, else ``neither``."""
+    has_c = contains_answer(prediction, item.sub_answer)
+    has_m = contains_answer(prediction, item.org_answer)
+    if has_c and not has_m:
+        return "context"
+    if has_m and not has_c:
+        return "memory"
+    return "neither"

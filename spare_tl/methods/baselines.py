@@ -42,6 +42,7 @@ from spare_tl.data.schema import ConflictItem
 from spare_tl.generation import (
     Decoding,
     DecodingOptions,
+    PromptPrefix,
     _batches,
     _decode_text,
     _last_logits,
@@ -61,6 +62,7 @@ from spare_tl.saes import DEFAULT_SITE, check_site, site_hook_name
 
 __all__ = [
     "CAD",
+    "ClosedBook",
     "ICL",
     "TASK_VECTOR_PROMPTS",
     "ActAdd",
@@ -198,6 +200,25 @@ def prompt_without_context(
     return full[:cut] + full[cut + len(line) :]
 
 
+class ClosedBook(PromptMethod):
+    """The reference with the test item's context removed (its demonstrations kept): the
+    answer from memory alone in this prompt format. Both directions answer the same
+    context-free prompt; CAD at α = −1 decodes exactly this (its (1 + α)·log p(y | c, x)
+    term vanishes). Not a steering method: a row that says what "to memory" can reach
+    without keeping the context."""
+
+    name = "closed_book"
+    inference_time = False
+
+    def prompts(self, questions: Questions, direction: Direction | None) -> list[str]:
+        if direction is None:
+            return questions.prompts()
+        return [
+            prompt_without_context(it, d, questions.demo_type)
+            for it, d in zip(questions.items, questions.demonstrations)
+        ]
+
+
 def contrastive_scores(
     logits_with_context: Float[Tensor, "batch vocab"],
     logits_without_context: Float[Tensor, "batch vocab"],
@@ -222,16 +243,17 @@ def cad_generate(
     prompts_without_context: Sequence[str],
     alpha: float,
     *,
+    shared_demonstrations: bool = True,
     decoding: Decoding | None = None,
     **options: Unpack[DecodingOptions],
 ) -> list[str]:
     """Greedy context-aware decoding, batched like :func:`spare_tl.generation.greedy_generate`.
 
     Each batch keeps two left-padded KV caches, one per prompt version; every step feeds the
-    chosen token to both. Rows stop at their first newline.
+    chosen token to both. Rows stop at their first newline. Each version's token prefix
+    shared by every prompt (one demonstration set per seed) is run once
+    (:class:`~spare_tl.generation.PromptPrefix`).
     """
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-
     if len(prompts) != len(prompts_without_context):
         raise ValueError("give one context-free prompt per prompt")
     if not math.isfinite(alpha):
@@ -240,8 +262,10 @@ def cad_generate(
     max_new_tokens = dec.max_new_tokens
     if not prompts:
         return []
-    with_ctx = _tokenize(model, prompts)
-    without = _tokenize(model, prompts_without_context)
+    full = (_tokenize(model, prompts), _tokenize(model, prompts_without_context))
+    # one demonstration set per seed: each prompt version's shared prefix is run once
+    prefixes = [PromptPrefix.of(model, t, enabled=shared_demonstrations) for t in full]
+    with_ctx, without = (pre.own(t) for pre, t in zip(prefixes, full))
     order = sorted(range(len(prompts)), key=lambda i: len(with_ctx[i]))
     stop_ids = stop_token_ids(model, dec.stop_at_newline)
     n_layers = model.cfg.n_layers
@@ -252,11 +276,13 @@ def cad_generate(
         b = len(batch)
         logits = []
         caches = []
-        for token_lists in (with_ctx, without):
+        for token_lists, prefix in zip((with_ctx, without), prefixes):
             tokens, mask = left_pad(
-                model, [token_lists[i] for i in batch], extra=max_new_tokens + 8
+                model,
+                [token_lists[i] for i in batch],
+                extra=max_new_tokens + 8 + prefix.length,
             )
-            kv = TransformerLensKeyValueCache.init_cache(model.cfg, device, b)
+            kv = prefix.cache(model, b)
             resid = model(tokens, attention_mask=mask, past_kv_cache=kv, stop_at_layer=n_layers)
             logits.append(_last_logits(model, resid[:, -1]))
             caches.append(kv)

@@ -14,17 +14,24 @@ from __future__ import annotations
 
 import logging
 import statistics as st
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from spare_tl import cache
-from spare_tl.data.prompts import Questions, sample_demonstrations
+from spare_tl.data.prompts import (
+    Questions,
+    question_key,
+    relation_histogram,
+    sample_demonstrations,
+)
 from spare_tl.data.schema import ConflictItem
-from spare_tl.data.scoring import behaviour_label
+from spare_tl.data.scoring import behaviour_label, containment_label
 from spare_tl.features import FunctionalFeatures
 from spare_tl.generation import Decoding, newline_token_ids
+from spare_tl.hardware import describe
 from spare_tl.methods.base import NoSteering, SteeringMethod
 from spare_tl.methods.spare import DIRECTIONS, SpareMethod
 from spare_tl.stages.harness import Condition, answer_conditions
@@ -44,6 +51,10 @@ class EvaluationConfig:
     max_new_tokens: int = 12
     batch_size: int = 16
     conditions: tuple[str, ...] = CONDITIONS
+    demonstrations: str = "per_seed"
+
+    def __post_init__(self) -> None:
+        _check_sampling(self.demonstrations)
 
     def decoding(self, progress: bool = True, desc: str = "evaluating") -> Decoding:
         """The greedy decoding this configuration asks for."""
@@ -169,34 +180,60 @@ def check_held_out(items: Sequence[ConflictItem], pool: Sequence[ConflictItem]) 
 
 
 DEVELOPMENT_SIZE = 128
+#: How demonstrations are drawn: ``per_seed`` (the paper's protocol: one set of k pool
+#: demonstrations per seed, the same text before every question) or ``per_item`` (each
+#: question its own k, seeded by seed and position).
+DEMONSTRATION_SAMPLING = ("per_seed", "per_item")
 
 
 def development_items(
-    evaluation: Sequence[ConflictItem], n: int = DEVELOPMENT_SIZE, *, n_test: int = 0
+    development: Sequence[ConflictItem], n: int = DEVELOPMENT_SIZE
 ) -> list[ConflictItem]:
-    """The development questions: the last ``n`` of the held-out list.
-
-    The held-out list interleaves the relations, so its tail spans them like its head; test
-    questions are taken from the head (``evaluation[:n_test]``); pass ``n_test`` to have the
-    two checked for overlap. The steerability scan uses these with exactly the test protocol
-    (demonstrations from the pool, :func:`evaluation_demonstrations`); the development sweep
-    (:mod:`spare_tl.stages.sweep`) still asks pool questions."""
+    """The first ``n`` development questions (``PoolSplit.development``): disjoint from the
+    pool and the test questions, spread over the relations in proportion
+    (:func:`~spare_tl.data.prompts.split_pool`). The scan, the SpARE sweep and the baselines'
+    sweeps all tune on these."""
     if n < 1:
         raise ValueError(f"the development set needs at least 1 question, got n={n}")
-    if n + n_test > len(evaluation):
+    if n > len(development):
         raise ValueError(
-            f"{n} development + {n_test} test questions need {n + n_test} held-out "
-            f"questions, but there are {len(evaluation)}; ask for fewer"
+            f"asked for {n} development questions, but the split holds {len(development)}; "
+            "ask for fewer"
         )
-    return list(evaluation[len(evaluation) - n :])
+    return list(development[:n])
+
+
+def _check_sampling(sampling: str) -> None:
+    if sampling not in DEMONSTRATION_SAMPLING:
+        raise ValueError(
+            f"unknown demonstration sampling {sampling!r}: use one of {DEMONSTRATION_SAMPLING}"
+        )
 
 
 def evaluation_demonstrations(
-    items: Sequence[ConflictItem], pool: Sequence[ConflictItem], n_shots: int, seed: int
+    items: Sequence[ConflictItem],
+    pool: Sequence[ConflictItem],
+    n_shots: int,
+    seed: int,
+    sampling: str = "per_seed",
 ) -> list[list[ConflictItem]]:
-    """The ``n_shots`` pool demonstrations of every item for demonstration seed ``seed``."""
+    """The ``n_shots`` pool demonstrations of every item for demonstration seed ``seed``.
+
+    ``per_seed`` draws one set for the seed and shows it before every item (an item that is
+    itself in that set, which a held-out item never is, gets its own draw); ``per_item``
+    draws each item's set on its own."""
+    _check_sampling(sampling)
+    if sampling == "per_item":
+        return [
+            sample_demonstrations(pool, n_shots, seed=seed * 1_000_003 + i, exclude=it)
+            for i, it in enumerate(items)
+        ]
+    shared = sample_demonstrations(pool, n_shots, seed=seed)
+    keys = {question_key(d) for d in shared}
     return [
-        sample_demonstrations(pool, n_shots, seed=seed * 1_000_003 + i, exclude=it)
+        list(shared)
+        if question_key(it) not in keys
+        else sample_demonstrations(pool, n_shots, seed=seed * 1_000_003 + i, exclude=it)
         for i, it in enumerate(items)
     ]
 
@@ -207,9 +244,12 @@ def evaluation_questions(
     n_shots: int,
     seed: int,
     demo_type: str = "doo",
+    sampling: str = "per_seed",
 ) -> Questions:
     """``items`` with their :func:`evaluation_demonstrations`, shown as ``demo_type``."""
-    return Questions(items, evaluation_demonstrations(items, pool, n_shots, seed), demo_type)
+    return Questions(
+        items, evaluation_demonstrations(items, pool, n_shots, seed, sampling), demo_type
+    )
 
 
 def prediction_records(
@@ -316,6 +356,7 @@ def evaluate(
     """
     config = config or EvaluationConfig()
     check_held_out(items, pool)
+    started = time.perf_counter()
     if method is None:
         needs_steering = any(c != "no_steering" for c in config.conditions)
         if needs_steering and (features is None or saes is None):
@@ -327,10 +368,13 @@ def evaluate(
     direction_of = {c: d for d, c in CONDITION_OF.items()}
     newline_token_ids(model)  # warm the tokenizer lookup outside the timed region
     labels: dict[str, dict[int, list[str]]] = {c: {} for c in conditions}
+    contained: dict[str, dict[int, list[str]]] = {c: {} for c in conditions}
     seconds: dict[str, float] = {}
     predictions: list[dict[str, Any]] = []
     for seed in config.seeds:
-        questions = evaluation_questions(items, pool, config.n_shots, seed, config.demo_type)
+        questions = evaluation_questions(
+            items, pool, config.n_shots, seed, config.demo_type, config.demonstrations
+        )
         reuse = shared_no_steering is not None and seed in shared_no_steering
         todo = [
             Condition(c, NoSteering() if c == "no_steering" else method, direction_of[c])
@@ -358,8 +402,19 @@ def evaluate(
             seconds[key] = seconds.get(key, 0.0) + value
         for cond in conditions:
             labels[cond][seed] = [behaviour_label(a, it) for a, it in zip(answers[cond], items)]
-        predictions += prediction_records(seed, items, answers, labels, conditions)
+            contained[cond][seed] = [
+                containment_label(a, it) for a, it in zip(answers[cond], items)
+            ]
+        records = prediction_records(seed, items, answers, labels, conditions)
+        for i, record in enumerate(records):
+            record.update({f"{c}.contains": contained[c][seed][i] for c in conditions})
+        predictions += records
     summary = summarise(labels, [it.relation for it in items], list(config.seeds))
+    for cond in conditions:
+        for behaviour, key in (("context", "contains_C"), ("memory", "contains_M")):
+            summary[cond][key] = _mean_std(
+                [_share(contained[cond][s], behaviour) for s in config.seeds]
+            )["mean"]
     summary["method"] = _method_summary(method, conditions, seconds, len(items) * len(config.seeds))
     method_features = getattr(method, "features", None)
     if method_features is not None:
@@ -369,7 +424,11 @@ def evaluate(
         "max_new_tokens": config.max_new_tokens,
         "batch_size": config.batch_size,
         "shared_prefix": shared_prefix,
+        "demonstrations": config.demonstrations,
     }
+    summary["relations"] = relation_histogram(items)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    summary["machine"] = describe()
     return EvaluationResult(
         model=model.cfg.model_name,
         dataset=dataset_name,

@@ -352,7 +352,7 @@ def run_pipeline(
     out.features.save(features_dir)
     if stop == 4:
         return out
-    evaluation_items = out.split.evaluation
+    evaluation_items = out.split.test
     if config.n_eval_items:
         evaluation_items = evaluation_items[: config.n_eval_items]
     out.evaluation = evaluate(

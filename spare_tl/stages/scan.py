@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
@@ -35,9 +36,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from spare_tl import cache
-from spare_tl.data.prompts import closed_book_prompt, conflict_prompt
+from spare_tl.data.prompts import closed_book_prompt, conflict_prompt, relation_histogram
 from spare_tl.data.schema import ConflictItem
 from spare_tl.generation import Decoding
+from spare_tl.hardware import describe
 from spare_tl.methods.spare import Direction, LastPromptPositionHook, attach_hooks
 from spare_tl.saes import SITES, site_hook_name
 from spare_tl.stages.activations import last_position_activations
@@ -64,6 +66,7 @@ class ScanConfig:
     seed: int = 0
     max_new_tokens: int = 12
     batch_size: int = 16
+    demonstrations: str = "per_seed"
 
     def __post_init__(self) -> None:
         bad = [s for s in self.sites if s not in SITES]
@@ -102,6 +105,9 @@ class ScanResult:
     donors: dict[str, dict[str, float]]  # what each donor run answers itself
     rows: list[dict[str, Any]]
     config: dict[str, Any] = field(default_factory=dict)
+    relations: dict[str, int] = field(default_factory=dict)  # the questions' histogram
+    seconds: float | None = None  # wall time of the scan
+    machine: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -184,12 +190,15 @@ def steerability_scan(
     config = config or ScanConfig()
     if not items:
         raise ValueError("the scan needs at least one development question")
+    started = time.perf_counter()
     n_layers = int(model.cfg.n_layers)
     layers = list(range(n_layers)) if config.layers is None else sorted(set(config.layers))
     bad = [layer for layer in layers if not 0 <= layer < n_layers]
     if bad or not layers:
         raise ValueError(f"layers {bad or '(none)'} are not in the model's 0-{n_layers - 1}")
-    questions = evaluation_questions(items, pool, config.n_shots, config.seed, config.demo_type)
+    questions = evaluation_questions(
+        items, pool, config.n_shots, config.seed, config.demo_type, config.demonstrations
+    )
     donors = donor_prompts(items, questions.demonstrations)
     hooks = [site_hook_name(layer, site) for layer in layers for site in config.sites]
     decoding = Decoding(
@@ -232,6 +241,9 @@ def steerability_scan(
         donors=donor_answers,
         rows=rows,
         config=json.loads(json.dumps(asdict(config) | {"layers": layers})),
+        relations=relation_histogram(items),
+        seconds=round(time.perf_counter() - started, 1),
+        machine=describe(),
     )
 
 

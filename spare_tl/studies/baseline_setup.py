@@ -29,6 +29,7 @@ from spare_tl.methods.baselines import (
     ICL,
     TASK_VECTOR_PROMPTS,
     ActAdd,
+    ClosedBook,
     PerDirection,
     TaskVector,
     mean_difference,
@@ -50,7 +51,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-METHODS: tuple[str, ...] = ("none", "spare", "icl", "actadd", "taskvec", "cad")
+METHODS: tuple[str, ...] = ("none", "closed_book", "spare", "icl", "actadd", "taskvec", "cad")
 DEFAULT_COEFFICIENTS = (0.5, 1.0, 2.0, 4.0, 8.0)
 DEFAULT_ALPHAS = (0.25, 0.5, 1.0, 2.0)
 
@@ -131,14 +132,16 @@ def task_vectors(
 
 @dataclass
 class BaselineSetup:
-    """Everything the methods are built from: model, SpARE's features and SAEs, the pool
-    (development set) and the held-out items; steering vectors are computed on demand."""
+    """Everything the methods are built from: model, SpARE's features and SAEs, the
+    demonstration pool, the development questions (sweeps) and the test questions; steering
+    vectors are computed on demand."""
 
     model: Any
     features: Any
     saes: Mapping[Any, Any]
     pool: list[ConflictItem]
-    evaluation: list[ConflictItem]
+    development: list[ConflictItem]
+    test: list[ConflictItem]
     dataset: str = "builtin"
     grouped: Any = None
     cache_root: Path | None = None
@@ -169,7 +172,15 @@ class BaselineSetup:
         if pool_size:
             features.metadata["pool_size"] = pool_size
         split = memorised_split(model, features, dataset)
-        return cls(model, features, saes, list(split.pool), list(split.evaluation), dataset)
+        return cls(
+            model,
+            features,
+            saes,
+            list(split.pool),
+            list(split.development),
+            list(split.test),
+            dataset,
+        )
 
     def _grouped(self):
         if self.grouped is None:
@@ -213,6 +224,8 @@ class BaselineSetup:
             return NoSteering()
         if name == "icl":
             return ICL()
+        if name == "closed_book":
+            return ClosedBook()
         if name == "spare":
             return SpareMethod(self.features, self.saes, hp.get("edit_strength"))
         if name == "actadd":
@@ -238,7 +251,7 @@ class BaselineSetup:
     ) -> SteeringMethod:
         """``name`` with its dev-best setting per direction (from its saved sweep), or with
         ``overrides`` in both directions."""
-        if name in ("none", "icl", "spare"):
+        if name in ("none", "closed_book", "icl", "spare"):
             return self.make(name, overrides)
         if overrides:
             return self.make(name, overrides)
@@ -270,7 +283,7 @@ class BaselineSetup:
             return [self.make(name, {"layer": layer}) for layer in chosen]
         if name == "cad":
             return [self.make(name, {"alpha": a}) for a in alphas]
-        if name in ("none", "icl"):
+        if name in ("none", "closed_book", "icl"):
             return [self.make(name)]
         raise ValueError(
             f"no baseline sweep for {name!r}: SpARE has its own (`spare-tl sweep`, "

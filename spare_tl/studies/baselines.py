@@ -21,11 +21,13 @@ The names of the modules above stay importable from here (the old ``spare_tl.bas
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from spare_tl import cache
+from spare_tl.hardware import describe
 from spare_tl.lazy import lazy_getattr
 from spare_tl.methods import baselines as baseline_methods
 from spare_tl.methods.hooks import DIRECTIONS
@@ -177,7 +179,8 @@ def run_table(
 
     ``table.json`` holds the model, the protocol and :func:`table_rows` (what the report
     renders); its ``markdown`` is the same table for people reading the file, never parsed."""
-    items = setup.evaluation[:n_items] if n_items else setup.evaluation
+    started = time.perf_counter()
+    items = setup.test[:n_items] if n_items else setup.test
     protocol = _protocol(config, len(items), setup.dataset)
     results: dict[str, dict[str, Any]] = {}
     shared: dict[int, tuple[list[str], float]] = {}  # no-steering answers, run once
@@ -212,6 +215,13 @@ def run_table(
     model_name = next(iter(results.values()))["model"]
     cache.write_json(
         Path(out_dir) / "table.json",
-        {"model": model_name, "protocol": protocol, "rows": table_rows(results), "markdown": table},
+        {
+            "model": model_name,
+            "protocol": protocol,
+            "rows": table_rows(results),
+            "markdown": table,
+            "seconds": round(time.perf_counter() - started, 1),
+            "machine": describe(),
+        },
     )
     return table, results

@@ -38,6 +38,7 @@ def reusable(
     questions: list[str],
     seeds: list[int],
     demo_type: str,
+    demonstrations: str = "per_seed",
 ) -> dict[str, Any] | None:
     """The saved results of case ``demo_type`` at ``path`` when they were made with the same
     feature set (its summary), the same questions in the same order (read from the
@@ -55,6 +56,8 @@ def reusable(
         and data.get("seeds") == list(seeds)
         and data.get("demo_type", demo_type) == demo_type
         and all(c in data for c in CASES[demo_type])
+        # results written before the protocol was recorded drew demonstrations per item
+        and data.get("protocol", {}).get("demonstrations", "per_item") == demonstrations
     )
     return data if same else None
 
@@ -69,18 +72,24 @@ def run_results(
     seeds: Sequence[int] = (0, 1, 2, 3, 4),
     cases: Sequence[str] = tuple(CASES),
     reuse: bool = False,
+    demonstrations: str = "per_seed",
 ) -> dict[str, dict[str, Any]]:
     """Evaluate ``features`` on the first ``n_items`` held-out questions of ``split`` for each
     case (``doo``, ``dso``, ``dss``); write ``cache_data/<model>/results/<case>.json`` and its
     predictions, and return the results by case. With ``reuse``, a case whose saved results
-    were made with the same features, questions and seeds is read, not recomputed."""
-    eval_items = split.evaluation[:n_items]
+    were made with the same features, questions and seeds is read, not recomputed.
+    ``demonstrations="per_item"`` (each question its own demonstrations, not the paper's one
+    set per seed) writes ``<case>-per_item.json`` beside them, to compare the protocols."""
+    eval_items = split.test[:n_items]
     out_dir = cache.stage_dir(model.cfg.model_name, "results")  # never the shipped data
     results: dict[str, dict[str, Any]] = {}
     for demo_type in cases:
-        saved = out_dir / f"{demo_type}.json"
+        stem = demo_type if demonstrations == "per_seed" else f"{demo_type}-{demonstrations}"
+        saved = out_dir / f"{stem}.json"
         questions = [it.question for it in eval_items]
-        data = reusable(saved, features_summary(features), questions, list(seeds), demo_type)
+        data = reusable(
+            saved, features_summary(features), questions, list(seeds), demo_type, demonstrations
+        )
         if reuse and data is not None:
             print(f"{demo_type}: reusing {saved}")
             results[demo_type] = data
@@ -92,10 +101,13 @@ def run_results(
             features=features,
             saes=saes,
             config=EvaluationConfig(
-                seeds=tuple(seeds), demo_type=demo_type, conditions=CASES[demo_type]
+                seeds=tuple(seeds),
+                demo_type=demo_type,
+                conditions=CASES[demo_type],
+                demonstrations=demonstrations,
             ),
             dataset_name="builtin",
         )
-        result.save(saved, out_dir / f"{demo_type}-predictions.jsonl")
+        result.save(saved, out_dir / f"{stem}-predictions.jsonl")
         results[demo_type] = result.to_json()
     return results

@@ -144,18 +144,15 @@ def test_write_atomic(tmp_path: Path) -> None:
     assert [p.name for p in out.parent.iterdir()] == ["x.jsonl"]
 
 
-def test_pool_split_interleaves_relations_in_the_held_out_list(items: list[ConflictItem]) -> None:
+def test_pool_split_orders_development_and_test_by_relation(items: list[ConflictItem]) -> None:
     from spare_tl.data.prompts import split_pool
 
     split = split_pool(items, 128, 42)
-    relations = sorted({it.relation for it in split.evaluation})
-    first = split.evaluation[: len(relations)]
+    relations = sorted({it.relation for it in split.test})
+    first = split.test[: len(relations)]
     assert sorted(it.relation for it in first) == relations  # every relation once, up front
     pool_questions = {it.question for it in split.pool}
-    assert not pool_questions & {it.question for it in split.evaluation}
-    assert len(split.pool) + len(split.evaluation) == len(items)  # no duplicate questions here
-    # within a relation the held-out questions keep their (sorted) order
-    rel = relations[0]
-    own = [it.question.lower() for it in split.evaluation if it.relation == rel]
-    assert own == sorted(own)
-    assert split_pool(items, 128, 42).evaluation == split.evaluation
+    held_out = split.development + split.test
+    assert not pool_questions & {it.question for it in held_out}
+    assert len(split.pool) + len(held_out) == len(items)  # no duplicate questions here
+    assert split_pool(items, 128, 42) == split
