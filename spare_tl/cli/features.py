@@ -63,7 +63,7 @@ def development_questions(model, features, n: int):
     from spare_tl.stages.memorised import memorised_split
 
     split = memorised_split(model, features, "builtin")
-    return development_items(split.evaluation, n), list(split.pool)
+    return development_items(split.development, n), list(split.pool)
 
 
 def _setup():

@@ -142,7 +142,9 @@ def _labels(
     config: EvaluationConfig,
     progress: bool,
 ) -> dict[str, list[str]]:
-    questions = evaluation_questions(items, pool, config.n_shots, seed, config.demo_type)
+    questions = evaluation_questions(
+        items, pool, config.n_shots, seed, config.demo_type, config.demonstrations
+    )
     answers = answer_conditions(
         model, questions, conditions, decoding=config.decoding(progress, f"feature effects {seed}")
     )
