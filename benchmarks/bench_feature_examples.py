@@ -13,6 +13,8 @@ the time and machine go to ``cache_data/smollm2-135m-instruct/benchmarks/feature
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import shutil
 import time
 
@@ -35,6 +37,8 @@ from spare_tl.stages.feature_examples import (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-text", type=int, default=2000)
+    parser.add_argument("--n-grouped", type=int, default=128, help="grouped prompts (sample)")
+    parser.add_argument("--text-tokens", type=int, default=16, help="tokens per passage")
     parser.add_argument("--fresh", action="store_true", help="delete the saved stage first")
     args = parser.parse_args()
     print(describe())
@@ -47,7 +51,9 @@ def main() -> None:
     directory = EMBEDDED_DIR / STAGE
     if args.fresh:
         shutil.rmtree(directory, ignore_errors=True)
-    config = FeatureExamplesConfig(n_text=args.n_text)
+    config = FeatureExamplesConfig(
+        n_text=args.n_text, n_grouped=args.n_grouped, text_tokens=args.text_tokens
+    )
     start = time.perf_counter()
     result = feature_examples(
         model,
@@ -70,8 +76,10 @@ def main() -> None:
         "machine": describe(),
         "date": time.strftime("%Y-%m-%d"),
         "saes": len(hooks),
-        "grouped_prompts": len(grouped),
+        "grouped_prompts": min(len(grouped), args.n_grouped),
         "text_passages": args.n_text,
+        "config": dataclasses.asdict(config),
+        "load_average_1min_at_end": os.getloadavg()[0],
         "tokens": n_tokens,
         "latents_kept": sum(len(v) for v in functional_latents(features).values()),
         "seconds": seconds,

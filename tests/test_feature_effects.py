@@ -59,7 +59,11 @@ def test_restricted_keeps_only_the_chosen_features(setup):
 
 
 def test_full_set_equals_the_evaluation(tiny_model, setup, tmp_path):
+    from spare_tl.cli.docs import _feature_effects_section
+
     features, saes = setup
+    model_dir = tmp_path
+    tmp_path = model_dir / "feature_effects"
     effects = feature_effects(
         tiny_model, features, saes, DEV, POOL, config=CONFIG, directory=tmp_path, progress=False
     )
@@ -76,6 +80,13 @@ def test_full_set_equals_the_evaluation(tiny_model, setup, tmp_path):
         gains = [r["gain"] for r in rows]
         assert gains == sorted(gains, reverse=True)
         assert len(block["top"]) == 3
+    # the docs section: one table per direction, rows in the saved order
+    text = "\n".join(_feature_effects_section(model_dir, []))
+    for d, block in effects.directions.items():
+        assert f"### Steering to {d}" in text
+        first = block["features"][0]
+        assert f"| {first['layer']}:{first['latent']} | {first['role']} |" in text
+    assert "5 questions move in steps of 20 points" in text
     # cached: loaded back equal, and a second call does not recompute
     assert read_feature_effects(tmp_path) == effects
     assert (

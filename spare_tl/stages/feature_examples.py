@@ -49,9 +49,9 @@ class FeatureExamplesConfig:
 
     k: int = 8  # top contexts per latent and source
     n_text: int = 2000  # general-text passages
-    text_tokens: int = 32  # tokens per passage (the tail of one training-format prompt)
-    n_grouped: int | None = 384  # grouped prompts, a seeded sample (None: all)
-    before: int = 20  # tokens kept before the firing token
+    text_tokens: int = 16  # tokens per passage (the tail of one training-format prompt)
+    n_grouped: int | None = 128  # grouped prompts, a seeded sample (None: all)
+    before: int = 12  # tokens kept before the firing token
     after: int = 3  # and after it
     n_bins: int = 24  # histogram bins over log10(activation) in [log_min, log_max]
     log_min: float = -2.0
