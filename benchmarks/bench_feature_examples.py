@@ -87,7 +87,7 @@ def main() -> None:
     }
     cache.write_json(EMBEDDED_DIR / "benchmarks" / "feature_examples.json", out)
     print(
-        f"{len(hooks)} SAEs, {len(grouped)} grouped prompts + {args.n_text} passages "
+        f"{len(hooks)} SAEs, {min(len(grouped), args.n_grouped)} grouped prompts + {args.n_text} passages "
         f"({n_tokens} tokens): {seconds:.1f} s; stage {size / 1e6:.2f} MB"
     )
 

@@ -122,7 +122,6 @@ class FeatureCard:
             height=300,
             margin=dict(l=40, r=10, t=40, b=30),
             legend=dict(orientation="h", y=-0.15),
-            title=dict(text=self.title, font=dict(size=13)),
         )
         return fig
 
