@@ -139,3 +139,12 @@ def test_parse_target():
     assert parse_target("12:345") == (12, 345)
     with pytest.raises(ValueError, match="LAYER:LATENT"):
         parse_target("12")
+
+
+def test_features_show_needs_layer_and_latent(capsys):
+    from spare_tl.cli import main
+
+    assert main(["features", "show", "12"]) == 2
+    assert "features show needs LAYER:LATENT" in capsys.readouterr().err
+    assert main(["features", "effects", "12:3"]) == 2
+    assert "takes no '12:3'" in capsys.readouterr().err
