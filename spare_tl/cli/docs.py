@@ -309,9 +309,8 @@ def _feature_effects_section(model_dir: Path, missing: list[str]) -> list[str]:
         if examples is None or row["hook_name"] not in examples.by_hook:
             return ""
         saved = examples.by_hook[row["hook_name"]].logit_tokens.get(row["latent"], {})
-        return ", ".join(
-            f"`{t['token'].strip() or repr(t['token'])}`" for t in saved.get("promoted", [])[:4]
-        )
+        shown = [t["token"].strip() or repr(t["token"]) for t in saved.get("promoted", [])[:4]]
+        return ", ".join(f"`{text}`".replace("|", "\\|") for text in shown)
 
     lines = [
         "## Which features carry the steering",
