@@ -28,12 +28,15 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/spare-tl demo
 
-# the tests, then the three notebooks executed top to bottom (nbmake)
+# the tests, then the three notebooks executed top to bottom (nbmake); two workers
+# (pytest-xdist), each test file on one worker so its module fixtures are built once
+XDIST := -n 2 --dist loadfile
 test: $(STAMP)
-	$(PY) -m pytest -q --nbmake --nbmake-timeout=900 tests notebooks
+	$(PY) -m pytest -q $(XDIST) --nbmake --nbmake-timeout=900 tests notebooks
 
+# the fast tier: everything but the tests that run the embedded SmolLM2
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q $(XDIST) -m "not integration"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check spare_tl tests benchmarks

@@ -21,6 +21,8 @@ from contextlib import nullcontext
 
 import torch
 
+from spare_tl.embedded import EMBEDDED_MODEL
+
 
 def _time(fn, repeats: int) -> float:
     best = float("inf")
@@ -48,7 +50,7 @@ def _prompt_pass_seconds(model, prompts: list[str], batch: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=EMBEDDED_MODEL)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[12])

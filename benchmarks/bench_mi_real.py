@@ -56,7 +56,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
 
-    from spare_tl.embedded import DEFAULT_SAES, EMBEDDED_DIR
+    from spare_tl.embedded import DEFAULT_SAES, EMBEDDED_DIR, EMBEDDED_MODEL
     from spare_tl.models import load_model
     from spare_tl.mutual_info import mutual_information, mutual_information_reference
     from spare_tl.saes import encode_latents, load_saes_for_layers
@@ -64,7 +64,7 @@ def main() -> None:
     from spare_tl.stages.behaviours import GroupedPrompts
 
     layers = _layers(args.layers)
-    model = load_model("smollm2-135m-instruct")
+    model = load_model(EMBEDDED_MODEL)
     grouped = GroupedPrompts.load(EMBEDDED_DIR / "grouped_prompts")
     acts = collect_activations(model, grouped, list(range(10, 18)))
     saes = load_saes_for_layers(model, DEFAULT_SAES, layers)

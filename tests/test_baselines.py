@@ -43,6 +43,7 @@ from spare_tl.studies.baseline_sweep import (
     sweep_path,
 )
 from spare_tl.testing import conflict_items, tiny_sae
+from spare_tl.viz.tables import baselines_markdown
 
 LAYERS = (1, 2)
 CONFIG = EvaluationConfig(seeds=(0, 1), n_shots=2, max_new_tokens=3, batch_size=4)
@@ -399,26 +400,27 @@ def test_sweep_on_a_real_method_feeds_evaluation(setup, tmp_path):
 # ------------------------------------------------------------------ table and command line
 
 
-def test_table_json_and_readme(setup, tmp_path):
+def test_table_json_holds_data_only_and_reuse_reruns_stale_methods(setup, tmp_path):
     root = setup.cache_root
     sweep = sweep_path(setup.model.cfg.model_name, "cad", root)
     records = sweep_method(setup.model, [CAD(1.0)], DEV[:2], POOL, n_shots=2, progress=False)
     save_method_sweep(records, sweep, {})
     out = tmp_path / "baselines"
     config = EvaluationConfig(seeds=(0,), n_shots=2, max_new_tokens=2)
-    table, results = bl.run_table(
-        setup, ["none", "icl", "cad"], config=config, n_items=2, out_dir=out
-    )
-    rows = json.loads((out / "table.json").read_text())["rows"]
+    results = bl.run_table(setup, ["none", "icl", "cad"], config=config, n_items=2, out_dir=out)
+    table = baselines_markdown(results)
+    saved = json.loads((out / "table.json").read_text())
+    assert "markdown" not in saved and baselines_markdown(saved) == table  # data only
+    rows = saved["rows"]
     assert [r["method"] for r in rows] == ["none", "icl", "cad"]
     assert rows[2]["extra_forward_passes_per_token"] == 1.0
     assert rows[0]["time_relative_to_no_steering"] == 1.0
     assert (out / "cad.json").exists() and (out / "cad-predictions.jsonl").exists()
     assert "| icl * |" in table and "alpha 1.0; alpha -1.0" in table and "EM_C→M" in table
-    again, _ = bl.run_table(
+    again = bl.run_table(
         setup, ["none", "icl", "cad"], config=config, n_items=2, out_dir=out, reuse=True
     )
-    assert again == table
+    assert baselines_markdown(again) == table
     (out / "cad.json").write_text(json.dumps(results["cad"] | {"seeds": [7]}))
     bl.run_table(setup, ["cad"], config=config, n_items=2, out_dir=out, reuse=True)
     assert json.loads((out / "cad.json").read_text())["seeds"] == [0]  # stale: re-run
@@ -504,7 +506,6 @@ def test_baselines_command_line(setup, tmp_path, monkeypatch, capsys):
     )
     assert table.methods == list(METHODS) and table.seeds == [0, 1, 2, 3, 4]
     assert table.n_items == 40 and not table.verbose and not table.reuse
-    assert parser.parse_args(["baselines", "-v", "table"]).verbose
     assert parser.parse_args(["-v", "baselines", "table"]).verbose
     with pytest.raises(SystemExit):
         parser.parse_args(["baselines", "sweep", "--method", "spare"])  # SpARE has its own
@@ -532,18 +533,6 @@ def test_baselines_command_line(setup, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cache" / "tiny-llama" / "baselines"
     rows = json.loads((out / "table.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["none", "icl"]
-
-
-def test_the_old_module_path_keeps_its_names():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import spare_tl.baselines as old
-    assert old is bl
-    for name in ("ActAdd", "CAD", "BaselineSetup", "evaluate_method", "run_table", "table_rows"):
-        assert getattr(old, name) is not None
-    assert old.ActAdd is ActAdd and old.sweep_method is sweep_method and old.METHODS == METHODS
 
 
 def test_no_steering_is_a_method():

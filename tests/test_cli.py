@@ -64,7 +64,7 @@ def test_layer_beyond_model_stops_before_any_long_work(tmp_path, monkeypatch):
 
 
 def test_sae_of_another_width_or_hook_is_refused(tmp_path, monkeypatch):
-    from spare_tl.saes import SAEError
+    from spare_tl.errors import SAEError
     from spare_tl.testing import tiny_sae
 
     folder = save_tiny_hf_llama(tmp_path / "tiny", n_layers=2)

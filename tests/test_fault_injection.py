@@ -22,9 +22,9 @@ import torch
 from spare_tl import cache
 from spare_tl.cli import error_line
 from spare_tl.data.schema import ConflictItem, write_conflict_jsonl
-from spare_tl.errors import CacheError, SAEMismatchError
+from spare_tl.errors import CacheError, SAEError, SAEMismatchError
 from spare_tl.features import FunctionalFeatures
-from spare_tl.saes import SAEError, load_saes_for_layers
+from spare_tl.saes import load_saes_for_layers
 from spare_tl.stages import behaviours as behaviours_mod
 from spare_tl.stages import memorised as memorised_mod
 from spare_tl.stages.pipeline import PipelineConfig, run_pipeline

@@ -433,7 +433,7 @@ def test_classify_result():
     assert classify_result({"x": 1}) == "unknown"
 
 
-def test_report_cli(tmp_path, capsys):
+def test_report_command_writes_the_page(tmp_path, capsys):
     from spare_tl.cli import main
 
     out = tmp_path / "r.html"
@@ -485,6 +485,7 @@ def write_baselines(directory) -> dict[str, dict]:
 
     from spare_tl.stages.evaluation import EvaluationConfig, EvaluationResult, summarise
     from spare_tl.studies import baselines as bl
+    from spare_tl.studies.baseline_sweep import save_method_sweep
 
     config = EvaluationConfig(seeds=(0, 1), n_shots=3)
     relations = ["capital", "capital", "author", "author"]
@@ -522,7 +523,7 @@ def write_baselines(directory) -> dict[str, dict]:
         | {"EM_C": 50.0, "EM_M": 25.0, "neither": 25.0}
         for d, a in (("none", 0.0), ("context", 1.0), ("memory", -1.0))
     ]
-    bl.save_method_sweep(sweep, directory / "sweep-cad.json", {"method": "cad"})
+    save_method_sweep(sweep, directory / "sweep-cad.json", {"method": "cad"})
     setup = SimpleNamespace(  # answers only with the saved settings: run_table reuses them all
         test=[SimpleNamespace(question=f"question {i}?") for i in range(4)],
         pool=[],
@@ -531,7 +532,7 @@ def write_baselines(directory) -> dict[str, dict]:
         progress=False,
         method=lambda n: SimpleNamespace(hyperparameters=lambda d: BASELINE_SETTINGS[n][d]),
     )
-    _, results = bl.run_table(
+    results = bl.run_table(
         setup, list(BASELINE_SETTINGS), config=config, n_items=None, out_dir=directory, reuse=True
     )
     return results

@@ -5,13 +5,8 @@ import pytest
 import torch
 
 from spare_tl.data.prompts import Questions, conflict_prompt
-from spare_tl.generation import (
-    Decoding,
-    PromptTooLongError,
-    answer_nll,
-    greedy_generate,
-    left_pad,
-)
+from spare_tl.errors import PromptTooLongError
+from spare_tl.generation import Decoding, answer_nll, greedy_generate, left_pad
 from spare_tl.testing import conflict_items
 
 

@@ -17,8 +17,6 @@ import spare_tl
 
 PACKAGE = Path(spare_tl.__file__).resolve().parent
 FLOORS = {"methods": 1, "stages": 2, "studies": 3, "viz": 4, "cli": 5}
-# deprecated re-export modules kept for one release (they import their new home)
-SHIMS = {"spare_tl.figures", "spare_tl.report"}
 MAX_LINES = 600
 
 
@@ -67,15 +65,17 @@ def imports_of(path: Path) -> list[tuple[int, str]]:
     return out
 
 
-MODULES = sorted(p for p in PACKAGE.rglob("*.py") if module_name(p) not in SHIMS)
+MODULES = sorted(PACKAGE.rglob("*.py"))
 
 
 def test_the_walk_sees_the_package():
     names = {module_name(p) for p in MODULES}
     assert {"spare_tl.methods.spare", "spare_tl.stages.evaluation", "spare_tl.cli"} <= names
-    # and it would see an upward import: the shim for the old figures module imports viz
-    shim = PACKAGE / "figures.py"
-    assert any(floor(m) > floor("spare_tl.figures") for _, m in imports_of(shim))
+    # and it would see an upward import: a ground-floor module reading a viz module
+    node = ast.parse("from spare_tl.viz import figures_scan").body[0]
+    assert isinstance(node, ast.ImportFrom)
+    (target,) = resolve("spare_tl.features", False, node)
+    assert target == "spare_tl.viz.figures_scan" and floor(target) > floor("spare_tl.features")
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
@@ -84,29 +84,15 @@ def test_no_upward_import(path: Path):
     upward = [
         f"line {line}: {target}"
         for line, target in imports_of(path)
-        if floor(target) > floor(module) and target not in spare_tl.MOVED_MODULES
+        if floor(target) > floor(module)
     ]
-    moved = [f"line {line}: {t}" for line, t in imports_of(path) if t in spare_tl.MOVED_MODULES]
     assert not upward, f"{module} imports from a floor above it: {upward}"
-    assert not moved, f"{module} imports a deprecated module path: {moved}"
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: module_name(p))
 def test_no_module_outgrows_one_job(path: Path):
     lines = len(path.read_text().splitlines())
     assert lines <= MAX_LINES, f"{module_name(path)} has {lines} lines; split it by job"
-
-
-@pytest.mark.parametrize("old", sorted(spare_tl.MOVED_MODULES))
-def test_an_old_module_path_is_the_moved_module_with_a_warning(old: str):
-    import importlib
-    import sys
-
-    new = importlib.import_module(spare_tl.MOVED_MODULES[old])
-    sys.modules.pop(old, None)
-    with pytest.warns(DeprecationWarning, match=spare_tl.MOVED_MODULES[old].replace(".", r"\.")):
-        module = importlib.import_module(old)
-    assert module is new  # one object: patching either name patches both
 
 
 def _from_imports(path: Path) -> list[tuple[int, str, str]]:
@@ -141,3 +127,39 @@ def test_every_import_inside_the_package_resolves(path: Path):
             except ModuleNotFoundError:
                 missing.append(f"line {line}: from {source} import {name}")
     assert not missing, f"{module_name(path)}: {missing}"
+
+
+def _base_names(node: ast.ClassDef) -> list[str]:
+    return [b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", "") for b in node.bases]
+
+
+def test_every_error_class_is_defined_in_errors_py():
+    defined = [
+        (module_name(path), node.name)
+        for path in MODULES
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef)
+        and any(b.endswith(("Error", "Exception")) for b in _base_names(node))
+    ]
+    elsewhere = [f"{m}.{name}" for m, name in defined if m != "spare_tl.errors"]
+    assert len(defined) >= 10 and not elsewhere, f"define these in spare_tl/errors.py: {elsewhere}"
+
+
+def test_the_embedded_model_name_is_written_in_one_module():
+    literal = '"smollm2-135m-instruct"'
+    writers = sorted(module_name(p) for p in MODULES if literal in p.read_text())
+    assert writers == ["spare_tl.embedded"], writers
+
+
+@pytest.mark.parametrize("name", sorted(FLOORS) + ["data"])
+def test_every_subpackage_says_what_its_floor_is_for(name: str):
+    doc = ast.get_docstring(ast.parse((PACKAGE / name / "__init__.py").read_text())) or ""
+    first = doc.splitlines()[0] if doc else ""
+    assert first.startswith(("Floor", "Ground floor")) and len(doc) > 200, first
+
+
+def test_no_compatibility_scaffolding_is_left():
+    assert not (PACKAGE / "figures.py").exists() and not (PACKAGE / "report.py").exists()
+    assert not hasattr(spare_tl, "MOVED_MODULES")
+    pyproject = (PACKAGE.parent / "pyproject.toml").read_text()
+    assert "DeprecationWarning" not in pyproject

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from spare_tl import load_model
-from spare_tl.models import EMBEDDED_INSTALL, ModelLoadError, embedded_gguf_path
+from spare_tl.errors import ModelLoadError
+from spare_tl.models import EMBEDDED_INSTALL, embedded_gguf_path
 from spare_tl.testing import save_tiny_hf_llama
 
 

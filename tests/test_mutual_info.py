@@ -141,7 +141,7 @@ def test_n_neighbors():
         assert (ours - ref).abs().max() < 1e-9
 
 
-def test_tiny_group():
+def test_a_group_of_two_stays_close_to_the_reference():
     # A group of 2: k = min(n_neighbors, 1). sklearn switches to brute-force neighbours for
     # groups smaller than 2 * n_neighbors, whose GEMM distances are only accurate to ~1e-8
     # and so blur its own 1e-10 tie-breaking: agreement is close but not exact there.
@@ -153,7 +153,7 @@ def test_tiny_group():
     assert (ours - ref).abs().max() < 0.02
 
 
-def test_errors():
+def test_bad_labels_or_activations_are_refused_with_a_message():
     acts = torch.rand(6, 3)
     with pytest.raises(ValueError, match="binary"):
         mutual_information(acts, torch.tensor([0, 1, 2, 0, 1, 0]))

@@ -16,13 +16,12 @@ import pytest
 import torch
 
 from spare_tl.cli import main as cli_main
+from spare_tl.errors import MalformedCacheError, UnsafePickleError
 from spare_tl.features import FunctionalFeatures, LayerFeatures
 from spare_tl.studies.original import (
     PAPER_SETTINGS,
-    MalformedCacheError,
     OriginalCache,
     OriginalPromptRecord,
-    UnsafePickleError,
     export_grouped_prompts,
     export_statistics,
     import_original,
@@ -275,7 +274,7 @@ def test_grouped_prompt_records(synthetic: Path):
     assert len(OriginalCache(synthetic).grouped_prompts(shots=[4])) == 1
 
 
-def test_exports(synthetic: Path, tmp_path: Path):
+def test_exported_statistics_match_the_original_cache(synthetic: Path, tmp_path: Path):
     from safetensors.torch import load_file
 
     out = export_statistics(synthetic, tmp_path / "stats")

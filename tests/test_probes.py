@@ -433,7 +433,7 @@ def test_evaluate_conditional_on_a_mixed_set(model):
         )
 
 
-def test_run_probe_study_end_to_end_and_readme(model, tmp_path, monkeypatch):
+def test_run_probe_study_end_to_end_and_from_its_cache(model, tmp_path, monkeypatch):
     features, saes = make_features(), make_saes()
     pool, evaluation = make_items(12, start=100), make_items(2)
     kwargs = dict(
@@ -482,12 +482,14 @@ def test_parse_layers_and_cli_arguments():
             parse_layers(bad)
     parser = argparse.ArgumentParser(prog="spare-tl")
     cli_probes.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["probes", "--layers", "6-20", "--n-items", "10", "--no-readme"])
+    args = parser.parse_args(["probes", "--layers", "6-20", "--n-items", "10"])
     assert args.func is cli_probes._run and args.command == "probes"
     assert args.layers == ["6-20"] and args.n_items == 10 and args.direction == "memory"
-    assert args.seeds == [0, 1, 2, 3, 4] and args.no_readme and args.dtype == "auto"
-    old = parser.parse_args(["probes", "run", "--layers", "6", "8", "--eval-seeds", "0"])
-    assert old.layers == ["6", "8"] and old.eval_seeds == [0]  # the old `run` word parses
+    assert args.seeds == [0, 1, 2, 3, 4] and args.dtype == "auto"
+    spaced = parser.parse_args(["probes", "--layers", "6", "8", "--eval-seeds", "0"])
+    assert spaced.layers == ["6", "8"] and spaced.eval_seeds == [0]
+    with pytest.raises(SystemExit):  # the old `probes run` spelling is gone
+        parser.parse_args(["probes", "run", "--layers", "6"])
 
 
 def test_the_study_module_re_exports_the_library_names():

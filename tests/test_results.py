@@ -37,7 +37,7 @@ def test_table_and_results_document(tmp_path):
     assert (
         f"| doo | steer to memory | 25.0 ± 25.0 [{ci_mc['low']:.1f}, {ci_mc['high']:.1f}] | "
         f"75.0 ± 25.0 [{ci_m['low']:.1f}, "
-        f"{ci_m['high']:.1f}] | 0.0 | +62.5 [{test['low']:+.1f}, {test['high']:+.1f}], "
+        f"{ci_m['high']:.1f}] | 0.0 | – | +62.5 [{test['low']:+.1f}, {test['high']:+.1f}], "
         f"p = {test['p_value']:.2g} |" in table
     )
     assert f"| doo | no steering | 75.0 ± 25.0 [{ci_c['low']:.1f}, {ci_c['high']:.1f}]" in table
@@ -171,3 +171,26 @@ def test_sweep_oracle_follows_the_saved_scan_of_the_same_questions(tmp_path):
     assert "reaches EM_M 20.0 (-5.0)" in text and "99.0" not in text  # the saved scan's
     save_sweep(records, sweep, {"items": "other questions"}, stale)
     assert "reaches EM_M 99.0" in "\n".join(_sweep_section(sweep / "sweep.json", []))
+
+
+def test_the_protocol_and_the_contains_counts_are_shown(tmp_path):
+    from spare_tl.cli.docs import protocol_comparison, protocol_text
+
+    labels = {
+        "no_steering": {0: ["context"] * 4, 1: ["memory"] * 4},
+        "steer_to_memory": {0: ["memory"] * 4, 1: ["memory"] * 4},
+    }
+    dss = {**_result(None, labels), "demo_type": "dss"}
+    dss["steer_to_memory"].update(contains_C=0.0, contains_M=100.0)
+    dss["relations"] = {"a": 3, "b": 1}
+    dss["protocol"] = {"demonstrations": "per_seed"}
+    table = results_table({"dss": dss})
+    assert "| 0.0 / 100.0 |" in table and "| – |" in table  # no_steering saved no counts
+    assert "one set of pool demonstrations per seed" in table and "2 relations (a 3, b 1)" in table
+    old = {**dss, "protocol": {}}
+    assert "recorded before the protocol was" in protocol_text(old)
+    per_item = {**dss}
+    per_item["steer_to_memory"] = {**dss["steer_to_memory"], "EM_M": 50.0, "EM_M_std": 10.0}
+    compared = protocol_comparison({"dss": dss}, {"dss-per_item": per_item})
+    assert "| dss | steer to memory | EM_M | 100.0 ± 0.0 | 50.0 ± 10.0 |" in compared
+    assert "| dss | no steering | EM_M | 50.0 ± 50.0 |" in compared

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from spare_tl.errors import SAEError
 from spare_tl.saes import (
-    SAEError,
     attach_sae,
     encode_latents,
     load_sae,
@@ -72,7 +72,7 @@ def test_sparsify_folder_loads_through_the_converter(tmp_path, monkeypatch):
     assert torch.allclose(sae.encode(x), expected, atol=1e-5)
 
 
-def test_bad_folders(tmp_path):
+def test_folders_without_a_usable_sae_are_refused(tmp_path):
     with pytest.raises(SAEError, match="cfg.json"):
         load_sae(tmp_path)
     (tmp_path / "cfg.json").write_text("{}")

@@ -1,5 +1,5 @@
-"""The visualisation layer's shape: the old module paths still give the same objects, the
-report command loads lightly, and the report's tables come from typed data, not Markdown."""
+"""The visualisation layer's shape: the report command loads lightly, and the report's tables
+come from typed data, not Markdown."""
 
 from __future__ import annotations
 
@@ -8,54 +8,12 @@ import sys
 
 import pytest
 
-import spare_tl.figures as old_figures
-import spare_tl.report as old_report
-from spare_tl import viz
 from spare_tl.studies import saved as saved_studies
 from spare_tl.studies.probes import LayerProbeScores, ProbeResults
 from spare_tl.viz import (
-    browser,
-    figures_behaviour,
-    figures_probes,
-    figures_scan,
-    plotting,
-    report_cli,
-    report_inputs,
     report_page,
     report_tables,
 )
-
-
-def test_old_figure_paths_give_the_new_objects():
-    for name in old_figures.__all__:
-        new = getattr(viz, name, None)
-        if new is None:  # constants that stay with their figure's module
-            modules = (plotting, figures_behaviour, figures_probes, figures_scan)
-            new = next(getattr(m, name) for m in modules if hasattr(m, name))
-        assert getattr(old_figures, name) is new, name
-    assert old_figures.steering_results.__module__ == "spare_tl.viz.figures_steering"
-
-
-def test_old_report_paths_give_the_new_objects():
-    expected = {
-        "build_report": report_page.build_report,
-        "classify_result": report_page.classify_result,
-        "load_report_inputs": report_inputs.load_report_inputs,
-        "ReportInputs": report_inputs.ReportInputs,
-        "SavedProbeStudy": saved_studies.SavedProbeStudy,
-        "CHROMIUM_FLAGS": browser.CHROMIUM_FLAGS,
-        "find_chromium": browser.find_chromium,
-        "screenshot": browser.screenshot,
-        "register": report_cli.register,
-        "_load_probes": saved_studies.load_probe_study,
-    }
-    assert set(old_report.__all__) - {"CONDITION_NAMES", "DEFAULT_MODEL", "DEFAULT_PROPORTION"} <= (
-        set(expected)
-    )
-    for name, new in expected.items():
-        assert getattr(old_report, name) is new, name
-    for name in ("build_report", "load_report_inputs", "find_chromium", "CHROMIUM_FLAGS"):
-        assert getattr(viz, name) is getattr(old_report, name)
 
 
 def test_the_report_command_is_registered_from_viz_and_loads_lightly():
@@ -139,14 +97,14 @@ def _section(page: str, start: str, end: str | None = None) -> str:
 
 def test_report_sections_are_built_from_typed_data_without_markdown(monkeypatch):
     import spare_tl.cli.probes
-    import spare_tl.studies.baselines
+    from spare_tl.viz import tables
 
     def no_markdown(*args, **kwargs):
         raise AssertionError("the report must not write (and parse back) Markdown")
 
-    monkeypatch.setattr(spare_tl.studies.baselines, "baseline_table", no_markdown)
+    monkeypatch.setattr(tables.Table, "markdown", no_markdown)
     monkeypatch.setattr(spare_tl.cli.probes, "probes_table", no_markdown)
-    for module in (old_report, report_page, report_tables):
+    for module in (report_page, report_tables):
         assert not hasattr(module, "_markdown_table") and not hasattr(module, "_markdown_html")
 
     resid = _probe_results()

@@ -1,4 +1,4 @@
-"""The ``spare-tl`` command line: one subcommand per pipeline stage plus helpers.
+"""Floor 5 (the top), cli: the ``spare-tl`` command line, one subcommand per stage plus helpers.
 
 Every subcommand lives in this package (``spare_tl/cli/``, the top floor: it may import any
 floor below); this module only wires them. A registrar

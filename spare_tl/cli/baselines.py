@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spare_tl.hardware import add_dtype_argument
+from spare_tl.cli.args import add_dtype_argument
 
 # spare_tl.studies.baseline_setup's METHODS, DEFAULT_COEFFICIENTS and DEFAULT_ALPHAS, spelled
 # out so that building the parser imports none of the study (tests/test_baselines.py checks).
@@ -43,9 +43,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         "exact match and test questions, one interface, hyper-parameters chosen on the "
         "development set only.",
     )
-    # also after `baselines` (as `python -m spare_tl.baselines -v` took it); unset, the
-    # top-level `spare-tl -v` stands
-    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     actions = parser.add_subparsers(dest="baselines_command", metavar="ACTION", required=True)
 
     p = actions.add_parser("sweep", help="choose a baseline's hyper-parameters on the pool")
@@ -69,7 +66,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--shots", type=int, default=3)
     p.add_argument("--reuse", action="store_true", help="reuse saved results of this protocol")
-    p.add_argument("--no-readme", action="store_true", help=argparse.SUPPRESS)  # old flag
     p.set_defaults(func=run)
 
 
@@ -77,9 +73,15 @@ def run(args: argparse.Namespace) -> int:
     """Load the model, features, SAEs and memorised split, then run the sweep or the table."""
     import torch
 
+    from spare_tl import checks
+    from spare_tl.cli.args import check_dataset, check_steering_folders
     from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, load_steering_setup
     from spare_tl.studies.baseline_setup import BaselineSetup
 
+    if args.baselines_command == "sweep" and args.output:
+        checks.output_file(args.output)
+    check_steering_folders(args.features or DEFAULT_FEATURES, args.saes or DEFAULT_SAES)
+    check_dataset(args.dataset)
     torch.set_grad_enabled(False)
     model, _, _ = load_steering_setup(
         args.features or DEFAULT_FEATURES, args.saes or DEFAULT_SAES, dtype=args.dtype
@@ -131,13 +133,15 @@ def _table_command(args: argparse.Namespace, setup: Any) -> int:
     from spare_tl.stages.evaluation import EvaluationConfig
     from spare_tl.studies.baseline_sweep import STAGE
     from spare_tl.studies.baselines import run_table
+    from spare_tl.viz.tables import baselines_markdown
 
     start = time.time()
     config = EvaluationConfig(seeds=tuple(args.seeds), n_shots=args.shots)
     out_dir = cache.stage_dir(setup.model.cfg.model_name, STAGE)
-    table, _ = run_table(
+    results = run_table(
         setup, args.methods, config=config, n_items=args.n_items, out_dir=out_dir, reuse=args.reuse
     )
+    table = baselines_markdown(results)
     seeds = " ".join(map(str, args.seeds))
     table += (
         f"\nRegenerate: `spare-tl baselines table --methods {' '.join(args.methods)} "

@@ -7,12 +7,14 @@ import json
 from pathlib import Path
 
 from spare_tl import checks
-from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, load_steering_setup
-from spare_tl.hardware import (
+from spare_tl.cli.args import (
     add_dtype_argument,
+    check_dataset,
+    check_steering_folders,
     load_model_for,
-    resolve_dtype,
 )
+from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, load_steering_setup
+from spare_tl.hardware import resolve_dtype
 
 # spare_tl.studies.baselines.METHODS, spelled out so that building the parser imports no torch.
 EVALUATE_METHODS = ("spare", "none", "closed_book", "icl", "actadd", "taskvec", "cad")
@@ -132,6 +134,7 @@ def _run(args: argparse.Namespace) -> int:
         checks.output_file(args.output)
     if config.features_dir:
         checks.output_dir(config.features_dir, "features_dir")
+    check_dataset(config.dataset, f"the dataset of {args.config}")
     result = run_pipeline(config, until=args.until, model=load_model_for(config.model, args.dtype))
     if result.features is not None:
         print(json.dumps({"counts": {str(k): v for k, v in result.features.counts().items()}}))
@@ -167,12 +170,7 @@ def _check_steering_args(args: argparse.Namespace) -> None:
     """--edit-strength, --features and --saes, before the model is loaded."""
     if args.edit_strength is not None:
         checks.finite_non_negative(args.edit_strength, "--edit-strength α")
-    if not (Path(args.features) / "features.json").is_file():
-        raise checks.ArgumentError(
-            f"--features {args.features} holds no features.json: give a functional-feature "
-            "folder (made by `spare-tl features` or `spare-tl import-original`)"
-        )
-    checks.sae_folders(args.saes)
+    check_steering_folders(args.features, args.saes)
 
 
 def _check_evaluate_args(args: argparse.Namespace) -> None:
@@ -187,17 +185,17 @@ def _check_evaluate_args(args: argparse.Namespace) -> None:
     if args.pool_size is not None:
         checks.at_least(args.pool_size, 2, "--pool-size")
     checks.at_least(args.shots, 0, "--shots")
-    checks.non_empty(args.dataset, "--dataset")
-    if Path(args.dataset).is_dir():
-        raise checks.ArgumentError(f"--dataset {args.dataset} is a directory, not a .jsonl file")
-    if args.dataset.lower().endswith(".jsonl") and not Path(args.dataset).is_file():
-        raise checks.ArgumentError(f"--dataset {args.dataset}: no such file")
     if args.hyperparameters:
         try:
             json.loads(args.hyperparameters)
         except json.JSONDecodeError as e:
             raise checks.ArgumentError(f"--hyperparameters is not valid JSON: {e}") from e
+    if args.sweep and not Path(args.sweep).is_file():
+        raise checks.ArgumentError(
+            f"--sweep {args.sweep}: no development sweep there (no such file)"
+        )
     _check_steering_args(args)
+    check_dataset(args.dataset)
 
 
 def _evaluate(args: argparse.Namespace) -> int:

@@ -14,8 +14,9 @@ import time
 
 import torch
 
-from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES
-from spare_tl.hardware import add_dtype_argument, resolve_dtype
+from spare_tl.cli.args import add_dtype_argument
+from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, EMBEDDED_MODEL
+from spare_tl.hardware import resolve_dtype
 
 
 def _conflict_showcase(model, items, n: int) -> None:
@@ -52,11 +53,16 @@ def demo(args: argparse.Namespace) -> int:
     torch.set_grad_enabled(False)
     start = time.time()
 
+    from spare_tl import checks
     from spare_tl.data.datasets import load_dataset
     from spare_tl.models import load_model
 
-    print("Loading the embedded model (smollm2-135m-instruct) ...", flush=True)
-    model = load_model("smollm2-135m-instruct", dtype=resolve_dtype(args.dtype))
+    if args.report:
+        checks.output_file(args.report, "--report")
+    checks.at_least(args.examples, 1, "--examples")
+    checks.at_least(args.eval_items, 1, "--eval-items")
+    print(f"Loading the embedded model ({EMBEDDED_MODEL}) ...", flush=True)
+    model = load_model(EMBEDDED_MODEL, dtype=resolve_dtype(args.dtype))
     items = load_dataset("builtin")
     have_features = (DEFAULT_FEATURES / "features.json").exists() and DEFAULT_SAES.exists()
     if not have_features:

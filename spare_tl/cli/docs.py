@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from spare_tl import cache
+from spare_tl.embedded import EMBEDDED_MODEL as DEFAULT_MODEL
 from spare_tl.studies.results import CASES
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from spare_tl.viz.tables import Table, baselines_markdown, pm
 
 COMMANDS = {
     "results": "spare-tl results --n-items 200 --seeds 0 1 2 3 4 --cases doo dso dss",
@@ -33,7 +33,7 @@ COMMANDS = {
 def _cell(d: dict[str, Any], key: str) -> str:
     """``mean ± std [low, high]``: over seeds, and the 95 % bootstrap interval over questions
     (when the result has intervals)."""
-    text = f"{d[key]:.1f} ± {d[key + '_std']:.1f}"
+    text = pm(d[key], d[key + "_std"])
     ci = d.get("intervals", {}).get(key, {}).get("ci95")
     return text + (f" [{ci['low']:.1f}, {ci['high']:.1f}]" if ci else "")
 
@@ -50,23 +50,59 @@ def _versus(d: dict[str, Any], key: str) -> str:
 
 
 TARGET = {"steer_to_context": "EM_C", "steer_to_memory": "EM_M"}
+RESULTS_HEADER = (
+    "demonstrations",
+    "condition",
+    "EM_C (context answer)",
+    "EM_M (memory answer)",
+    "neither",
+    "contains C / M",
+    "steered − none, target metric",
+)
+
+
+def _contains(d: dict[str, Any]) -> str:
+    if d.get("contains_C") is None:
+        return "–"
+    return f"{d['contains_C']:.1f} / {d['contains_M']:.1f}"
+
+
+def protocol_text(result: dict[str, Any]) -> str:
+    """How the saved result drew its demonstrations and which relations its questions span."""
+    drawn = result.get("protocol", {}).get("demonstrations")
+    how = {
+        "per_seed": "one set of pool demonstrations per seed, shown before every question "
+        "(the paper's protocol)",
+        "per_item": "each question its own seeded pool demonstrations",
+        None: "each question its own seeded pool demonstrations (recorded before the "
+        "protocol was; spare-tl's protocol then)",
+    }[drawn]
+    relations = result.get("relations")
+    spread = (
+        f"; the questions span {len(relations)} relations "
+        f"({', '.join(f'{r} {n}' for r, n in relations.items())})"
+        if relations
+        else ""
+    )
+    return f"Demonstrations: {how}{spread}."
 
 
 def results_table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown table: one row per (demonstrations, condition), from the saved results JSON."""
-    lines = [
-        "| demonstrations | condition | EM_C (context answer) | EM_M (memory answer) | "
-        "neither | steered − none, target metric |",
-        "|---|---|---:|---:|---:|---:|",
+    body = [
+        [
+            demo_type,
+            cond.replace("_", " "),
+            _cell(data[cond], "EM_C"),
+            _cell(data[cond], "EM_M"),
+            f"{data[cond]['neither']:.1f}",
+            _contains(data[cond]),
+            _versus(data[cond], TARGET[cond]) if cond in TARGET else "–",
+        ]
+        for demo_type, data in results.items()
+        for cond in CASES[demo_type]
     ]
-    for demo_type, data in results.items():
-        for cond in CASES[demo_type]:
-            d = data[cond]
-            versus = _versus(d, TARGET[cond]) if cond in TARGET else "–"
-            lines.append(
-                f"| {demo_type} | {cond.replace('_', ' ')} | {_cell(d, 'EM_C')} | "
-                f"{_cell(d, 'EM_M')} | {d['neither']:.1f} | {versus} |"
-            )
+    lines = [Table(RESULTS_HEADER, body, left={0, 1}).markdown()]
     first = next(iter(results.values()))
     feats = first.get("features", {})
     mem = feats.get("to_memory")
@@ -88,7 +124,11 @@ def results_table(results: dict[str, dict[str, Any]]) -> str:
         f"seeds {first['seeds']}; mean ± std over seeds (%), [95 % bootstrap interval over "
         "questions]; last column: steered minus no steering in the direction's target (EM_C "
         "to context, EM_M to memory), points, with its paired-bootstrap interval and p-value "
-        f"(questions resampled jointly). Features: {setting}",
+        f"(questions resampled jointly). Contains: answers that hold C (or M) as whole "
+        "words without matching exactly, beside the exact matches (a wrapped answer is a "
+        f"broken format, not a wrong fact). Features: {setting}",
+        "",
+        protocol_text(first),
     ]
     if "transitions" in results.get("doo", {}):
         t = results["doo"]["transitions"]
@@ -101,13 +141,16 @@ def relation_table(result: dict[str, Any]) -> str:
     """Markdown table of one case's per-relation EM_C / EM_M by condition."""
     per = result.get("per_relation", {})
     conds = [c for c in ("no_steering", "steer_to_context", "steer_to_memory") if c in result]
-    head = " | ".join(f"{c.replace('_', ' ')} EM_C / EM_M" for c in conds)
-    lines = [f"| relation | n | {head} |", "|---|---:|" + "---:|" * len(conds)]
-    for rel, data in per.items():
-        n = next(iter(data.values()))["n"]
-        cells = " | ".join(f"{data[c]['EM_C']:.1f} / {data[c]['EM_M']:.1f}" for c in conds)
-        lines.append(f"| {rel} | {n} | {cells} |")
-    return "\n".join(lines)
+    header = ["relation", "n", *(f"{c.replace('_', ' ')} EM_C / EM_M" for c in conds)]
+    body = [
+        [
+            rel,
+            next(iter(data.values()))["n"],
+            *(f"{data[c]['EM_C']:.1f} / {data[c]['EM_M']:.1f}" for c in conds),
+        ]
+        for rel, data in per.items()
+    ]
+    return Table(header, body, left={0}).markdown()
 
 
 def _saved_json(directory: Path, names: Sequence[str]) -> dict[str, Any]:
@@ -125,12 +168,48 @@ def _results_section(directory: Path, missing: list[str]) -> list[str]:
     if "doo" in results:
         out += ["Per relation, doo demonstrations (% of rows over all seeds):", ""]
         out += [relation_table(results["doo"]), ""]
+    per_item = _saved_json(directory, [f"{case}-per_item" for case in CASES])
+    if per_item:
+        out += [
+            "Demonstrations drawn once per seed (the paper's protocol, above) or per question "
+            "(`--demonstrations per_item`), the same questions and seeds: mean ± std over "
+            "seeds (%).",
+            "",
+            protocol_comparison(results, per_item),
+            "",
+        ]
     out += [f"Regenerate the JSON: `{COMMANDS['results']}`.", ""]
     return out
 
 
+def protocol_comparison(
+    per_seed: Mapping[str, Mapping[str, Any]], per_item: Mapping[str, Mapping[str, Any]]
+) -> str:
+    """The target metric of every condition under both demonstration protocols."""
+    body = []
+    for name, item in per_item.items():
+        case = name.removesuffix("-per_item")
+        seed = per_seed.get(case)
+        for cond in CASES[case]:
+            for key in ("EM_C", "EM_M"):
+                if cond in TARGET and TARGET[cond] != key:
+                    continue
+                one = seed[cond] if seed and cond in seed else None
+                body.append(
+                    [
+                        case,
+                        cond.replace("_", " "),
+                        key,
+                        pm(one[key], one[f"{key}_std"]) if one else "–",
+                        pm(item[cond][key], item[cond][f"{key}_std"]),
+                    ]
+                )
+    header = ("demonstrations", "condition", "metric", "one set per seed", "per question")
+    return Table(header, body, left={0, 1, 2}).markdown()
+
+
 def _baselines_section(directory: Path, missing: list[str]) -> list[str]:
-    from spare_tl.studies.baselines import METHODS, baseline_table
+    from spare_tl.studies.baseline_setup import METHODS
 
     results = _saved_json(directory, METHODS)
     if not results:
@@ -148,7 +227,7 @@ def _baselines_section(directory: Path, missing: list[str]) -> list[str]:
         out += [f"**Out of date:** {stale}", ""]
     return [
         *out,
-        baseline_table(results),  # with its own caption: questions, seeds, settings, time
+        baselines_markdown(results),  # with its caption: questions, seeds, settings, time
         "",
         f"Regenerate the JSON: `{command}`.",
         "",

@@ -9,14 +9,14 @@ prints it. The Markdown is an output only: the report and ``spare-tl docs`` read
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from spare_tl import checks
+from spare_tl.cli.args import add_dtype_argument, check_dataset, check_steering_folders
 from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, load_steering_setup
-from spare_tl.hardware import add_dtype_argument
 from spare_tl.layer_spec import parse_layers
 
 if TYPE_CHECKING:
@@ -34,8 +34,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="the knowledge-conflict probe study on the embedded default",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    # ``spare-tl probes run ...`` (the old ``python -m spare_tl.probes run ...``) still parses
-    run.add_argument("action", nargs="?", choices=["run"], help=argparse.SUPPRESS)
     run.add_argument("--layers", nargs="+", default=["6-20"], help="e.g. 6-20 or 6 8 10-12")
     run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     run.add_argument("--test-fraction", type=float, default=0.25)
@@ -60,7 +58,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--features", default=str(DEFAULT_FEATURES))
     run.add_argument("--saes", default=str(DEFAULT_SAES))
     run.add_argument("--figure", default=None, help="also write the figure as HTML here")
-    run.add_argument("--no-readme", action="store_true", help=argparse.SUPPRESS)  # old flag
     add_dtype_argument(run)
     run.add_argument("--quiet", action="store_true")
     run.set_defaults(func=_run)
@@ -86,9 +83,13 @@ def _run(args: argparse.Namespace) -> int:
     from spare_tl.stages.memorised import memorised_split
     from spare_tl.studies.probes import run_probe_study
 
+    layers = parse_layers(args.layers)
+    if args.figure:
+        checks.output_file(args.figure, "--figure")
+    check_steering_folders(args.features, args.saes)
+    check_dataset(args.dataset)
     torch.set_grad_enabled(False)
     start = time.time()
-    layers = parse_layers(args.layers)
     model, features, saes = load_steering_setup(args.features, args.saes, dtype=args.dtype)
     have = [k for k in _available_sae_layers(Path(args.saes)) if k in layers]
     saes = {**load_saes_for_layers(model, args.saes, have), **saes}
@@ -150,10 +151,6 @@ def study_table(study: ProbeStudy) -> str:
     )
 
 
-def _pm(mean: float, std: float, digits: int = 3) -> str:
-    return "—" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
 def probes_table(
     resid: ProbeResults,
     sae: ProbeResults | None = None,
@@ -163,26 +160,11 @@ def probes_table(
     conditional: ConditionalResult | Mapping[str, Any] | None = None,
 ) -> str:
     """Markdown: probe quality by layer, the deployed probe, latents, conditional steering."""
-    from spare_tl.studies.probes import CONDITIONS, GATE_CONDITION_NAMES
+    from spare_tl.viz.tables import conditional_table, probe_quality_table
 
     best_r = resid.best_layer()
     best_s = sae.best_layer() if sae is not None and sae.layers else None
-    lines = [
-        "| layer | residual accuracy | residual AUROC | SAE accuracy | SAE AUROC |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    for layer in sorted(set(resid.layers) | set(sae.layers if sae else {})):
-        r = resid.layers.get(layer)
-        s = sae.layers.get(layer) if sae is not None else None
-        cells = [
-            _pm(r.accuracy_mean, r.accuracy_std) if r else "—",
-            _pm(r.auroc_mean, r.auroc_std) if r else "—",
-            _pm(s.accuracy_mean, s.accuracy_std) if s else "—",
-            _pm(s.auroc_mean, s.auroc_std) if s else "—",
-        ]
-        mark = " (best residual)" if layer == best_r else ""
-        mark += " (best SAE)" if layer == best_s else ""
-        lines.append(f"| {layer}{mark} | " + " | ".join(cells) + " |")
+    lines = [probe_quality_table(resid, sae).markdown()]
     cfg = resid.config
     lines += [
         "",
@@ -218,18 +200,7 @@ def probes_table(
             )
     if conditional is not None:
         data = conditional.to_json() if hasattr(conditional, "to_json") else conditional
-        lines += [
-            "",
-            "| rows | condition | EM_M (memory answer) | EM_C (context answer) | neither |",
-            "|---|---|---:|---:|---:|",
-        ]
-        for rt, name in (("conflict", "conflict"), ("no_conflict", "no conflict")):
-            for cond in CONDITIONS:
-                d = data[rt][cond]
-                lines.append(
-                    f"| {name} | {GATE_CONDITION_NAMES[cond]} | {_pm(d['EM_M'], d['EM_M_std'], 1)} "
-                    f"| {_pm(d['EM_C'], d['EM_C_std'], 1)} | {d['neither']:.1f} |"
-                )
+        lines += ["", conditional_table(data).markdown()]
         pe, ch = data["probe_on_eval"], data["checks"]
         lines += [
             "",

@@ -11,8 +11,7 @@ from pathlib import Path
 
 __all__ = ["register"]
 
-# spare_tl.models.EMBEDDED_MODEL, spelled out so that `spare-tl --help` does not import torch
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from spare_tl.embedded import EMBEDDED_MODEL as DEFAULT_MODEL
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from spare_tl import checks
+from spare_tl.cli.args import add_dtype_argument, check_dataset, load_model_for
 from spare_tl.data.datasets import load_dataset
 from spare_tl.data.prompts import split_pool
-from spare_tl.hardware import add_dtype_argument, load_model_for
 from spare_tl.layer_spec import parse_layers
 from spare_tl.saes import SITES
 from spare_tl.stages.evaluation import development_items
@@ -38,6 +38,7 @@ def _scan_command(args) -> int:
     if args.figure:
         checks.output_file(args.figure, "--figure")
     config = PipelineConfig.from_file(args.config)
+    check_dataset(config.dataset, f"the dataset of {args.config}")
     layers = tuple(parse_layers(args.layers)) if args.layers else None
     scan_config = ScanConfig(
         layers=layers, sites=tuple(args.sites), seed=args.seed, batch_size=args.batch_size

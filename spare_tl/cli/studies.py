@@ -18,8 +18,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from spare_tl.cli.args import add_dtype_argument
 from spare_tl.cli.docs import results_table
-from spare_tl.hardware import add_dtype_argument
+from spare_tl.embedded import EMBEDDED_MODEL
 from spare_tl.studies.results import CASES
 
 
@@ -75,12 +76,15 @@ def register(sub: Any) -> None:
 def _results(args: argparse.Namespace) -> int:
     import torch
 
-    from spare_tl import checks
+    from spare_tl import cache, checks
+    from spare_tl.cli.args import check_steering_folders
     from spare_tl.embedded import DEFAULT_FEATURES, DEFAULT_SAES, load_steering_setup
     from spare_tl.stages.memorised import memorised_split
     from spare_tl.studies.results import run_results
 
     checks.at_least(args.n_items, 1, "--n-items")
+    check_steering_folders(DEFAULT_FEATURES, DEFAULT_SAES)
+    checks.output_dir(cache.default_cache_root(), "the cache root (SPARE_TL_CACHE)")
     torch.set_grad_enabled(False)
     start = time.time()
     model, features, saes = load_steering_setup(DEFAULT_FEATURES, DEFAULT_SAES, dtype=args.dtype)
@@ -110,6 +114,7 @@ def _results(args: argparse.Namespace) -> int:
 def _conflict_table(args: argparse.Namespace) -> int:
     import torch
 
+    from spare_tl import checks
     from spare_tl.cache import write_text_atomic
     from spare_tl.data.datasets import load_dataset
     from spare_tl.data.prompts import split_pool
@@ -118,9 +123,10 @@ def _conflict_table(args: argparse.Namespace) -> int:
     from spare_tl.stages.memorised import find_memorised
     from spare_tl.studies.conflict_table import conflict_behaviour, to_markdown
 
+    checks.output_file(args.output)
     torch.set_grad_enabled(False)
     start = time.time()
-    model = load_model("smollm2-135m-instruct", dtype=resolve_dtype(args.dtype))
+    model = load_model(EMBEDDED_MODEL, dtype=resolve_dtype(args.dtype))
     items = load_dataset("builtin")
     memorised = find_memorised(model, items, dataset_name="builtin")
     split = split_pool(memorised.filter(items), 128, 42)

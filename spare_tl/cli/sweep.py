@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from spare_tl import cache, checks
+from spare_tl.cli.args import add_dtype_argument, check_dataset, load_model_for
 from spare_tl.data.prompts import relation_histogram
-from spare_tl.hardware import add_dtype_argument, load_model_for
 from spare_tl.saes import DEFAULT_SITE
 from spare_tl.stages.evaluation import development_items
 from spare_tl.stages.pipeline import PipelineConfig, run_pipeline
@@ -127,6 +127,9 @@ def run_from_args(args) -> int:
                 f"{'layers' if site == DEFAULT_SITE else 'site_layers'}"
             )
     cap = None if args.max_neither_rise < 0 else args.max_neither_rise
+    if args.output:
+        checks.output_dir(args.output)
+    check_dataset(config.dataset, f"the dataset of {args.config}")
     model = load_model_for(config.model, args.dtype)
     result = run_pipeline(config, until="statistics", model=model)
     directory = Path(args.output) if args.output else cache.stage_dir(model.cfg.model_name, "sweep")

@@ -85,11 +85,17 @@ def config_from_args(args: argparse.Namespace) -> SAETrainingConfig:
 
 
 def run_from_args(args: argparse.Namespace) -> int:
+    from spare_tl import checks
+    from spare_tl.cli.args import check_dataset
     from spare_tl.data.datasets import load_dataset
-    from spare_tl.models import EMBEDDED_MODEL, load_model
+    from spare_tl.embedded import EMBEDDED_MODEL
+    from spare_tl.models import load_model
 
     cfg = config_from_args(args)
     model_name = args.model or EMBEDDED_MODEL
+    if args.output:
+        checks.output_dir(args.output)
+    check_dataset(args.dataset)
     t0 = time.perf_counter()
     model = load_model(model_name)
     items = load_dataset(args.dataset)

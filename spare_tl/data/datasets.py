@@ -19,14 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spare_tl.data.schema import (
-    REQUIRED_FIELDS,
-    ConflictItem,
-    DatasetError,
-    ValidationIssue,
-    read_conflict_jsonl,
-)
+from spare_tl.data.schema import REQUIRED_FIELDS, ConflictItem, ValidationIssue, read_conflict_jsonl
 from spare_tl.data.scoring import EM_IN_CONTEXT
+from spare_tl.errors import DatasetError, DatasetUnavailableError
 
 if TYPE_CHECKING:
     import datasets
@@ -35,10 +30,6 @@ logger = logging.getLogger(__name__)
 
 NQSWAP_HUB_ID = "pminervini/NQ-Swap"
 MACNOISE_HUB_ID = "GWHed/dataset_macnoise"
-
-
-class DatasetUnavailableError(FileNotFoundError):
-    """A hub dataset that is neither in the local Hugging Face cache nor reachable."""
 
 
 def _answers(value: Any) -> tuple[str, ...]:

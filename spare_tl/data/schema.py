@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from spare_tl.data.scoring import normalize_answer
+from spare_tl.errors import DatasetError
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,6 @@ REQUIRED_FIELDS = ("question", "org_context", "org_answer", "sub_context", "sub_
 _OPTIONAL_FIELDS = ("relation", "extra")
 _ANSWER_CONTEXT = {"org_answer": "org_context", "sub_answer": "sub_context"}
 
-#: How many problems the message of a :class:`DatasetError` spells out.
-MAX_PROBLEMS_IN_MESSAGE = 50
-
 
 @dataclass(frozen=True)
 class ValidationIssue:
@@ -87,20 +85,6 @@ class ValidationIssue:
     def __str__(self) -> str:
         where = f"line {self.line}" + (f", field '{self.field}'" if self.field else "")
         return f"{where}: {self.message}"
-
-
-class DatasetError(ValueError):
-    """A conflict dataset that cannot be used as it is; ``problems`` lists every issue found."""
-
-    def __init__(self, source: str, problems: list[ValidationIssue]) -> None:
-        self.source = source
-        self.problems = list(problems)
-        shown = [f"  {p}" for p in self.problems[:MAX_PROBLEMS_IN_MESSAGE]]
-        more = len(self.problems) - len(shown)
-        if more > 0:
-            shown.append(f"  ... and {more} more")
-        n = len(self.problems)
-        super().__init__(f"{source}: {n} problem{'s' if n != 1 else ''}\n" + "\n".join(shown))
 
 
 @dataclass

@@ -474,7 +474,7 @@ def directional_features(
     return replace(feature_set(context), to_memory=feature_set(memory))
 
 
-def load_statistics(
+def find_statistics(
     model_name: str = "smollm2-135m-instruct",
     layer: int | None = None,
     *,

@@ -16,6 +16,7 @@ import tomllib
 
 from spare_tl import cache
 from spare_tl.checks import at_least, finite_non_negative
+from spare_tl.embedded import EMBEDDED_MODEL
 from spare_tl.saes import DEFAULT_SITE, check_latent_code, check_site
 from spare_tl.stages.behaviours import BehaviourConfig
 from spare_tl.stages.evaluation import EvaluationConfig
@@ -33,7 +34,7 @@ STAGES = ("memorised", "group", "activations", "statistics", "features", "evalua
 class PipelineConfig:
     """Everything a SpARE run needs; every field has a default for the embedded model."""
 
-    model: str = "smollm2-135m-instruct"
+    model: str = EMBEDDED_MODEL
     dataset: str = "builtin"
     saes: str = ""  # folder with one SAELens SAE folder per hook (blocks.<l>.hook_resid_post)
     layers: list[int] = field(default_factory=list)

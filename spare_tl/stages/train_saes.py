@@ -411,7 +411,7 @@ def _merge_metrics(
 
 def load_metrics(directory: str | os.PathLike | None = None) -> dict[str, Any]:
     """The ``metrics.json`` of an SAE folder (default: the embedded model's)."""
-    from spare_tl.models import EMBEDDED_MODEL
+    from spare_tl.embedded import EMBEDDED_MODEL
 
     d = Path(directory) if directory else stage_dir(EMBEDDED_MODEL, STAGE)
     path = d / METRICS_FILE if d.is_dir() or not d.suffix else d

@@ -31,31 +31,25 @@ from torch import Tensor
 
 from spare_tl.cache import begin_stage, mark_complete, write_json, write_jsonl, write_tensors
 from spare_tl.checks import finite_non_negative
+from spare_tl.errors import MalformedCacheError, UnsafePickleError
 from spare_tl.features import FunctionalFeatures, LayerFeatures, select_functional_features
 from spare_tl.saes import check_latent_code
 from spare_tl.studies.original_cache import (
     DEFAULT_HOOK_TEMPLATE,
     SOURCE,
-    MalformedCacheError,
     OriginalCache,
     OriginalLayerStatistics,
     OriginalPromptRecord,
-    UnsafePickleError,
     as_cache,
     load_memorised_set,
 )
 
 logger = logging.getLogger(__name__)
 
-# the name this class had before it was told apart from spare_tl.stages.activations's
-# LayerStatistics; kept for one release
-LayerStatistics = OriginalLayerStatistics
-
 # the reader's names stay importable from here
 __all__ = [
     "DEFAULT_HOOK_TEMPLATE",
     "PAPER_SETTINGS",
-    "LayerStatistics",
     "OriginalLayerStatistics",
     "MalformedCacheError",
     "OriginalCache",

@@ -23,6 +23,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from spare_tl.errors import MalformedCacheError, UnsafePickleError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -61,14 +63,6 @@ _RECORD_KEYS = (
     "ss_loss",
     "so_loss",
 )
-
-
-class MalformedCacheError(ValueError):
-    """A file of the original cache does not hold what the layout promises."""
-
-
-class UnsafePickleError(pickle.UnpicklingError, ValueError):
-    """A pickle asked for something outside the allow-list (refused, nothing was run)."""
 
 
 # --------------------------------------------------------------------------------------

@@ -17,9 +17,35 @@ from typing import Any
 
 from spare_tl import cache
 from spare_tl.errors import first_line
+from spare_tl.stages.activations import LayerStatistics
 from spare_tl.studies.probes import ConditionalResult, ConflictProbe, ProbeResults
 
-__all__ = ["SavedProbeStudy", "load_baselines", "load_probe_study"]
+__all__ = ["SavedProbeStudy", "load_baselines", "load_probe_study", "load_statistics"]
+
+
+def statistics_files(directory: Path) -> list[Path]:
+    """The per-layer statistics files of a ``mutual_information`` folder
+    (``layer<k>/layer<k>.safetensors``, or flat ``layer<k>.safetensors``)."""
+    return sorted(
+        set(directory.glob("layer*/layer*.safetensors")) | set(directory.glob("layer*.safetensors"))
+    )
+
+
+def load_statistics(directory: str | Path) -> dict[int, LayerStatistics]:
+    """The saved per-layer statistics (mutual information, expectation) of a
+    ``mutual_information`` folder, by layer, e.g.
+    ``load_statistics(spare_tl.EMBEDDED_DIR / "mutual_information")``."""
+    directory = Path(directory)
+    files = statistics_files(directory) if directory.is_dir() else []
+    if not files:
+        raise FileNotFoundError(
+            f"no feature statistics in {directory} (expected layer*/layer*.safetensors)"
+        )
+    out = {}
+    for path in files:
+        s = LayerStatistics.load(path)
+        out[s.layer] = s
+    return dict(sorted(out.items()))
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The visualisation layer: plotly figures of every SpARE stage and the one-page HTML report.
+"""Floor 4, viz: plotly figures of every SpARE stage, the tables and the one-page HTML report.
 
 Everything here takes the library's typed objects (statistics, feature sets, results JSON,
 the studies' rows) and returns a ``plotly`` ``Figure`` or HTML; nothing below imports it.
@@ -41,6 +41,8 @@ _EXPORTS: dict[str, str] = {
     "load_report_inputs": "spare_tl.viz.report_inputs",
     "build_report": "spare_tl.viz.report_page",
     "classify_result": "spare_tl.viz.report_page",
+    "inspect_feature": "spare_tl.viz.inspector",
+    "layer_drivers": "spare_tl.viz.inspector",
     "CHROMIUM_FLAGS": "spare_tl.viz.browser",
     "find_chromium": "spare_tl.viz.browser",
     "screenshot": "spare_tl.viz.browser",

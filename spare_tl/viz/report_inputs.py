@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from spare_tl import cache
+from spare_tl.embedded import EMBEDDED_MODEL as DEFAULT_MODEL
 from spare_tl.errors import first_line
 from spare_tl.features import FunctionalFeatures
-from spare_tl.models import EMBEDDED_MODEL as DEFAULT_MODEL
 from spare_tl.stages.activations import LayerStatistics
 from spare_tl.stages.behaviours import GroupedPrompts
 from spare_tl.stages.feature_effects import STAGE as EFFECTS_STAGE
@@ -26,7 +26,12 @@ from spare_tl.stages.feature_examples import STAGE as EXAMPLES_STAGE
 from spare_tl.stages.feature_examples import FeatureExamples
 from spare_tl.stages.scan import ScanResult
 from spare_tl.studies.original import OriginalCache
-from spare_tl.studies.saved import SavedProbeStudy, load_baselines, load_probe_study
+from spare_tl.studies.saved import (
+    SavedProbeStudy,
+    load_baselines,
+    load_probe_study,
+    statistics_files,
+)
 
 __all__ = ["DEFAULT_MODEL", "ReportInputs", "load_report_inputs"]
 
@@ -64,12 +69,6 @@ class ReportInputs:
         }
 
 
-def _statistics_files(directory: Path) -> list[Path]:
-    return sorted(
-        set(directory.glob("layer*/layer*.safetensors")) | set(directory.glob("layer*.safetensors"))
-    )
-
-
 def load_report_inputs(
     *,
     features: str | Path | None = None,
@@ -105,7 +104,7 @@ def load_report_inputs(
             out.missing.append(f"functional features: cannot read {path} ({first_line(e)})")
 
     path = where(statistics, "mutual_information")
-    files = _statistics_files(path) if path.is_dir() else []
+    files = statistics_files(path) if path.is_dir() else []
     for f in files:
         try:
             s = LayerStatistics.load(f)

@@ -1,4 +1,5 @@
-"""The report's HTML tables, each built from typed data (rows, results, JSON of the stages).
+"""The report's HTML sections around the tables of :mod:`spare_tl.viz.tables`, each built
+from typed data (rows, results, JSON of the stages).
 
 Nothing here reads Markdown: the baselines' table comes from the rows of
 :func:`spare_tl.studies.baselines.table_rows` (``table.json``'s ``rows``), the probe study's tables
@@ -8,55 +9,29 @@ from its :class:`~spare_tl.studies.probes.ProbeResults` and :class:`~spare_tl.st
 from __future__ import annotations
 
 import html
-import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from spare_tl.features import FunctionalFeatures
-from spare_tl.methods.spare import DIRECTIONS
-from spare_tl.studies.probes import CONDITIONS as GATE_CONDITIONS
-from spare_tl.studies.probes import (
-    GATE_CONDITION_NAMES,
-    ConditionalResult,
-    ConflictProbe,
-    ProbeResults,
-)
+from spare_tl.studies.probes import ConditionalResult, ConflictProbe, ProbeResults
 from spare_tl.viz.plotting import CONDITION_NAMES
+from spare_tl.viz.tables import (
+    Table,
+    baseline_rows,
+    baselines_table,
+    conditional_table,
+    pm,
+    probe_quality_table,
+)
 
 __all__ = [
-    "baseline_rows",
     "baselines_html",
     "conditional_html",
     "counts_html",
     "evaluation_html",
     "latents_html",
     "probe_quality_html",
-    "table_html",
 ]
-
-
-def table_html(
-    header: Sequence[str], rows: Sequence[Sequence[Any]], *, left: Collection[int] = ()
-) -> str:
-    """An HTML table of plain-text cells (escaped); columns in ``left`` are left-aligned."""
-
-    def row(cells: Sequence[Any], tag: str) -> str:
-        out = ""
-        for i, c in enumerate(cells):
-            align = " class='left'" if i in left else ""
-            out += f"<{tag}{align}>{html.escape(str(c), quote=False)}</{tag}>"
-        return f"<tr>{out}</tr>"
-
-    return "<table>" + row(header, "th") + "".join(row(r, "td") for r in rows) + "</table>"
-
-
-def _pm(mean: Any, std: Any, digits: int = 1) -> str:
-    """``mean ± std``; ``–`` for no mean, ``—`` for NaN (a probe that did not run)."""
-    if mean is None:
-        return "–"
-    if isinstance(mean, float) and math.isnan(mean):
-        return "—"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{mean:.{digits}f}"
 
 
 # --------------------------------------------------------------------------------------
@@ -77,16 +52,16 @@ def _feature_set_text(features: Mapping[str, Any], k_name: str, alpha_name: str)
 def evaluation_html(name: str, data: Mapping[str, Any]) -> str:
     """One evaluation result's JSON: EM per condition, its protocol and features, transitions."""
     e = html.escape
-    rows = ""
-    for cond, label in CONDITION_NAMES.items():
-        if cond not in data:
-            continue
-        s = data[cond]
-        rows += (
-            f"<tr><td>{label}</td><td>{_pm(s.get('EM_C'), s.get('EM_C_std'))}</td>"
-            f"<td>{_pm(s.get('EM_M'), s.get('EM_M_std'))}</td>"
-            f"<td>{_pm(s.get('neither'), None)}</td></tr>"
-        )
+    body = [
+        [
+            label,
+            pm(data[cond].get("EM_C"), data[cond].get("EM_C_std")),
+            pm(data[cond].get("EM_M"), data[cond].get("EM_M_std")),
+            pm(data[cond].get("neither")),
+        ]
+        for cond, label in CONDITION_NAMES.items()
+        if cond in data
+    ]
     meta = ", ".join(
         f"{k}: {e(str(data[k]))}" for k in ("model", "dataset", "n_items", "demo_type") if k in data
     )
@@ -100,27 +75,18 @@ def evaluation_html(name: str, data: Mapping[str, Any]) -> str:
         mem = feats.get("to_memory")
         if isinstance(mem, Mapping):
             meta += " (to context); to memory: " + _feature_set_text(mem, "K", "α")
-    out = (
-        f"<h3>{e(name)}</h3><p class='meta'>{meta}</p>"
-        "<table><tr><th>condition</th><th>EM_C (%)</th><th>EM_M (%)</th><th>neither (%)</th>"
-        f"</tr>{rows}</table>"
-    )
+    header = ("condition", "EM_C (%)", "EM_M (%)", "neither (%)")
+    out = f"<h3>{e(name)}</h3><p class='meta'>{meta}</p>" + Table(header, body).html()
     trans = data.get("transitions") or {}
     if trans:
-        cells = "".join(
-            f"<tr><td>{e(k)}</td><td>{_pm(v.get('mean'), v.get('std'))}</td></tr>"
-            for k, v in trans.items()
-        )
-        out += f"<table><tr><th>transition</th><th>% (mean ± std)</th></tr>{cells}</table>"
+        cells = [[k, pm(v.get("mean"), v.get("std"))] for k, v in trans.items()]
+        out += Table(("transition", "% (mean ± std)"), cells).html()
     return out
 
 
 def counts_html(features: FunctionalFeatures) -> str:
     """A feature set's settings and its context / memory features per layer."""
-    rows = "".join(
-        f"<tr><td>{layer}</td><td>{c}</td><td>{m}</td></tr>"
-        for layer, (c, m) in features.counts().items()
-    )
+    rows = [[layer, c, m] for layer, (c, m) in features.counts().items()]
     a_mem = features.edit_strength_to_memory
     strength = f"{features.edit_strength:g}" + (
         f" (to memory: {a_mem:g})" if a_mem is not None else ""
@@ -135,8 +101,7 @@ def counts_html(features: FunctionalFeatures) -> str:
     return (
         f"<p class='meta'>model {html.escape(features.model_name)}, proportion K = "
         f"{features.proportion:g}, edit strength α = {strength}</p>"
-        "<table><tr><th>layer</th><th>context features</th><th>memory features</th></tr>"
-        f"{rows}</table>"
+        + Table(("layer", "context features", "memory features"), rows).html()
     )
 
 
@@ -145,72 +110,11 @@ def counts_html(features: FunctionalFeatures) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def baseline_rows(
-    baselines: Mapping[str, Any],
-) -> tuple[list[Mapping[str, Any]], dict[str, Any]]:
-    """The rows of :func:`spare_tl.studies.baselines.table_rows` and the protocol (model, dataset,
-    n_items, demo_type, seeds) from ``table.json`` or a method → result mapping."""
-    if isinstance(baselines.get("rows"), list):  # table.json
-        protocol = dict(baselines.get("protocol") or {})
-        if baselines.get("model") is not None:
-            protocol["model"] = baselines["model"]
-        return list(baselines["rows"]), protocol
-    from spare_tl.studies.baselines import table_rows  # loads the harness: only for raw results
-
-    first = next(iter(baselines.values()))
-    keys = ("model", "dataset", "n_items", "demo_type", "seeds")
-    return table_rows(baselines), {k: first[k] for k in keys if k in first}
-
-
-def _settings(hyperparameters: Mapping[str, Any]) -> str:
-    """``layers 12-15, proportion 0.2; alpha -0.25``: to context; to memory."""
-    parts = []
-    for direction in DIRECTIONS:
-        hp = hyperparameters.get(direction)
-        if not hp:
-            continue
-        items = []
-        for k, v in hp.items():
-            if k == "layers" and isinstance(v, list) and v == list(range(v[0], v[-1] + 1)):
-                v = f"{v[0]}-{v[-1]}" if len(v) > 1 else str(v[0])
-            items.append(f"{k} {v}")
-        parts.append(", ".join(items))
-    return "; ".join(parts)
-
-
-def _transition(t: Mapping[str, Any] | None) -> str:
-    return _pm(t["mean"], t["std"]) if t else "–"
-
-
 def baselines_html(baselines: Mapping[str, Any]) -> str:
     """SpARE against the baselines: EM_C steering to context, EM_M steering to memory,
     transitions and cost per method, with the protocol they ran under."""
     rows, protocol = baseline_rows(baselines)
-    if not rows:
-        raise ValueError("no methods in the baselines")
-    body = [
-        [
-            f"{r['method']}{'' if r['inference_time'] else ' *'}",
-            _pm(r["EM_C"], r["EM_C_std"]),
-            _pm(r["EM_M"], r["EM_M_std"]),
-            _transition(r.get("EM_C->M")),
-            _transition(r.get("EM_M->C")),
-            f"{r['extra_forward_passes_per_token']:g}",
-            f"{r['time_relative_to_no_steering']:.2f}",
-            _settings(r["hyperparameters"]) or "–",
-        ]
-        for r in rows
-    ]
-    header = [
-        "method",
-        "EM_C, to context",
-        "EM_M, to memory",
-        "EM_C→M",
-        "EM_M→C",
-        "extra passes / token",
-        "time / item (× none)",
-        "settings (to context; to memory)",
-    ]
+    table = baselines_table(rows)
     e = html.escape
     p = protocol
     where = f"{e(str(p['model']))}, " if p.get("model") else ""
@@ -225,7 +129,7 @@ def baselines_html(baselines: Mapping[str, Any]) -> str:
         "difference are computed once beforehand, CAD runs a second (context-free) prompt pass "
         "per item."
     )
-    return f"{table_html(header, body, left={0, 7})}\n<p class='meta'>{caption}</p>"
+    return f"{table.html()}\n<p class='meta'>{caption}</p>"
 
 
 # --------------------------------------------------------------------------------------
@@ -240,22 +144,6 @@ def probe_quality_html(
     and the deployed probe."""
     best_r = resid.best_layer()
     best_s = sae.best_layer() if sae is not None and sae.layers else None
-    body = []
-    for layer in sorted(set(resid.layers) | set(sae.layers if sae else {})):
-        r = resid.layers.get(layer)
-        s = sae.layers.get(layer) if sae is not None else None
-        mark = " (best residual)" if layer == best_r else ""
-        mark += " (best SAE)" if layer == best_s else ""
-        body.append(
-            [
-                f"{layer}{mark}",
-                _pm(r.accuracy_mean, r.accuracy_std, 3) if r else "—",
-                _pm(r.auroc_mean, r.auroc_std, 3) if r else "—",
-                _pm(s.accuracy_mean, s.accuracy_std, 3) if s else "—",
-                _pm(s.auroc_mean, s.auroc_std, 3) if s else "—",
-            ]
-        )
-    header = ["layer", "residual accuracy", "residual AUROC", "SAE accuracy", "SAE AUROC"]
     cfg = resid.config
     e = html.escape
     caption = (
@@ -276,7 +164,7 @@ def probe_quality_html(
             f" Deployed probe: layer {probe.layer} (the best residual layer at or before the "
             f"first edited layer), threshold {probe.threshold}, C {probe.C}."
         )
-    return f"{table_html(header, body)}\n<p class='meta'>{caption}</p>"
+    return f"{probe_quality_table(resid, sae).html()}\n<p class='meta'>{caption}</p>"
 
 
 def latents_html(latents: Mapping[int, Mapping[str, Any]], shown: int = 5) -> str:
@@ -317,25 +205,13 @@ def latents_html(latents: Mapping[int, Mapping[str, Any]], shown: int = 5) -> st
         "non-zero probe weights",
         f"top {shown} by |probe weight| (C / M: context / memory feature)",
     ]
-    return table_html(header, body, left={8})
+    return Table(header, body, left={8}).html()
 
 
 def conditional_html(conditional: ConditionalResult | Mapping[str, Any]) -> str:
     """Steering only when the probe flags a conflict, against never and always steering, on
     conflict and no-conflict rows; what the probe flags and what it costs."""
     data = conditional.to_json() if hasattr(conditional, "to_json") else conditional
-    body = [
-        [
-            name,
-            GATE_CONDITION_NAMES[cond],
-            _pm(data[rows][cond]["EM_M"], data[rows][cond]["EM_M_std"]),
-            _pm(data[rows][cond]["EM_C"], data[rows][cond]["EM_C_std"]),
-            f"{data[rows][cond]['neither']:.1f}",
-        ]
-        for rows, name in (("conflict", "conflict"), ("no_conflict", "no conflict"))
-        for cond in GATE_CONDITIONS
-    ]
-    header = ["rows", "condition", "EM_M (memory answer)", "EM_C (context answer)", "neither"]
     pe, ch = data["probe_on_eval"], data["checks"]
     e = html.escape
     caption = (
@@ -353,4 +229,4 @@ def conditional_html(conditional: ConditionalResult | Mapping[str, Any]) -> str:
         f"{ch['conflict_gain_conditional']:+.1f} (conditional) and "
         f"{ch['conflict_gain_always']:+.1f} (always)."
     )
-    return f"{table_html(header, body, left={0, 1})}\n<p class='meta'>{caption}</p>"
+    return f"{conditional_table(data).html()}\n<p class='meta'>{caption}</p>"

@@ -30,7 +30,7 @@ def items() -> list[ConflictItem]:
     return load_builtin("v1")
 
 
-def test_versions() -> None:
+def test_an_unknown_builtin_version_is_refused() -> None:
     assert "v1" in BUILTIN_VERSIONS
     with pytest.raises(ValueError, match="unknown built-in version"):
         load_builtin("v0")
@@ -62,7 +62,7 @@ def test_no_duplicate_questions(items: list[ConflictItem]) -> None:
     assert [q for q, n in keys.items() if n > 1] == []
 
 
-def test_answers_differ(items: list[ConflictItem]) -> None:
+def test_context_and_memory_answers_differ(items: list[ConflictItem]) -> None:
     for item in items:
         org = {normalize_answer(a) for a in item.org_answer}
         sub = {normalize_answer(a) for a in item.sub_answer}

@@ -14,19 +14,18 @@ from spare_tl.data import datasets as ds_mod
 from spare_tl.data.datasets import (
     MACNOISE_HUB_ID,
     NQSWAP_HUB_ID,
-    DatasetUnavailableError,
     load_dataset,
     macnoise_to_items,
     nqswap_to_items,
 )
 from spare_tl.data.schema import (
     ConflictItem,
-    DatasetError,
     read_conflict_jsonl,
     validate_conflict_jsonl,
     write_conflict_jsonl,
 )
 from spare_tl.data.scoring import behaviour_label
+from spare_tl.errors import DatasetError, DatasetUnavailableError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 NQSWAP_COLUMNS = ["question", "org_context", "org_answer", "sub_context", "sub_answer"]
