@@ -60,7 +60,7 @@ def test_every_committed_feature_has_a_card_that_renders(chromium, tmp_path):
         text=True,
         timeout=300,
     ).stdout
-    assert "data-error" not in dom
+    assert not re.search(r"<body[^>]*\sdata-error=", dom), "a JavaScript error on the page"
     plots = int(re.search(r'data-plots="(\d+)"', dom).group(1))
     drawn = int(re.search(r'data-drawn="(\d+)"', dom).group(1))
     assert plots == n and drawn == n
