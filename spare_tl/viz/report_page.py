@@ -102,6 +102,7 @@ class _Page:
     def __init__(self) -> None:
         self.parts: list[str] = []
         self.n_figures = 0
+        self.n_cards = 0
 
     def add(self, text: str) -> None:
         self.parts.append(text)
@@ -313,7 +314,7 @@ def build_report(
             f"<div class='missing' id='missing'><b>Missing parts</b><ul>{items}</ul></div>"
         )
     plotly_js = ""
-    if page.n_figures:
+    if page.n_figures or page.n_cards:
         plotly_js = f'<script type="text/javascript">{get_plotlyjs()}</script>'
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (
@@ -340,9 +341,9 @@ def _cards_section(
         f"<p class='meta'>{len(cards)} functional features, largest causal effect first; "
         "click one to open its card.</p>"
     )
-    for card in cards:
-        page.n_figures += 1
-        page.add(card.to_html(div_id=f"figure-{page.n_figures}"))
+    for i, card in enumerate(cards, start=1):
+        page.n_cards += 1  # their figures need plotly's JavaScript too
+        page.add(card.to_html(div_id=f"card-{i}"))
 
 
 def _baselines_section(page: _Page, baselines: Mapping[str, Any] | None, notes: list[str]) -> None:
