@@ -74,10 +74,10 @@ def _setup():
 
 def _stage_dir(model_name: str, stage: str) -> Path:
     from spare_tl import cache
-    from spare_tl.embedded import SHIPPED_ROOT
+    from spare_tl.embedded import EMBEDDED_MODEL, SHIPPED_ROOT
 
     shipped = cache.stage_dir(model_name, stage, SHIPPED_ROOT)
-    if model_name == "smollm2-135m-instruct" and cache.REPO_ROOT in shipped.parents:
+    if model_name == EMBEDDED_MODEL and cache.REPO_ROOT in shipped.parents:
         return shipped  # a source checkout: the committed results
     return cache.stage_dir(model_name, stage)
 

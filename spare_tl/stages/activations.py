@@ -475,17 +475,19 @@ def directional_features(
 
 
 def find_statistics(
-    model_name: str = "smollm2-135m-instruct",
+    model_name: str | None = None,
     layer: int | None = None,
     *,
     site: str = DEFAULT_SITE,
     root: str | Path | None = None,
 ) -> LayerStatistics | dict[int, LayerStatistics]:
-    """Saved feature statistics (MI, E, z̄_C, z̄_M) of ``model_name`` at ``site``: one
+    """Saved feature statistics (MI, E, z̄_C, z̄_M) of ``model_name`` (default: the embedded
+    model) at ``site``: one
     layer's, or every saved layer's by layer when ``layer`` is None. Looks in ``root``, else
     the writable cache, then the shipped data of the embedded model."""
-    from spare_tl.embedded import SHIPPED_ROOT
+    from spare_tl.embedded import EMBEDDED_MODEL, SHIPPED_ROOT
 
+    model_name = model_name or EMBEDDED_MODEL
     roots = [Path(root)] if root is not None else [cache.default_cache_root(), SHIPPED_ROOT]
     stage = stage_name("mutual_information", site)
     for base in roots:

@@ -30,7 +30,7 @@ import torch
 from spare_tl import cache
 from spare_tl.data.schema import ConflictItem
 from spare_tl.data.scoring import behaviour_label
-from spare_tl.embedded import SHIPPED_ROOT
+from spare_tl.embedded import EMBEDDED_MODEL, SHIPPED_ROOT
 from spare_tl.features import FunctionalFeatures
 from spare_tl.methods.base import NoSteering
 from spare_tl.methods.spare import DIRECTIONS, SpareMethod
@@ -296,7 +296,7 @@ def read_feature_effects(directory: str | Path) -> FeatureEffects:
 
 
 def load_feature_effects(
-    model_name: str = "smollm2-135m-instruct", *, root: str | Path | None = None
+    model_name: str = EMBEDDED_MODEL, *, root: str | Path | None = None
 ) -> FeatureEffects:
     """The saved causal effect of each functional feature of ``model_name`` (the shipped one
     for the embedded model when the writable cache has none)."""

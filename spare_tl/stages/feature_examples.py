@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from spare_tl import cache
 from spare_tl.data.schema import ConflictItem
-from spare_tl.embedded import SHIPPED_ROOT
+from spare_tl.embedded import EMBEDDED_MODEL, SHIPPED_ROOT
 from spare_tl.features import sae_fingerprint
 from spare_tl.saes import encode_latents, hook_name
 from spare_tl.stages.sae_text import prompt_texts, split_items, tokenize_text
@@ -543,7 +543,7 @@ def _assemble(
 
 
 def load_feature_examples(
-    model_name: str = "smollm2-135m-instruct", *, root: str | Path | None = None
+    model_name: str = EMBEDDED_MODEL, *, root: str | Path | None = None
 ) -> FeatureExamples:
     """The saved feature examples of ``model_name`` (the shipped ones for the embedded model
     when the writable cache has none)."""
