@@ -57,6 +57,8 @@ _EXPORTS: dict[str, str] = {
     "last_position_resid": "spare_tl.stages.activations",
     "LayerStatistics": "spare_tl.stages.activations",
     "load_statistics": "spare_tl.studies.saved",
+    "load_feature_examples": "spare_tl.stages.feature_examples",
+    "load_feature_effects": "spare_tl.stages.feature_effects",
     "EvaluationConfig": "spare_tl.stages.evaluation",
     "EvaluationResult": "spare_tl.stages.evaluation",
     "evaluate": "spare_tl.stages.evaluation",

@@ -363,6 +363,9 @@ def test_report_is_self_contained(statistics, features):
     n_figures = len(re.findall(r'<div id="figure-\d+"', page))
     # results, 2 sweeps, per-layer, layer-wise MI, scatter, behaviour table
     assert n_figures == 7
+    n_cards = page.count("<details class='feature-card'")
+    assert n_cards == sum(a + b for a, b in features.counts().values())
+    assert len(re.findall(r'<div id="card-\d+"', page)) == n_cards
     assert "Missing parts" not in page
     assert "what drives context" in page and "EM_C (%)" in page and "70.0 ± 3.0" in page
 
@@ -419,7 +422,7 @@ def test_report_reads_saved_stages(tmp_path, statistics, features):
     inputs = load_report_inputs(model="tiny", cache_root=tmp_path)
     assert sorted(inputs.statistics) == list(LAYERS)
     assert inputs.features is not None and len(inputs.results) == 2
-    absent = ("grouped prompts", "baselines", "probes")  # not saved here
+    absent = ("grouped prompts", "baselines", "probes", "feature examples", "causal effect")
     assert [m for m in inputs.missing if not m.startswith(absent)] == []
     page = build_report(**inputs.kwargs())
     assert "junk: not an evaluation result" in page

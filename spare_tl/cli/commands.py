@@ -42,6 +42,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("config", help="pipeline config (.toml or .yaml)")
         add_dtype_argument(p)
         p.set_defaults(func=_run, until=stage, output=None)
+        if stage == "features":
+            from spare_tl.cli.features import add_arguments
+
+            p.description = (
+                f"{text}; earlier stages come from the cache. Or: `features show LAYER:LATENT` "
+                "(a feature card), `features examples`, `features effects`"
+            )
+            add_arguments(p)
 
     p = sub.add_parser(
         "evaluate",
@@ -120,6 +128,12 @@ def _load_setup(args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> int:
     from spare_tl.stages.pipeline import PipelineConfig, run_pipeline
 
+    if args.until == "features":
+        from spare_tl.cli.features import dispatch
+
+        done = dispatch(args)
+        if done is not None:
+            return done
     config = PipelineConfig.from_file(args.config)
     if args.output:
         checks.output_file(args.output)

@@ -23,6 +23,8 @@ COMMANDS = {
     "results": "spare-tl results --n-items 200 --seeds 0 1 2 3 4 --cases doo dso dss",
     "sweep": "spare-tl sweep configs/smollm2.toml ... --write-features",
     "scan": "spare-tl scan configs/smollm2.toml --n-items 128 --sites resid_post attn_out",
+    "feature_effects": "spare-tl features effects --n-items 16 --seeds 0 --batch-size 16 "
+    "--max-new-tokens 6",
     "probes": "spare-tl probes --layers 6-20 --seeds 0 1 2 3 4 --n-items 40 "
     "--probe-items 500 --eval-seeds 0 1 2",
 }
@@ -366,6 +368,75 @@ def _probes_section(directory: Path, missing: list[str]) -> list[str]:
     return ["## Detecting the conflict", "", table, "", f"Regenerate: `{COMMANDS['probes']}`.", ""]
 
 
+def _feature_effects_section(model_dir: Path, missing: list[str]) -> list[str]:
+    from spare_tl.stages.feature_effects import STAGE, read_feature_effects
+    from spare_tl.stages.feature_examples import STAGE as EXAMPLES
+    from spare_tl.stages.feature_examples import FeatureExamples
+
+    directory = model_dir / STAGE
+    if not (directory / cache.CONFIG).is_file():
+        missing.append(f"causal effect of each feature: nothing in {directory}")
+        return []
+    effects = read_feature_effects(directory)
+    examples = None
+    if (model_dir / EXAMPLES / cache.CONFIG).is_file():
+        examples = FeatureExamples.load(model_dir / EXAMPLES)
+    stored = (cache.read_stage_config(directory) or {}).get("config", {})
+    protocol = stored.get("evaluation", {})
+
+    def tokens(row: Mapping[str, Any]) -> str:
+        if examples is None or row["hook_name"] not in examples.by_hook:
+            return ""
+        saved = examples.by_hook[row["hook_name"]].logit_tokens.get(row["latent"], {})
+        shown = [t["token"].strip() or repr(t["token"]) for t in saved.get("promoted", [])[:4]]
+        return ", ".join(f"`{text}`".replace("|", "\\|") for text in shown)
+
+    lines = [
+        "## Which features carry the steering",
+        "",
+        f"Each functional feature's causal effect on {effects.n_items} development questions "
+        f"(seeds {effects.seeds}, {protocol.get('n_shots', 3)} {protocol.get('demo_type', 'doo')} "
+        f"demonstrations, answers of at most {protocol.get('max_new_tokens', 12)} tokens): the "
+        "SpARE edit restricted to that one feature (same α, removed or added as in the full "
+        "edit), and the full set without it. Gain: the target share (EM_C steering to "
+        f"context, EM_M to memory) minus no steering, points; {effects.n_items} questions "
+        f"move in steps of {100 / effects.n_items:.3g} points, so a difference of one step "
+        "is noise.",
+        "",
+    ]
+    for d, block in effects.directions.items():
+        t = block["target"]
+        share = block.get("top_share_of_full_gain")
+        lines += [
+            f"### Steering to {d} (α = {block['edit_strength']:g})",
+            "",
+            f"No steering {t} {block['no_steering'][t]:.1f}, full set "
+            f"{block['full'][t]:.1f}; the top 3 features alone ({', '.join(block['top'])}) "
+            f"{block['top_shares'][t]:.1f}"
+            + (f", {100 * share:.0f} % of the full set's gain." if share is not None else "."),
+            "",
+            f"| layer:latent | role | edit | {t} alone | gain | neither alone | full set without it | promotes |",
+            "|---|---|---|---:|---:|---:|---:|---|",
+        ]
+        for r in block["features"][:8]:
+            lines.append(
+                f"| {r['layer']}:{r['latent']} | {r['role']} | {r['edit']} | {r['only'][t]:.1f} "
+                f"| {r['gain']:+.1f} | {r['only']['neither']:.1f} | "
+                f"{r['without'][t]:.1f} | {tokens(r)} |"
+            )
+        lines.append("")
+    lines += [
+        "Cards for every feature (examples, histograms, logit lens): `spare-tl report`, "
+        "`spare-tl features show LAYER:LATENT`.",
+        "",
+        "![One feature card](img/feature_card.png)",
+        "",
+        f"Regenerate: `{COMMANDS['feature_effects']}`.",
+        "",
+    ]
+    return lines
+
+
 def results_document(model_dir: Path) -> tuple[str, list[str]]:
     """The Markdown of ``docs/results.md`` and the parts that were missing."""
     model_dir = Path(model_dir)
@@ -382,6 +453,7 @@ def results_document(model_dir: Path) -> tuple[str, list[str]]:
     lines += _baselines_section(model_dir / "baselines", missing)
     lines += _scan_section(model_dir / "scan", missing)
     lines += _sweep_section(model_dir / "sweep" / "sweep.json", missing)
+    lines += _feature_effects_section(model_dir, missing)
     lines += _probes_section(model_dir / "probes", missing)
     if missing:
         lines += ["## Not available", "", *[f"- {m}" for m in missing], ""]
@@ -430,6 +502,39 @@ def draw_scan_figure(model: str, png: Path) -> str:
     return f"redrew {png}"
 
 
+def draw_card_figure(model: str, png: Path) -> str:
+    """Screenshot the card of the feature with the largest causal effect steering to context
+    (as the report draws it, opened) as a PNG with headless Chromium; returns what was done."""
+    from plotly.offline import get_plotlyjs
+
+    from spare_tl.viz import find_chromium, functional_feature_cards, screenshot
+    from spare_tl.viz.report_inputs import load_report_inputs
+    from spare_tl.viz.report_page import _CSS
+
+    if find_chromium() is None:
+        return f"{png} not redrawn: no headless Chromium (apt-get install chromium)"
+    inputs = load_report_inputs(model=model)
+    if inputs.features is None or inputs.examples is None or inputs.effects is None:
+        return f"{png} not redrawn: no saved feature examples or causal effects"
+    cards = functional_feature_cards(
+        inputs.features,
+        statistics=inputs.statistics,
+        examples=inputs.examples,
+        effects=inputs.effects,
+    )
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><style>{_CSS}</style>"
+        f"<script>{get_plotlyjs()}</script></head><body>"
+        f"{cards[0].to_html(open_=True, div_id='card')}</body></html>"
+    )
+    with tempfile.TemporaryDirectory(prefix="spare-tl-docs-") as tmp:
+        html = Path(tmp) / "card.html"
+        html.write_text(page, encoding="utf-8")
+        shot = screenshot(html, Path(tmp) / "card.png", width=1150, height=1100)
+        cache.write_file_atomic(png, lambda path: shutil.copyfile(shot, path))
+    return f"redrew {png}"
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("docs", help="regenerate docs/results.md from the saved JSON")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model folder under the cache root")
@@ -443,7 +548,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--figures",
         action="store_true",
-        help="also redraw the page's picture (img/steerability_scan.png beside the page)",
+        help="also redraw the page's pictures (img/steerability_scan.png, img/feature_card.png)",
     )
     p.set_defaults(func=_docs_command)
 
@@ -467,6 +572,7 @@ def _docs_command(args: argparse.Namespace) -> int:
         print(f"wrote {bench} ({len(page.splitlines())} lines)")
     if args.figures:
         print(draw_scan_figure(args.model, output.parent / "img" / "steerability_scan.png"))
+        print(draw_card_figure(args.model, output.parent / "img" / "feature_card.png"))
     for m in missing:
         print(f"missing: {m}")
     line = headline(model_dir)

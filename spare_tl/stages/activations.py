@@ -521,3 +521,39 @@ def directional_features(
         alpha_mem = None if alpha_mem == context["edit_strength"] else alpha_mem
         return feature_set(context, "context", alpha_mem)
     return replace(feature_set(context, "context"), to_memory=feature_set(memory, "memory"))
+
+
+def find_statistics(
+    model_name: str | None = None,
+    layer: int | None = None,
+    *,
+    site: str = DEFAULT_SITE,
+    root: str | Path | None = None,
+) -> LayerStatistics | dict[int, LayerStatistics]:
+    """Saved feature statistics (MI, E, z̄_C, z̄_M) of ``model_name`` (default: the embedded
+    model) at ``site``: one
+    layer's, or every saved layer's by layer when ``layer`` is None. Looks in ``root``, else
+    the writable cache, then the shipped data of the embedded model."""
+    from spare_tl.embedded import EMBEDDED_MODEL, SHIPPED_ROOT
+
+    model_name = model_name or EMBEDDED_MODEL
+    roots = [Path(root)] if root is not None else [cache.default_cache_root(), SHIPPED_ROOT]
+    stage = stage_name("mutual_information", site)
+    for base in roots:
+        directory = cache.stage_dir(model_name, stage, base)
+        found = {
+            int(p.parent.name[len("layer") :]): p
+            for p in directory.glob("layer*/layer*.safetensors")
+        }
+        if not found:
+            continue
+        if layer is None:
+            return {k: LayerStatistics.load(p) for k, p in sorted(found.items())}
+        if layer in found:
+            return LayerStatistics.load(found[layer])
+    where = ", ".join(str(cache.stage_dir(model_name, stage, Path(b))) for b in roots)
+    raise FileNotFoundError(
+        f"no saved statistics for {model_name!r} at {site}"
+        + (f" layer {layer}" if layer is not None else "")
+        + f" under {where}; run `spare-tl statistics CONFIG` first"
+    )

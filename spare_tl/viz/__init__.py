@@ -46,6 +46,10 @@ _EXPORTS: dict[str, str] = {
     "CHROMIUM_FLAGS": "spare_tl.viz.browser",
     "find_chromium": "spare_tl.viz.browser",
     "screenshot": "spare_tl.viz.browser",
+    "FeatureCard": "spare_tl.viz.feature_card",
+    "feature_card": "spare_tl.viz.feature_card",
+    "functional_feature_cards": "spare_tl.viz.feature_card",
+    "effects_overview_html": "spare_tl.viz.feature_card",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -20,6 +20,10 @@ from spare_tl.errors import first_line
 from spare_tl.features import FunctionalFeatures
 from spare_tl.stages.activations import LayerStatistics
 from spare_tl.stages.behaviours import GroupedPrompts
+from spare_tl.stages.feature_effects import STAGE as EFFECTS_STAGE
+from spare_tl.stages.feature_effects import FeatureEffects, read_feature_effects
+from spare_tl.stages.feature_examples import STAGE as EXAMPLES_STAGE
+from spare_tl.stages.feature_examples import FeatureExamples
 from spare_tl.stages.scan import ScanResult
 from spare_tl.studies.original import OriginalCache
 from spare_tl.studies.saved import (
@@ -44,6 +48,8 @@ class ReportInputs:
     probes: SavedProbeStudy | None = None
     original: OriginalCache | None = None
     scan: ScanResult | None = None
+    examples: FeatureExamples | None = None
+    effects: FeatureEffects | None = None
     missing: list[str] = field(default_factory=list)
 
     def kwargs(self) -> dict[str, Any]:
@@ -51,6 +57,8 @@ class ReportInputs:
         return {
             "features": self.features,
             "statistics": self.statistics,
+            "examples": self.examples,
+            "effects": self.effects,
             "results": self.results,
             "grouped": self.grouped,
             "baselines": self.baselines,
@@ -150,6 +158,21 @@ def load_report_inputs(
             out.scan = ScanResult.load(scan_dir)
         except (OSError, ValueError, KeyError) as e:
             out.missing.append(f"steerability scan: cannot read {scan_dir} ({first_line(e)})")
+
+    for stage, what, load in (
+        (EXAMPLES_STAGE, "feature examples", FeatureExamples.load),
+        (EFFECTS_STAGE, "causal effect of each feature", read_feature_effects),
+    ):
+        folder = study_dir(None, stage)
+        if not (folder / cache.CONFIG).is_file():
+            out.missing.append(
+                f"{what}: none in {folder} (`spare-tl features {stage.split('_')[1]}`)"
+            )
+            continue
+        try:
+            setattr(out, "examples" if stage == EXAMPLES_STAGE else "effects", load(folder))
+        except (OSError, ValueError, KeyError) as e:
+            out.missing.append(f"{what}: cannot read {folder} ({first_line(e)})")
 
     if original is not None:
         try:

@@ -22,6 +22,7 @@ from plotly.offline import get_plotlyjs
 from spare_tl.errors import first_line
 from spare_tl.studies.original import PAPER_SETTINGS
 from spare_tl.studies.saved import SavedProbeStudy
+from spare_tl.viz.feature_card import effects_overview_html, functional_feature_cards
 from spare_tl.viz.figures_behaviour import behaviour_table
 from spare_tl.viz.figures_features import layerwise_mutual_information, mutual_information_scatter
 from spare_tl.viz.figures_probes import probe_quality_by_layer
@@ -63,6 +64,9 @@ th.left,td.left{text-align:left}
 .drivers.context h5{color:#1f77b4}.drivers.memory h5{color:#d62728}
 pre.prompt{white-space:pre-wrap;text-align:left;margin:0;font-size:.8rem;max-width:600px}
 .figure{margin:1rem 0}
+details.feature-card{border:1px solid #ddd;border-radius:6px;padding:.3rem .8rem;margin:.4rem 0}
+details.feature-card summary{cursor:pointer}
+.ctx code{white-space:pre-wrap;font-size:.8rem}.ctx{margin:.15rem 0}
 """
 
 
@@ -98,6 +102,7 @@ class _Page:
     def __init__(self) -> None:
         self.parts: list[str] = []
         self.n_figures = 0
+        self.n_cards = 0
 
     def add(self, text: str) -> None:
         self.parts.append(text)
@@ -163,6 +168,8 @@ def build_report(
     original: Any | None = None,
     original_layer: int | None = None,
     scan: Any | None = None,
+    examples: Any | None = None,
+    effects: Any | None = None,
     missing: Sequence[str] = (),
     title: str = "SpARE report",
     top_n: int = 2000,
@@ -264,6 +271,8 @@ def build_report(
     else:
         page.add("<p class='missing'>No per-layer feature statistics.</p>")
         _note_absent(notes, "statistics", "feature statistics (mutual information): none given")
+    if features is not None:
+        _cards_section(page, features, statistics, examples, effects)
 
     # -- steerability scan --------------------------------------------------------------
     if scan is not None:
@@ -305,7 +314,7 @@ def build_report(
             f"<div class='missing' id='missing'><b>Missing parts</b><ul>{items}</ul></div>"
         )
     plotly_js = ""
-    if page.n_figures:
+    if page.n_figures or page.n_cards:
         plotly_js = f'<script type="text/javascript">{get_plotlyjs()}</script>'
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (
@@ -316,6 +325,25 @@ def build_report(
         "with SAE features.</p>"
         f"{missing_html}{body}</body></html>\n"
     )
+
+
+def _cards_section(
+    page: _Page, features: Any, statistics: Mapping[int, Any], examples: Any, effects: Any
+) -> None:
+    """The causal-effect overview and a collapsible card per functional feature."""
+    cards = functional_feature_cards(
+        features, statistics=statistics, examples=examples, effects=effects
+    )
+    page.add("<h3>Feature cards</h3>")
+    if effects is not None:
+        page.add(effects_overview_html(effects, cards))
+    page.add(
+        f"<p class='meta'>{len(cards)} functional features, largest causal effect first; "
+        "click one to open its card.</p>"
+    )
+    for i, card in enumerate(cards, start=1):
+        page.n_cards += 1  # their figures need plotly's JavaScript too
+        page.add(card.to_html(div_id=f"card-{i}"))
 
 
 def _baselines_section(page: _Page, baselines: Mapping[str, Any] | None, notes: list[str]) -> None:
