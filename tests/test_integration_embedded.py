@@ -39,13 +39,14 @@ def test_committed_features_steer_held_out_conflicts_both_ways(embedded_model):
     base, to_c, to_m = (result[k] for k in ("no_steering", "steer_to_context", "steer_to_memory"))
     print({k: (result[k]["EM_C"], result[k]["EM_M"], result[k]["neither"]) for k in result
            if k.startswith(("no_", "steer_"))})  # fmt: skip
-    # measured in fp32 (seed 0, first 48 held-out questions): no steering EM_C 62.5 / EM_M 8.3 /
-    # neither 29.2; to context 72.9 / 4.2 / 22.9; to memory 14.6 / 27.1 / 58.3
-    assert to_c["EM_C"] >= base["EM_C"] + 5, "steering to context lost its context answers"
-    assert to_c["EM_M"] <= base["EM_M"], "steering to context no longer removes memory answers"
-    assert to_m["EM_M"] >= base["EM_M"] + 12, "steering to memory lost its memory answers"
-    assert to_m["EM_C"] <= base["EM_C"] - 35, "steering to memory no longer removes context"
-    assert to_m["neither"] <= base["neither"] + 35, "steering to memory breaks answers"
+    # measured in fp32 (seed 0, the first 48 test questions, one demonstration set; the same
+    # rows of `spare-tl results`, 2026-12-04): no steering EM_C 56.2 / EM_M 18.8 / neither 25.0;
+    # to context 60.4 / 6.2 / 33.3; to memory 25.0 / 33.3 / 41.7
+    assert to_c["EM_C"] >= base["EM_C"] + 2, "steering to context lost its context answers"
+    assert to_c["EM_M"] <= base["EM_M"] - 8, "steering to context no longer removes memory answers"
+    assert to_m["EM_M"] >= base["EM_M"] + 10, "steering to memory lost its memory answers"
+    assert to_m["EM_C"] <= base["EM_C"] - 20, "steering to memory no longer removes context"
+    assert to_m["neither"] <= base["neither"] + 25, "steering to memory breaks answers"
 
 
 @pytest.mark.parametrize(("batch_size", "n_items"), [(16, 32), (1, 12)])
