@@ -170,7 +170,7 @@ def baselines_markdown(baselines: Mapping[str, Any]) -> str:
         f"{p.get('model')}, {p.get('dataset')} dataset: {p.get('n_items')} held-out memorised "
         f"questions, {p.get('demo_type')} demonstrations, seeds {p.get('seeds')}, mean ± std "
         "over seeds (%). `none`: EM_C and EM_M without steering. Settings chosen on the "
-        "development (pool) questions only (`cache_data/<model>/baselines/sweep-*.json`). "
+        "development questions only (split per relation, disjoint from the test; `cache_data/<model>/baselines/sweep-*.json`). "
         "\\* ICL changes the demonstrations (dss / dso) and is not an inference-time method; "
         "`closed_book` removes the test item's context (its demonstrations kept): not a "
         "steering method but the reference for what memory alone answers in this format, and "
