@@ -116,8 +116,11 @@ def summarise(
     labels: Mapping[str, Mapping[int, list[str]]],
     relations: Sequence[str],
     seeds: Sequence[int],
+    contained: Mapping[str, Mapping[int, list[str]]] | None = None,
 ) -> dict[str, Any]:
-    """EM_C / EM_M / neither per condition (mean ± std over seeds), transitions, relations."""
+    """EM_C / EM_M / neither per condition (mean ± std over seeds), transitions, relations;
+    with ``contained`` (containment labels per condition and seed), the shares of answers
+    that contain C and M (``contains_C``, ``contains_M``)."""
     out: dict[str, Any] = {}
     for cond, per_seed in labels.items():
         em_c = [_share(per_seed[s], "context") for s in seeds]
@@ -137,6 +140,9 @@ def summarise(
                 else [labels["no_steering"][s] for s in seeds],
             ),
         }
+    for cond, per_seed in (contained or {}).items():
+        for behaviour, key in (("context", "contains_C"), ("memory", "contains_M")):
+            out[cond][key] = _mean_std([_share(per_seed[s], behaviour) for s in seeds])["mean"]
     if "no_steering" in labels:
         base = labels["no_steering"]
         trans: dict[str, dict[str, float]] = {}
@@ -409,12 +415,7 @@ def evaluate(
         for i, record in enumerate(records):
             record.update({f"{c}.contains": contained[c][seed][i] for c in conditions})
         predictions += records
-    summary = summarise(labels, [it.relation for it in items], list(config.seeds))
-    for cond in conditions:
-        for behaviour, key in (("context", "contains_C"), ("memory", "contains_M")):
-            summary[cond][key] = _mean_std(
-                [_share(contained[cond][s], behaviour) for s in config.seeds]
-            )["mean"]
+    summary = summarise(labels, [it.relation for it in items], list(config.seeds), contained)
     summary["method"] = _method_summary(method, conditions, seconds, len(items) * len(config.seeds))
     method_features = getattr(method, "features", None)
     if method_features is not None:

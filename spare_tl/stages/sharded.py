@@ -30,8 +30,6 @@ from spare_tl.stages.evaluation import (
     CONDITION_OF,
     EvaluationConfig,
     EvaluationResult,
-    _mean_std,
-    _share,
     evaluate,
     features_summary,
     summarise,
@@ -110,15 +108,9 @@ def merge_evaluations(
             {c: per_seed("label", c) for c in conditions},
             [it.relation for it in items],
             list(seeds),
+            {c: per_seed("contains", c) for c in conditions if f"{c}.contains" in predictions[0]},
         )
     )
-    for cond in conditions:
-        if f"{cond}.contains" not in predictions[0]:
-            continue
-        contained = per_seed("contains", cond)
-        for behaviour, key in (("context", "contains_C"), ("memory", "contains_M")):
-            shares = [_share(contained[s], behaviour) for s in seeds]
-            summary[cond][key] = _mean_std(shares)["mean"]
     summary["method"] = _merge_method(
         [by_seed[s]["summary"]["method"] for s in seeds], conditions, len(items)
     )
