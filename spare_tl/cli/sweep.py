@@ -151,6 +151,10 @@ def run_from_args(args) -> int:
             layer_sets, args.proportions, args.strengths, args.directions, args.selections
         )
         print(f"sweep: {len(settings)} settings on {len(items)} development questions")
+        dev, test = relation_histogram(items), relation_histogram(result.split.test[:200])
+        print("relation: development / test[:200]")
+        for rel in sorted(set(dev) | set(test)):
+            print(f"  {rel:24s} {dev.get(rel, 0):4d} {test.get(rel, 0):4d}")
         records = sweep(
             model,
             result.site_statistics,
