@@ -245,3 +245,30 @@ def test_embedded_model_agrees_between_backends(embedded_model):
     assert greedy_generate(embedded_model, prompts, progress=False) == greedy_generate(
         bridge, prompts, progress=False
     )
+
+
+def test_cad_agrees_between_backends(pair):
+    """CAD stacks its two prompt versions' KV caches (the bridge keeps HF's layout)."""
+    from spare_tl.methods.baselines import cad_generate
+
+    demos = "context: the sky is green.\nquestion: sky?\nanswer: green\n\n"
+    prompts = [demos + "context: x is y.\n" + p for p in PROMPTS]
+    closed = [demos + p for p in PROMPTS]
+    out = {}
+    for label, model in zip(("hooked", "bridge"), pair):
+        out[label] = [
+            cad_generate(
+                model,
+                prompts,
+                closed,
+                alpha,
+                max_new_tokens=6,
+                batch_size=3,
+                progress=False,
+                shared_demonstrations=shared,
+            )
+            for alpha in (0.5, -1.0)
+            for shared in (True, False)
+        ]
+        assert out[label][0] == out[label][1] and out[label][2] == out[label][3]
+    assert out["hooked"] == out["bridge"]

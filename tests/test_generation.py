@@ -172,3 +172,45 @@ def test_cad_runs_each_prompt_versions_prefix_once_with_the_same_answers(tiny_mo
             tiny_model, prompts, closed, alpha, decoding=dec, shared_demonstrations=False
         )
         assert once == full
+
+
+def test_stacked_caches_continue_each_row_as_it_would_alone(tiny_model):
+    """CAD decodes its two prompt versions as one batch: caches of different lengths,
+    stacked with masked left padding, give every row the next-token logits it gets alone."""
+    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+    from spare_tl.generation import _last_logits, _tokenize, stack_caches
+
+    model = tiny_model
+    groups = [_seed_prompts()[:3], ["short one", "a"]]
+    caches, alone = [], []
+    nxt = torch.tensor([[5]])
+    for prompts in groups:
+        tokens, mask = left_pad(model, _tokenize(model, prompts))
+        kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, len(prompts))
+        model(tokens, attention_mask=mask, past_kv_cache=kv, stop_at_layer=model.cfg.n_layers)
+        caches.append(kv)
+        # each group alone, one more token, from a copy of its cache
+        solo = stack_caches(model, [kv])
+        step = nxt.expand(len(prompts), 1)
+        resid = model(
+            step,
+            attention_mask=torch.ones_like(step),
+            past_kv_cache=solo,
+            stop_at_layer=model.cfg.n_layers,
+        )
+        alone.append(_last_logits(model, resid[:, -1]))
+    lengths = {kv.previous_attention_mask.shape[1] for kv in caches}
+    assert len(lengths) == 2  # the caches really differ in length
+    both = stack_caches(model, caches)
+    step = nxt.expand(5, 1)
+    resid = model(
+        step,
+        attention_mask=torch.ones_like(step),
+        past_kv_cache=both,
+        stop_at_layer=model.cfg.n_layers,
+    )
+    torch.testing.assert_close(
+        _last_logits(model, resid[:, -1]), torch.cat(alone), atol=1e-4, rtol=1e-4
+    )
+    assert caches[1].previous_attention_mask.shape[1] == min(lengths)  # inputs untouched

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -46,8 +47,10 @@ from spare_tl.generation import (
     _batches,
     _decode_text,
     _last_logits,
+    _select_rows,
     _tokenize,
     left_pad,
+    stack_caches,
     stop_token_ids,
 )
 from spare_tl.methods.base import PromptMethod, SteeringMethod
@@ -245,67 +248,99 @@ def cad_generate(
     *,
     shared_demonstrations: bool = True,
     decoding: Decoding | None = None,
+    seconds: dict[str, float] | None = None,
     **options: Unpack[DecodingOptions],
 ) -> list[str]:
     """Greedy context-aware decoding, batched like :func:`spare_tl.generation.greedy_generate`.
 
-    Each batch keeps two left-padded KV caches, one per prompt version; every step feeds the
-    chosen token to both. Rows stop at their first newline. Each version's token prefix
-    shared by every prompt (one demonstration set per seed) is run once
-    (:class:`~spare_tl.generation.PromptPrefix`).
+    The token prefix both prompt versions share (one demonstration set per seed) is run once
+    (:class:`~spare_tl.generation.PromptPrefix`); each batch then runs each version's own
+    tokens, and the two KV caches are stacked so that every decoding step is one forward of
+    both versions (the chosen token fed to both). Rows stop at their first newline and are
+    dropped from the batch as they finish. ``seconds`` (optional) accumulates ``"prompt"``
+    and ``"decode"`` wall time.
     """
     if len(prompts) != len(prompts_without_context):
         raise ValueError("give one context-free prompt per prompt")
     if not math.isfinite(alpha):
         raise ValueError(f"α must be finite, got {alpha}")
     dec = Decoding.of(decoding, options, desc="CAD")
-    max_new_tokens = dec.max_new_tokens
     if not prompts:
         return []
     full = (_tokenize(model, prompts), _tokenize(model, prompts_without_context))
-    # one demonstration set per seed: each prompt version's shared prefix is run once
-    prefixes = [PromptPrefix.of(model, t, enabled=shared_demonstrations) for t in full]
-    with_ctx, without = (pre.own(t) for pre, t in zip(prefixes, full))
-    order = sorted(range(len(prompts)), key=lambda i: len(with_ctx[i]))
+    # the versions differ only after the demonstrations: one prefix serves both
+    prefix = PromptPrefix.of(model, [*full[0], *full[1]], enabled=shared_demonstrations)
+    versions = (prefix.own(full[0]), prefix.own(full[1]))
+    order = sorted(range(len(prompts)), key=lambda i: len(versions[0][i]))
     stop_ids = stop_token_ids(model, dec.stop_at_newline)
-    n_layers = model.cfg.n_layers
-    device = model.cfg.device
+    timer = seconds if seconds is not None else {}
     outputs = [""] * len(prompts)
     bar = tqdm(total=len(prompts), desc=dec.desc, disable=not dec.progress, leave=False)
     for batch in _batches(order, dec.batch_size):
-        b = len(batch)
-        logits = []
-        caches = []
-        for token_lists, prefix in zip((with_ctx, without), prefixes):
+        start = time.perf_counter()
+        logits, caches = [], []
+        for token_lists in versions:
             tokens, mask = left_pad(
                 model,
                 [token_lists[i] for i in batch],
-                extra=max_new_tokens + 8 + prefix.length,
+                extra=dec.max_new_tokens + 8 + prefix.length,
             )
-            kv = prefix.cache(model, b)
-            resid = model(tokens, attention_mask=mask, past_kv_cache=kv, stop_at_layer=n_layers)
+            kv = prefix.cache(model, len(batch))
+            resid = model(
+                tokens, attention_mask=mask, past_kv_cache=kv, stop_at_layer=model.cfg.n_layers
+            )
             logits.append(_last_logits(model, resid[:, -1]))
             caches.append(kv)
-        generated = []
-        finished = torch.zeros(b, dtype=torch.bool, device=device)
-        ones = torch.ones(b, 1, dtype=torch.long, device=device)
-        for step in range(max_new_tokens):
-            nxt = contrastive_scores(logits[0], logits[1], alpha).argmax(-1)
-            generated.append(nxt)
-            finished |= torch.isin(nxt, stop_ids)
-            if bool(finished.all()) or step == max_new_tokens - 1:
-                break
-            for k, kv in enumerate(caches):
-                resid = model(
-                    nxt[:, None], attention_mask=ones, past_kv_cache=kv, stop_at_layer=n_layers
-                )
-                logits[k] = _last_logits(model, resid[:, -1])
-        new = torch.stack(generated, 1)
+        middle = time.perf_counter()
+        new = _contrastive_steps(
+            model, torch.cat(logits), stack_caches(model, caches), alpha, stop_ids, dec
+        )
+        timer["prompt"] = timer.get("prompt", 0.0) + middle - start
+        timer["decode"] = timer.get("decode", 0.0) + time.perf_counter() - middle
         for r, i in enumerate(batch):
             outputs[i] = _decode_text(model, new[r], stop_ids, dec.stop_at_newline)
-        bar.update(b)
+        bar.update(len(batch))
     bar.close()
     return outputs
+
+
+def _contrastive_steps(
+    model, logits: Tensor, kv, alpha: float, stop_ids: Tensor, dec: Decoding
+) -> Tensor:
+    """CAD's greedy tokens for rows stacked as [with context; without context]: each step
+    scores the pair, feeds the chosen token to both halves in one forward, and drops pairs
+    that have finished once a quarter of the running ones have (their remaining places hold
+    their stop token)."""
+    n = logits.shape[0] // 2
+    device = logits.device
+    out = torch.zeros(n, dec.max_new_tokens, dtype=torch.long, device=device)
+    running = torch.arange(n, device=device)
+    finished = torch.zeros(n, dtype=torch.bool, device=device)
+    steps = 0
+    for step in range(dec.max_new_tokens):
+        k = len(running)
+        nxt = contrastive_scores(logits[:k], logits[k:], alpha).argmax(-1)
+        out[running, step] = nxt
+        steps = step + 1
+        finished |= torch.isin(nxt, stop_ids)
+        if bool(finished.all()) or step == dec.max_new_tokens - 1:
+            break
+        if int(finished.sum()) * 4 >= k:
+            keep = torch.nonzero(~finished).squeeze(1)
+            done = running[finished]
+            out[done, step + 1 :] = out[done, step : step + 1]
+            running, nxt = running[keep], nxt[keep]
+            kv = _select_rows(kv, torch.cat([keep, keep + k]))
+            finished = torch.zeros(len(running), dtype=torch.bool, device=device)
+        both = torch.cat([nxt, nxt])[:, None]
+        resid = model(
+            both,
+            attention_mask=torch.ones_like(both),
+            past_kv_cache=kv,
+            stop_at_layer=model.cfg.n_layers,
+        )
+        logits = _last_logits(model, resid[:, -1])
+    return out[:, :steps]
 
 
 @dataclass
