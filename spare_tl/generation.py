@@ -34,6 +34,7 @@ class DecodingOptions(TypedDict, total=False):
     stop_at_newline: bool
     progress: bool
     desc: str
+    decode_rows: int
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,13 @@ class Decoding:
     stop_at_newline: bool = True
     progress: bool = True
     desc: str = "generating"
+    #: rows decoded together when several conditions share a prompt pass (a batch's rows
+    #: under as many conditions as fit): one forward steps them all, which on a CPU costs
+    #: little more than one condition's (a decoding step reads every weight once)
+    decode_rows: int = 128
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "batch_size"):
+        for name in ("max_new_tokens", "batch_size", "decode_rows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -292,6 +297,13 @@ def _greedy_steps(
     return out[:, :steps]
 
 
+def _answer_lengths(new: Int[Tensor, "batch new"], stop_ids: Tensor) -> Int[Tensor, " batch"]:
+    """Tokens each row generated: up to and including its first stop token."""
+    stopped = torch.isin(new, stop_ids)
+    first = torch.where(stopped.any(1), stopped.int().argmax(1) + 1, new.shape[1])
+    return first
+
+
 def _decode_text(model, new_tokens: Tensor, stop_ids: Tensor, stop_at_newline: bool) -> str:
     """The answer text: tokens up to the first stop token (kept, so a token with text
     before its newline counts), cut at the first newline."""
@@ -429,18 +441,20 @@ def generate_shared_prefix(
     hooks which change **only the last prompt position** (SpARE, ActAdd, task vectors, the
     conflict gate, a per-row donor patch). With causal attention every earlier position's keys and
     values are then the same in all conditions, so each batch runs the prompt without its
-    last token once, and each condition runs only the last prompt token and its decoding from
-    a copy of that KV cache. Hooks see the last token as a one-position prompt pass; the
-    steering context is entered anew for every batch, so hook state never leaks between
-    batches, and left before decoding (the KV cache carries the edit), so decoding drops
-    rows as they finish.
+    last token once, and each condition runs only the last prompt token from a copy of that
+    KV cache. Hooks see the last token as a one-position prompt pass; the steering context
+    is entered anew for every batch, so hook state never leaks between batches, and left
+    before decoding (the KV cache carries the edit). The conditions' caches are then stacked
+    and decoded together, up to ``decoding.decode_rows`` rows per forward, dropping rows as
+    they finish.
 
     When the prompts also share a token prefix (one demonstration set per seed), that
     prefix is run once for the whole call (:class:`PromptPrefix`) and every batch starts from
     its KV cache, running only each row's own tokens (``shared_demonstrations=False``: not).
 
     ``seconds`` (optional) accumulates wall time: ``"prefix"`` for the shared passes and one
-    entry per condition for its own last-token pass and decoding.
+    entry per condition for its own last-token pass and its share of the joint decoding (in
+    proportion to the tokens its rows generated).
     """
 
     dec = Decoding.of(decoding, options)
@@ -473,24 +487,43 @@ def generate_shared_prefix(
                 stop_at_layer=n_layers,
             )
         timer["prefix"] = timer.get("prefix", 0.0) + time.perf_counter() - start
-        for name, start_steering in conditions.items():
+        names = list(conditions)
+        per_group = max(1, dec.decode_rows // b)
+        for g in range(0, len(names), per_group):
+            group = names[g : g + per_group]
+            logits, caches = [], []
+            for name in group:
+                start = time.perf_counter()
+                kv = _expand_cache(prefix_kv, b)
+                start_steering = conditions[name]
+                with start_steering(batch) if start_steering is not None else nullcontext():
+                    resid = model(
+                        tokens[:, -1:],
+                        attention_mask=mask[:, -1:],
+                        past_kv_cache=kv,
+                        stop_at_layer=n_layers,
+                    )
+                # the hooks are gone: they change only the last prompt position, which the
+                # KV cache now carries, so the group decodes unhooked as one batch
+                logits.append(_last_logits(model, resid[:, -1]))
+                caches.append(kv)
+                timer[name] = timer.get(name, 0.0) + time.perf_counter() - start
             start = time.perf_counter()
-            kv = _expand_cache(prefix_kv, b)
-            with start_steering(batch) if start_steering is not None else nullcontext():
-                resid = model(
-                    tokens[:, -1:],
-                    attention_mask=mask[:, -1:],
-                    past_kv_cache=kv,
-                    stop_at_layer=n_layers,
-                )
-            # the hooks are gone: they change only the last prompt position, which the KV
-            # cache now carries, so decoding runs unhooked and drops finished rows
-            logits = _last_logits(model, resid[:, -1])
-            new = _greedy_steps(model, logits, kv, stop_ids, dec.max_new_tokens, compact=True)
-            for r, i in enumerate(batch):
-                outputs[name][i] = _decode_text(model, new[r], stop_ids, dec.stop_at_newline)
-            timer[name] = timer.get(name, 0.0) + time.perf_counter() - start
-            bar.update(b)
+            kv = caches[0] if len(caches) == 1 else stack_caches(model, caches)
+            new = _greedy_steps(
+                model, torch.cat(logits), kv, stop_ids, dec.max_new_tokens, compact=True
+            )
+            # each condition's share of the joint decoding: its rows' generated tokens
+            counts = _answer_lengths(new, stop_ids).view(len(group), b).sum(1).double()
+            shares = (counts / counts.sum().clamp(min=1)).tolist()
+            elapsed = time.perf_counter() - start
+            for j, name in enumerate(group):
+                for r, i in enumerate(batch):
+                    outputs[name][i] = _decode_text(
+                        model, new[j * b + r], stop_ids, dec.stop_at_newline
+                    )
+                timer[name] = timer.get(name, 0.0) + elapsed * shares[j]
+                bar.update(b)
     bar.close()
     return outputs
 

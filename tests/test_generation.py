@@ -214,3 +214,36 @@ def test_stacked_caches_continue_each_row_as_it_would_alone(tiny_model):
         _last_logits(model, resid[:, -1]), torch.cat(alone), atol=1e-4, rtol=1e-4
     )
     assert caches[1].previous_attention_mask.shape[1] == min(lengths)  # inputs untouched
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_conditions_decoded_together_answer_as_each_alone(tiny_model, batch_size):
+    """Several conditions' rows decode as one batch (``decode_rows``); every condition's
+    answers equal those it gives decoded alone, and one alone equals plain generation."""
+    from spare_tl.generation import generate_shared_prefix
+
+    def push(scale: float):
+        def hook(resid, hook):
+            resid[:, -1] += scale * resid[:, -1].norm(dim=-1, keepdim=True)
+            return resid
+
+        def start(rows):
+            return tiny_model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", hook)])
+
+        return start
+
+    prompts = _seed_prompts()
+    conditions = {"none": None, "up": push(0.5), "down": push(-0.5), "more": push(1.5)}
+    together = Decoding(max_new_tokens=6, batch_size=batch_size, progress=False)
+    alone = Decoding(max_new_tokens=6, batch_size=batch_size, progress=False, decode_rows=1)
+    seconds: dict[str, float] = {}
+    joint = generate_shared_prefix(
+        tiny_model, prompts, conditions, decoding=together, seconds=seconds
+    )
+    single = generate_shared_prefix(tiny_model, prompts, conditions, decoding=alone)
+    assert joint == single
+    assert len({tuple(v) for v in joint.values()}) > 1  # the conditions answer differently
+    assert joint["none"] == greedy_generate(tiny_model, prompts, decoding=together)
+    assert set(seconds) == {"prefix", *conditions} and all(v > 0 for v in seconds.values())
+    with pytest.raises(ValueError, match="decode_rows"):
+        Decoding(decode_rows=0)

@@ -169,3 +169,20 @@ def test_report_draws_the_scan_beside_the_mutual_information(tiny_model):
     page = build_report(scan=result)
     assert "Where the model can be steered" in page and "memory donor" in page
     assert "Where the model can be steered" not in build_report()
+
+
+def test_donor_activations_from_the_shared_prefix_equal_full_passes(tiny_model):
+    """One demonstration set: the prefix runs once and every batch continues from its KV
+    cache, stopping early; the activations are the full passes' (every site, odd batches)."""
+    from spare_tl.generation import PromptPrefix
+
+    demos = evaluation_demonstrations(DEV, POOL, 3, 0)
+    donors = donor_prompts(DEV, demos)["memory"]
+    assert PromptPrefix.of(tiny_model, _tokenize(tiny_model, donors)).length > 0
+    hooks = [site_hook_name(1, s) for s in ("resid_post", "attn_out", "mlp_out")]
+    once = last_position_activations(tiny_model, donors, hooks, batch_size=3, progress=False)
+    full = last_position_activations(
+        tiny_model, donors, hooks, batch_size=3, progress=False, shared_demonstrations=False
+    )
+    for h in hooks:
+        torch.testing.assert_close(once[h], full[h], atol=1e-4, rtol=1e-4)

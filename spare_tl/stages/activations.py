@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from spare_tl import cache
+from spare_tl.bridge import is_bridge
 from spare_tl.checks import finite_non_negative
 from spare_tl.errors import CacheError
 from spare_tl.features import (
@@ -34,7 +35,7 @@ from spare_tl.features import (
     sae_fingerprint,
     select_features,
 )
-from spare_tl.generation import _tokenize, left_pad
+from spare_tl.generation import PromptPrefix, _tokenize, left_pad
 from spare_tl.mutual_info import expectation_difference, mutual_information
 from spare_tl.saes import (
     DEFAULT_SITE,
@@ -75,9 +76,12 @@ def last_position_activations(
     *,
     batch_size: int = 16,
     progress: bool = True,
+    shared_demonstrations: bool = True,
 ) -> dict[str, Float[Tensor, "n d"]]:
     """The activation at each hook point at the last prompt position, one pass per batch
-    (stopping after the deepest block asked for)."""
+    (stopping after the deepest block asked for). A token prefix every prompt shares (one
+    demonstration set) is run once and each batch continues from its KV cache
+    (:class:`~spare_tl.generation.PromptPrefix`; ``shared_demonstrations=False``: not)."""
     names = set(hook_names)
     missing = sorted(n for n in names if n not in model.hook_dict)
     if missing:
@@ -86,18 +90,23 @@ def last_position_activations(
     stop = max(depth) + 1 if depth and len(depth) == len(names) else None
     if not prompts:
         return {name: torch.zeros(0, model.cfg.d_model) for name in names}
-    token_lists = _tokenize(model, prompts)
+    full = _tokenize(model, prompts)
+    # the bridge's KV-cache forward runs every layer; a prefix pays off only when stopping
+    prefix = PromptPrefix.of(model, full, enabled=shared_demonstrations and not is_bridge(model))
+    token_lists = prefix.own(full)
     order = sorted(range(len(prompts)), key=lambda i: len(token_lists[i]))
     out: dict[str, Tensor] = {}
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc="activations", disable=not progress, leave=False):
-        tokens, mask = left_pad(model, [token_lists[i] for i in batch])
+        tokens, mask = left_pad(model, [token_lists[i] for i in batch], extra=prefix.length)
+        extra = {"past_kv_cache": prefix.cache(model, len(batch))} if prefix.length else {}
         _, store = model.run_with_cache(
             tokens,
             attention_mask=mask,
             padding_side="left",
             names_filter=lambda n: n in names,
             stop_at_layer=stop,
+            **extra,
         )
         for name in names:
             last = store[name][:, -1].float().cpu()
