@@ -22,9 +22,6 @@ from spare_tl.viz.tables import Table, baselines_markdown, pm
 COMMANDS = {
     "results": "spare-tl results --n-items 200 --seeds 0 1 2 3 4 --cases doo dso dss",
     "sweep": "spare-tl sweep configs/smollm2.toml ... --write-features",
-    "scan": "spare-tl scan configs/smollm2.toml --n-items 128 --sites resid_post attn_out",
-    "feature_effects": "spare-tl features effects --n-items 16 --seeds 0 --batch-size 16 "
-    "--max-new-tokens 6",
     "probes": "spare-tl probes --layers 6-20 --seeds 0 1 2 3 4 --n-items 40 "
     "--probe-items 500 --eval-seeds 0 1 2",
 }
@@ -348,7 +345,27 @@ def _scan_section(directory: Path, missing: list[str]) -> list[str]:
         "(The picture is `spare_tl.viz.steerability_scan(scan, statistics)`, as in "
         "`spare-tl report`; shaded: the layers the committed features edit.)",
     ]
-    return [*lines, "", f"Regenerate: `{COMMANDS['scan']}`.", ""]
+    return [*lines, "", f"Regenerate: `{_scan_command(scan, dtype)}`.", ""]
+
+
+def _layer_range(layers: Sequence[int]) -> str:
+    """``10-23`` for a contiguous run, else the layers one by one."""
+    layers = sorted(layers)
+    if len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{layers[0]}-{layers[-1]}"
+    return " ".join(map(str, layers))
+
+
+def _scan_command(scan: Any, dtype: str | None) -> str:
+    """The command that made the saved scan, from its own config."""
+    config = scan.config
+    command = (
+        f"spare-tl scan configs/smollm2.toml --n-items {scan.n_items} "
+        f"--sites {' '.join(config.get('sites', []))} --layers {_layer_range(scan.layers())}"
+    )
+    if config.get("seed"):
+        command += f" --seed {config['seed']}"
+    return command + (f" --dtype {dtype.removeprefix('torch.')}" if dtype else "")
 
 
 def _probes_section(directory: Path, missing: list[str]) -> list[str]:
@@ -431,7 +448,9 @@ def _feature_effects_section(model_dir: Path, missing: list[str]) -> list[str]:
         "",
         "![One feature card](img/feature_card.png)",
         "",
-        f"Regenerate: `{COMMANDS['feature_effects']}`.",
+        f"Regenerate: `spare-tl features effects configs/smollm2.toml --n-items {effects.n_items} "
+        f"--seeds {' '.join(map(str, effects.seeds))} "
+        f"--max-new-tokens {protocol.get('max_new_tokens', 12)}`.",
         "",
     ]
     return lines
