@@ -448,7 +448,7 @@ def _feature_effects_section(model_dir: Path, missing: list[str]) -> list[str]:
         "",
         "![One feature card](img/feature_card.png)",
         "",
-        f"Regenerate: `spare-tl features effects configs/smollm2.toml --n-items {effects.n_items} "
+        f"Regenerate: `spare-tl features effects --n-items {effects.n_items} "
         f"--seeds {' '.join(map(str, effects.seeds))} "
         f"--max-new-tokens {protocol.get('max_new_tokens', 12)}`.",
         "",
