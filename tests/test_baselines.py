@@ -569,6 +569,28 @@ def test_shared_no_steering_gives_the_same_result(setup):
     assert again.predictions == alone.predictions
 
 
+def test_methods_evaluated_together_equal_each_alone(setup):
+    """The table evaluates the last-position methods in one pass per seed (joint decoding);
+    each method's answers, shares and predictions equal its own evaluation."""
+    from spare_tl.stages.evaluation import evaluate_methods
+
+    methods = {
+        name: setup.make(name, SETTINGS[name]) for name in ("none", "spare", "actadd", "taskvec")
+    }
+    together = evaluate_methods(setup.model, HELD_OUT, POOL, methods, config=CONFIG, progress=False)
+    assert list(together) == list(methods)
+    for name, method in methods.items():
+        alone = evaluate_method(setup.model, method, HELD_OUT, POOL, config=CONFIG, progress=False)
+        assert together[name].predictions == alone.predictions, name
+        for cond in ("no_steering", "steer_to_context", "steer_to_memory"):
+            assert together[name].summary.get(cond) == alone.summary.get(cond), (name, cond)
+        assert together[name].summary["method"]["name"] == method.name
+        timing = together[name].summary["method"]["time_relative_to_no_steering"]
+        assert all(v > 0 for v in timing.values())
+    with pytest.raises(ValueError, match="at least one method"):
+        evaluate_methods(setup.model, HELD_OUT, POOL, {}, config=CONFIG)
+
+
 # ------------------------------------------------------------------ the shared-prefix harness
 
 

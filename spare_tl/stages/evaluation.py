@@ -361,60 +361,148 @@ def evaluate(
     next ones on the same items and seeds, saves re-running the no-steering condition.
     """
     config = config or EvaluationConfig()
-    check_held_out(items, pool)
-    started = time.perf_counter()
     if method is None:
         needs_steering = any(c != "no_steering" for c in config.conditions)
         if needs_steering and (features is None or saes is None):
             raise ValueError("steering conditions need functional features and their SAEs")
         method = SpareMethod(features, saes) if features is not None else NoSteering()
-    conditions = ["no_steering"]
-    if method.name != "none":
-        conditions += [c for c in config.conditions if c != "no_steering"]
+    results = evaluate_methods(
+        model,
+        items,
+        pool,
+        {method.name: method},
+        config=config,
+        dataset_name=dataset_name,
+        progress=progress,
+        shared_prefix=shared_prefix,
+        shared_no_steering=shared_no_steering,
+    )
+    return results[method.name]
+
+
+def evaluate_methods(
+    model,
+    items: Sequence[ConflictItem],
+    pool: Sequence[ConflictItem],
+    methods: Mapping[str, SteeringMethod],
+    *,
+    config: EvaluationConfig | None = None,
+    dataset_name: str = "builtin",
+    progress: bool = True,
+    shared_prefix: bool = True,
+    shared_no_steering: dict[int, tuple[list[str], float]] | None = None,
+) -> dict[str, EvaluationResult]:
+    """:func:`evaluate` for several methods on the same questions, one call per seed.
+
+    No steering answers once, and every method's conditions answer through one
+    :func:`~spare_tl.stages.harness.answer_conditions` call per seed: methods that edit only
+    the last prompt position of the same prompts (SpARE, ActAdd, task vectors) share one
+    prompt pass and decode together. Each method's result is what :func:`evaluate` gives it
+    alone (the same answers); its time counts the shared prompt pass as if it ran alone.
+    """
+    config = config or EvaluationConfig()
+    if not methods:
+        raise ValueError("give at least one method to evaluate")
+    check_held_out(items, pool)
+    started = time.perf_counter()
     direction_of = {c: d for d, c in CONDITION_OF.items()}
+    steered = [c for c in config.conditions if c != "no_steering"]
+    conditions = {
+        name: ["no_steering", *(steered if method.name != "none" else [])]
+        for name, method in methods.items()
+    }
     newline_token_ids(model)  # warm the tokenizer lookup outside the timed region
-    labels: dict[str, dict[int, list[str]]] = {c: {} for c in conditions}
-    contained: dict[str, dict[int, list[str]]] = {c: {} for c in conditions}
-    seconds: dict[str, float] = {}
-    predictions: list[dict[str, Any]] = []
+    labels = {name: {c: {} for c in conds} for name, conds in conditions.items()}
+    contained = {name: {c: {} for c in conds} for name, conds in conditions.items()}
+    seconds: dict[str, dict[str, float]] = {name: {} for name in methods}
+    predictions: dict[str, list[dict[str, Any]]] = {name: [] for name in methods}
+    label = "+".join(m.name for m in methods.values())
     for seed in config.seeds:
         questions = evaluation_questions(
             items, pool, config.n_shots, seed, config.demo_type, config.demonstrations
         )
         reuse = shared_no_steering is not None and seed in shared_no_steering
-        todo = [
-            Condition(c, NoSteering() if c == "no_steering" else method, direction_of[c])
-            for c in conditions
-            if not (reuse and c == "no_steering")
+        todo = [] if reuse else [Condition("no_steering", NoSteering(), None)]
+        todo += [
+            Condition(f"{name}|{c}", methods[name], direction_of[c])
+            for name, conds in conditions.items()
+            for c in conds[1:]
         ]
         spent: dict[str, float] = {}
-        answers = answer_conditions(
+        answered = answer_conditions(
             model,
             questions,
             todo,
             shared_prefix=shared_prefix,
             seconds=spent,
-            decoding=config.decoding(progress, f"{method.name} seed {seed}"),
+            decoding=config.decoding(progress, f"{label} seed {seed}"),
         )
         if reuse:
             assert shared_no_steering is not None
-            answers["no_steering"], spent["no_steering"] = shared_no_steering[seed]
-        elif shared_no_steering is not None:
-            shared_no_steering[seed] = (
-                list(answers["no_steering"]),
-                spent.get("no_steering", 0.0) + spent.get("prefix", 0.0),
-            )
-        for key, value in spent.items():
-            seconds[key] = seconds.get(key, 0.0) + value
-        for cond in conditions:
-            labels[cond][seed] = [behaviour_label(a, it) for a, it in zip(answers[cond], items)]
-            contained[cond][seed] = [
-                containment_label(a, it) for a, it in zip(answers[cond], items)
-            ]
-        records = prediction_records(seed, items, answers, labels, conditions)
-        for i, record in enumerate(records):
-            record.update({f"{c}.contains": contained[c][seed][i] for c in conditions})
-        predictions += records
+            no_steering, no_steering_seconds = shared_no_steering[seed]
+        else:
+            no_steering, no_steering_seconds = answered["no_steering"], spent["no_steering"]
+            if shared_no_steering is not None:
+                shared_no_steering[seed] = (
+                    list(no_steering),
+                    spent["no_steering"] + spent.get("prefix", 0.0),
+                )
+        for name, conds in conditions.items():
+            answers = {"no_steering": no_steering}
+            answers |= {c: answered[f"{name}|{c}"] for c in conds[1:]}
+            own = {"no_steering": no_steering_seconds}
+            own |= {c: spent[f"{name}|{c}"] for c in conds[1:]}
+            if "prefix" in spent:
+                own["prefix"] = spent["prefix"]
+            for key, value in own.items():
+                seconds[name][key] = seconds[name].get(key, 0.0) + value
+            for cond in conds:
+                labels[name][cond][seed] = [
+                    behaviour_label(a, it) for a, it in zip(answers[cond], items)
+                ]
+                contained[name][cond][seed] = [
+                    containment_label(a, it) for a, it in zip(answers[cond], items)
+                ]
+            records = prediction_records(seed, items, answers, labels[name], conds)
+            for i, record in enumerate(records):
+                record.update({f"{c}.contains": contained[name][c][seed][i] for c in conds})
+            predictions[name] += records
+    elapsed = time.perf_counter() - started
+    return {
+        name: _result(
+            model,
+            items,
+            config,
+            method,
+            conditions[name],
+            labels[name],
+            contained[name],
+            seconds[name],
+            predictions[name],
+            dataset_name=dataset_name,
+            shared_prefix=shared_prefix,
+            seconds_total=elapsed / len(methods),
+        )
+        for name, method in methods.items()
+    }
+
+
+def _result(
+    model,
+    items: Sequence[ConflictItem],
+    config: EvaluationConfig,
+    method: SteeringMethod,
+    conditions: Sequence[str],
+    labels: Mapping[str, Mapping[int, list[str]]],
+    contained: Mapping[str, Mapping[int, list[str]]],
+    seconds: Mapping[str, float],
+    predictions: list[dict[str, Any]],
+    *,
+    dataset_name: str,
+    shared_prefix: bool,
+    seconds_total: float,
+) -> EvaluationResult:
+    """One method's :class:`EvaluationResult` from its labels, times and predictions."""
     summary = summarise(labels, [it.relation for it in items], list(config.seeds), contained)
     summary["method"] = _method_summary(method, conditions, seconds, len(items) * len(config.seeds))
     method_features = getattr(method, "features", None)
@@ -428,7 +516,7 @@ def evaluate(
         "demonstrations": config.demonstrations,
     }
     summary["relations"] = relation_histogram(items)
-    summary["seconds"] = round(time.perf_counter() - started, 1)
+    summary["seconds"] = round(seconds_total, 1)
     summary["machine"] = describe()
     return EvaluationResult(
         model=model.cfg.model_name,

@@ -27,10 +27,15 @@ from typing import Any
 
 from spare_tl import cache
 from spare_tl.hardware import describe
+from spare_tl.methods.base import SteeringMethod
 from spare_tl.methods.hooks import DIRECTIONS
-from spare_tl.stages.evaluation import EvaluationConfig, saved_questions
+from spare_tl.stages.evaluation import (
+    EvaluationConfig,
+    evaluate_methods,
+    evaluation_questions,
+    saved_questions,
+)
 from spare_tl.studies.baseline_setup import BaselineSetup
-from spare_tl.studies.baseline_sweep import evaluate_method
 
 __all__ = ["run_table", "table_rows"]
 
@@ -112,6 +117,7 @@ def run_table(
     protocol = _protocol(config, len(items), setup.dataset)
     results: dict[str, dict[str, Any]] = {}
     shared: dict[int, tuple[list[str], float]] = {}  # no-steering answers, run once
+    todo: dict[str, SteeringMethod] = {}
     for name in methods:
         path = Path(out_dir) / f"{name}.json"
         method = setup.method(name)
@@ -127,18 +133,34 @@ def run_table(
                 logger.info("%s: reusing %s", name, path)
                 results[name] = saved
                 continue
-        result = evaluate_method(
+        todo[name] = method
+    # the methods that edit only the last position of the test prompts answer together
+    # (one prompt pass per seed, joint decoding); the others on their own
+    first = evaluation_questions(
+        items, setup.pool, config.n_shots, config.seeds[0], config.demo_type, config.demonstrations
+    )
+    together = {
+        name: m
+        for name, m in todo.items()
+        if m.shares_prefix and all(m.prompts(first, d) == first.prompts() for d in DIRECTIONS)
+    }
+    groups = [together] if together else []
+    groups += [{name: m} for name, m in todo.items() if name not in together]
+    for group in groups:
+        evaluated = evaluate_methods(
             setup.model,
-            method,
             items,
             setup.pool,
+            group,
             config=config,
             dataset_name=setup.dataset,
             progress=setup.progress,
             shared_no_steering=shared,
         )
-        result.save(path, Path(out_dir) / f"{name}-predictions.jsonl")
-        results[name] = result.to_json()
+        for name, result in evaluated.items():
+            result.save(Path(out_dir) / f"{name}.json", Path(out_dir) / f"{name}-predictions.jsonl")
+            results[name] = result.to_json()
+    results = {name: results[name] for name in methods}
     model_name = next(iter(results.values()))["model"]
     cache.write_json(
         Path(out_dir) / "table.json",
