@@ -12,8 +12,9 @@ and sets it beside:
   parameters per token computed: each seed's demonstration prefix once, each item's own
   prompt tokens once per distinct prompt, each answer's tokens once per condition, CAD's
   twice) divided by this CPU's measured fp32 matrix-multiply rate. Tokens are counted from
-  the saved prompts and predictions; the scan's answers are not saved, so its decode tokens
-  use the doo study's mean answer length (marked as an estimate).
+  the saved prompts and predictions; the scan's donor runs' answers are not saved (nor, before
+  2026-12-04, its conditions'), so those decode tokens use the doo study's mean answer length
+  (marked as an estimate).
 
 The matmul rate is measured here, now; the study times were measured when the studies ran
 (their JSON names the machine): run both on an otherwise idle machine.
@@ -205,12 +206,16 @@ def main() -> None:
             + sum(map(len, _tokenize(model, closed))),
             "decode_tokens": round(n * (n_conditions + 2) * mean_answer),
         }
+        saved = scan.get("answers")  # scans since 2026-12-04 keep every condition's answers
+        if saved:  # the two donor runs' own answers are still estimated (not saved)
+            tokens["decode_tokens"] = sum(answer_tokens(model, a) for a in saved.values())
+            tokens["decode_tokens"] += round(n * 2 * mean_answer)
         out["studies"]["scan"] = {
             "what": f"spare-tl scan, {n} development questions, {n_conditions} conditions",
             "seconds": scan.get("seconds"),
             "machine": scan.get("machine"),
             **tokens,
-            "decode_tokens_estimated": True,
+            "decode_tokens_estimated": "donor answers only" if saved else True,
             "flop_limit_seconds": round(limit(tokens), 1),
         }
     for name, study in out["studies"].items():

@@ -46,6 +46,16 @@ def tiny_setup(n_items: int):
 MEM = dict(dataset_name="tiny", n_shots=2, min_shared=8, max_new_tokens=4)
 
 
+def _scan_config():
+    from spare_tl.stages.scan import ScanConfig
+
+    return ScanConfig(layers=(0, 1, 2), sites=("resid_post", "attn_out"), max_new_tokens=4,
+                      batch_size=4)  # fmt: skip
+
+
+SCAN = _scan_config()
+
+
 def MEMORISED_ITEMS():  # noqa: N802 - a constant, built on demand
     from spare_tl.testing import conflict_items
 
@@ -106,6 +116,10 @@ def main() -> None:
         from spare_tl.stages.sharded import find_memorised_sharded
 
         find_memorised_sharded(model, MEMORISED_ITEMS(), cache_root=Path(args.out + "-mem"), **MEM)
+        # the steerability scan, its layers split across ranks, under OUT-scan/
+        from spare_tl.stages.sharded import scan_sharded
+
+        scan_sharded(model, items, pool, SCAN, root=Path(args.out + "-scan"), progress=False)
     if r.is_main:
         print(json.dumps({"rank": r.rank, "world": r.world_size, "n": len(result.predictions)}))
     if args.direct and r.is_main:

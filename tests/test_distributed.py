@@ -166,6 +166,22 @@ def test_torchrun_two_ranks_write_what_one_process_writes(tmp_path):
         assert (folders[0] / name).read_bytes() == (folders[1] / name).read_bytes(), name
     assert len({p["prediction"] for p in single.predictions}) > 1
 
+    # the steerability scan: the same scan.json as one process (apart from the run's time)
+    from spare_tl.stages.scan import ScanResult, steerability_scan
+    from spare_tl.stages.sharded import scan_sharded
+
+    scan_one = scan_sharded(
+        model, items, pool, distributed_worker.SCAN, root=tmp_path / "scan", progress=False
+    )
+    scan_two = ScanResult.load(tmp_path / "two-scan" / "tiny-llama" / "scan")
+    run = {"seconds": None, "machine": None}  # the run's, not the answers'
+    assert {**scan_two.to_json(), **run} == {**scan_one.to_json(), **run}
+    direct = steerability_scan(model, items, pool, distributed_worker.SCAN, progress=False)
+    assert direct.rows == scan_one.rows and direct.baseline == scan_one.baseline
+    assert direct.donors == scan_one.donors
+    assert direct.answers == scan_one.answers and len(direct.answers) == 1 + 2 * 3 * 2
+    assert len({tuple(a) for a in direct.answers.values()}) > 1  # patches moved answers
+
 
 @pytest.mark.integration
 def test_embedded_evaluation_under_two_ranks_equals_one_process(tmp_path):

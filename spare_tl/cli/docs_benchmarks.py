@@ -57,7 +57,10 @@ def _study_section(data: Mapping[str, Any]) -> list[str]:
         met = {True: "yes", False: "**no**", None: "–"}[study.get("target_met")]
         limit = study.get("flop_limit_seconds")
         times = study.get("times_flop_limit")
-        estimate = " (decode estimated)" if study.get("decode_tokens_estimated") else ""
+        estimated = study.get("decode_tokens_estimated")
+        estimate = {True: " (decode estimated)", None: "", False: ""}.get(
+            estimated, f" (decode estimated: {estimated})"
+        )
         body.append(
             [
                 name,

@@ -43,7 +43,11 @@ def _scan_command(args) -> int:
     scan_config = ScanConfig(
         layers=layers, sites=tuple(args.sites), seed=args.seed, batch_size=args.batch_size
     )
-    model = load_model_for(config.model, args.dtype)
+    from spare_tl import distributed
+
+    ranks = distributed.init()  # under torchrun the layers are split across ranks
+    options = {"device": distributed.device_for(ranks)} if ranks.distributed else {}
+    model = load_model_for(config.model, args.dtype, **options)
     memorised = run_pipeline(config, until="memorised", model=model).memorised
     assert memorised is not None
     memorised.require(config.pool_size)
@@ -51,7 +55,15 @@ def _scan_command(args) -> int:
                        config.pool_seed)  # fmt: skip
     items = development_items(split.development, args.n_items)
     root = Path(config.cache_root) if config.cache_root else None
-    result = cached_scan(model, items, split.pool, scan_config, root=root)
+    if ranks.distributed:
+        from spare_tl.stages.sharded import scan_sharded
+
+        result = scan_sharded(model, items, split.pool, scan_config, root=root)
+        distributed.finish()
+        if not ranks.is_main:
+            return 0
+    else:
+        result = cached_scan(model, items, split.pool, scan_config, root=root)
     print(scan_table(result))
     for direction in ("memory", "context"):
         print(

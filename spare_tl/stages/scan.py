@@ -28,7 +28,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -108,6 +108,7 @@ class ScanResult:
     relations: dict[str, int] = field(default_factory=dict)  # the questions' histogram
     seconds: float | None = None  # wall time of the scan
     machine: str | None = None
+    answers: dict[str, list[str]] = field(default_factory=dict)  # condition -> greedy answers
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -177,6 +178,134 @@ def donor_prompts(
     }
 
 
+@dataclass
+class ScanPlan:
+    """What a scan asks, resolved once: its layers, questions, donor prompts and decoding.
+    Its work splits into units (``"none"``: no patch and the donors' own answers;
+    ``"layer-<l>"``: every site and direction at one layer) that :func:`scan_unit` answers
+    independently, so ranks can share them (:mod:`spare_tl.stages.sharded`)."""
+
+    config: ScanConfig
+    items: Sequence[ConflictItem]
+    layers: list[int]
+    questions: Any
+    donors: dict[str, list[str]]
+    decoding: Decoding
+    _acts: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls,
+        model,
+        items: Sequence[ConflictItem],
+        pool: Sequence[ConflictItem],
+        config: ScanConfig | None = None,
+        progress: bool = True,
+    ) -> ScanPlan:
+        config = config or ScanConfig()
+        if not items:
+            raise ValueError("the scan needs at least one development question")
+        n_layers = int(model.cfg.n_layers)
+        layers = list(range(n_layers)) if config.layers is None else sorted(set(config.layers))
+        bad = [layer for layer in layers if not 0 <= layer < n_layers]
+        if bad or not layers:
+            raise ValueError(f"layers {bad or '(none)'} are not in the model's 0-{n_layers - 1}")
+        questions = evaluation_questions(
+            items, pool, config.n_shots, config.seed, config.demo_type, config.demonstrations
+        )
+        decoding = Decoding(
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.batch_size,
+            progress=progress,
+            desc="steerability scan",
+        )
+        donors = donor_prompts(items, questions.demonstrations)
+        return cls(config, items, layers, questions, donors, decoding)
+
+    def units(self) -> list[str]:
+        return ["none", *(f"layer-{layer}" for layer in self.layers)]
+
+    def donor_activations(self, model, direction: str) -> dict[str, Tensor]:
+        """The donor run's last-position activation at every scanned hook (computed once)."""
+        if direction not in self._acts:
+            hooks = [site_hook_name(la, s) for la in self.layers for s in self.config.sites]
+            self._acts[direction] = last_position_activations(
+                model,
+                self.donors[direction],
+                hooks,
+                batch_size=self.config.batch_size,
+                progress=self.decoding.progress,
+            )
+        return self._acts[direction]
+
+    def conditions(self, model, unit: str) -> list[Condition]:
+        """The unit's conditions: no patch, or every (direction, site) patch at its layer."""
+        if unit == "none":
+            return [Condition("none", NoSteering())]
+        layer = int(unit.removeprefix("layer-"))
+        out = []
+        for direction in self.config.directions:
+            acts = self.donor_activations(model, direction)
+            for site in self.config.sites:
+                hook = site_hook_name(layer, site)
+                patch = DonorPatch(hook, acts[hook])
+                out.append(Condition(f"{direction}|{site}|{layer}", patch, direction))  # type: ignore[arg-type]
+        return out
+
+    def result(
+        self, model, answered: dict[str, list[str]], donors: dict[str, dict[str, float]]
+    ) -> ScanResult:
+        """The :class:`ScanResult` of every unit's answers (rows in the one-process order)."""
+        rows, names = [], []
+        for direction in self.config.directions:
+            for layer in self.layers:
+                for site in self.config.sites:
+                    name = f"{direction}|{site}|{layer}"
+                    names.append(name)
+                    rows.append(
+                        {"direction": direction, "site": site, "layer": layer}
+                        | answer_shares(answered[name], self.items)
+                    )
+        return ScanResult(
+            model_name=model.cfg.model_name,
+            n_items=len(self.items),
+            baseline=answer_shares(answered["none"], self.items),
+            donors=donors,
+            rows=rows,
+            config=json.loads(json.dumps(asdict(self.config) | {"layers": self.layers})),
+            relations=relation_histogram(self.items),
+            machine=describe(),
+            answers={name: list(answered[name]) for name in ["none", *names]},
+        )
+
+
+def donor_shares(model, plan: ScanPlan) -> dict[str, dict[str, float]]:
+    """What each donor run answers itself (EM_C / EM_M / neither, %)."""
+    return {
+        direction: answer_shares(
+            answer_prompts(
+                model,
+                plan.donors[direction],
+                [Condition("donor", NoSteering())],
+                decoding=replace(plan.decoding, progress=False),
+            )["donor"],
+            plan.items,
+        )
+        for direction in plan.config.directions
+    }
+
+
+def scan_unit(model, plan: ScanPlan, unit: str) -> dict[str, Any]:
+    """One unit's answers by condition name (``"none"`` adds :func:`donor_shares`)."""
+    answers = answer_prompts(
+        model, plan.questions.prompts(), plan.conditions(model, unit), decoding=plan.decoding
+    )
+    out: dict[str, Any] = {"answers": answers}
+    if unit == "none":
+        out["donors"] = donor_shares(model, plan)
+    return out
+
+
 def steerability_scan(
     model,
     items: Sequence[ConflictItem],
@@ -186,65 +315,21 @@ def steerability_scan(
     progress: bool = True,
 ) -> ScanResult:
     """Patch every (site, layer) at the last prompt position from each donor; see the module
-    docstring. ``items`` are development questions, ``pool`` the demonstration pool."""
-    config = config or ScanConfig()
-    if not items:
-        raise ValueError("the scan needs at least one development question")
+    docstring. ``items`` are development questions, ``pool`` the demonstration pool. In one
+    process every condition answers from one prompt pass per batch."""
     started = time.perf_counter()
-    n_layers = int(model.cfg.n_layers)
-    layers = list(range(n_layers)) if config.layers is None else sorted(set(config.layers))
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad or not layers:
-        raise ValueError(f"layers {bad or '(none)'} are not in the model's 0-{n_layers - 1}")
-    questions = evaluation_questions(
-        items, pool, config.n_shots, config.seed, config.demo_type, config.demonstrations
-    )
-    donors = donor_prompts(items, questions.demonstrations)
-    hooks = [site_hook_name(layer, site) for layer in layers for site in config.sites]
-    decoding = Decoding(
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size,
-        progress=progress,
-        desc="steerability scan",
-    )
-    conditions = [Condition("none", NoSteering())]
-    donor_answers: dict[str, dict[str, float]] = {}
-    for direction in config.directions:
-        acts = last_position_activations(
-            model, donors[direction], hooks, batch_size=config.batch_size, progress=progress
-        )
-        own = answer_prompts(
-            model,
-            donors[direction],
-            [Condition("donor", NoSteering())],
-            progress=False,
-            decoding=decoding,
-        )
-        donor_answers[direction] = answer_shares(own["donor"], items)
-        for layer in layers:
-            for site in config.sites:
-                hook = site_hook_name(layer, site)
-                patch = DonorPatch(hook, acts[hook])
-                conditions.append(Condition(f"{direction}|{site}|{layer}", patch, direction))  # type: ignore[arg-type]
-    answers = answer_prompts(model, questions.prompts(), conditions, decoding=decoding)
-    rows = []
-    for cond in conditions[1:]:
-        direction, site, layer = cond.name.split("|")
-        rows.append(
-            {"direction": direction, "site": site, "layer": int(layer)}
-            | answer_shares(answers[cond.name], items)
-        )
-    return ScanResult(
-        model_name=model.cfg.model_name,
-        n_items=len(items),
-        baseline=answer_shares(answers["none"], items),
-        donors=donor_answers,
-        rows=rows,
-        config=json.loads(json.dumps(asdict(config) | {"layers": layers})),
-        relations=relation_histogram(items),
-        seconds=round(time.perf_counter() - started, 1),
-        machine=describe(),
-    )
+    plan = ScanPlan.of(model, items, pool, config, progress)
+    patches = {c.name: c for layer in plan.layers for c in plan.conditions(model, f"layer-{layer}")}
+    conditions = plan.conditions(model, "none") + [  # direction by direction, layer by layer
+        patches[f"{direction}|{site}|{layer}"]
+        for direction in plan.config.directions
+        for layer in plan.layers
+        for site in plan.config.sites
+    ]
+    answered = answer_prompts(model, plan.questions.prompts(), conditions, decoding=plan.decoding)
+    result = plan.result(model, answered, donor_shares(model, plan))
+    result.seconds = round(time.perf_counter() - started, 1)
+    return result
 
 
 def scan_dir(model_name: str, root: Path | None = None) -> Path:
@@ -260,6 +345,20 @@ def scan_of_questions(directory: Path, items: str | None) -> ScanResult | None:
     return ScanResult.load(directory)
 
 
+def scan_key(
+    model, items: Sequence[ConflictItem], pool: Sequence[ConflictItem], config: ScanConfig
+) -> dict[str, Any]:
+    """What a scan's result depends on (its stage's fingerprint)."""
+    return {
+        "stage": STAGE,
+        "model": model.cfg.model_name,
+        "dtype": str(model.cfg.dtype),
+        "items": cache.fingerprint([it.question for it in items]),
+        "pool": cache.fingerprint([it.question for it in pool]),
+        "config": asdict(config),
+    }
+
+
 def cached_scan(
     model,
     items: Sequence[ConflictItem],
@@ -273,14 +372,7 @@ def cached_scan(
     model, questions, pool and config are unchanged)."""
     config = config or ScanConfig()
     directory = scan_dir(model.cfg.model_name, root)
-    key = {
-        "stage": STAGE,
-        "model": model.cfg.model_name,
-        "dtype": str(model.cfg.dtype),
-        "items": cache.fingerprint([it.question for it in items]),
-        "pool": cache.fingerprint([it.question for it in pool]),
-        "config": asdict(config),
-    }
+    key = scan_key(model, items, pool, config)
     if cache.is_fresh(directory, key):
         logger.info("scan: cached at %s", directory)
         return ScanResult.load(directory)

@@ -1,5 +1,6 @@
-"""Stages split across ``torchrun`` ranks: the held-out evaluation (one seed per work unit)
-and the memorised set (one unit per shared demonstration prefix).
+"""Stages split across ``torchrun`` ranks: the held-out evaluation (one seed per work unit),
+the memorised set (one unit per shared demonstration prefix) and the steerability scan (one
+unit per layer, plus the unpatched answers).
 
 :func:`evaluate_sharded` runs :func:`spare_tl.stages.evaluation.evaluate` on each rank's
 seeds and merges the per-seed results with :func:`~spare_tl.stages.evaluation.summarise`
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -42,6 +44,7 @@ from spare_tl.stages.memorised import (
     memorised_dir,
     memorised_from_answers,
 )
+from spare_tl.stages.scan import ScanConfig, ScanPlan, ScanResult, scan_dir, scan_key, scan_unit
 
 TIMING = ("seconds_per_item", "shared_prefix_seconds_per_item", "time_relative_to_no_steering")
 #: fields of a summary that describe the run, not the answers: they go to timing.json
@@ -251,3 +254,38 @@ def find_memorised_sharded(
 
     distributed.run_sharded(directory, config, keys, compute, merge)
     return MemorisedSet.load(directory)
+
+
+def scan_sharded(
+    model,
+    items: Sequence[ConflictItem],
+    pool: Sequence[ConflictItem],
+    config: ScanConfig | None = None,
+    *,
+    root: Path | None = None,
+    progress: bool = True,
+) -> ScanResult:
+    """:func:`~spare_tl.stages.scan.cached_scan` with its units (no patch; each layer's
+    patches) split across ranks. Each rank answers its units from its own prompt passes;
+    rank 0 merges them into the scan one process saves (same stage key, so either run's
+    result is reused by the other) and every rank returns it."""
+    config = config or ScanConfig()
+    plan = ScanPlan.of(model, items, pool, config, progress)
+    directory = scan_dir(model.cfg.model_name, root)
+    started = time.perf_counter()
+
+    def compute(key: str) -> dict[str, Any]:
+        unit_started = time.perf_counter()
+        out = scan_unit(model, plan, key)
+        out["seconds"] = time.perf_counter() - unit_started
+        return out
+
+    def merge(parts: list[Any]) -> dict[str, Any]:
+        answered = {name: a for part in parts for name, a in part["answers"].items()}
+        result = plan.result(model, answered, parts[0]["donors"])
+        result.seconds = round(time.perf_counter() - started, 1)
+        return {"scan.json": lambda path: cache.write_json(path, result.to_json())}
+
+    key = scan_key(model, items, pool, config)
+    distributed.run_sharded(directory, key, plan.units(), compute, merge)
+    return ScanResult.load(directory)
