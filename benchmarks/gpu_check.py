@@ -483,9 +483,32 @@ def dist_worker(args) -> None:
         "evaluate_sharded_seconds": round(eval_s, 2),
         "n_predictions": len(result.predictions),
     }
+    info["scan"] = _scan(model, items, pool, out, r.is_main)
     (out / f"worker-rank{r.rank}.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info), flush=True)
     distributed.finish()
+
+
+def _scan(model, items, pool, out: Path, main: bool) -> dict:
+    """The sharded steerability scan of the tiny setup, where this checkout has one
+    (``scan_sharded``): its result, less the run's time, to ``out/scan-result.json``."""
+    import distributed_worker
+
+    import spare_tl.stages.sharded as sharded
+
+    if not (hasattr(sharded, "scan_sharded") and hasattr(distributed_worker, "SCAN")):
+        return {"status": "absent"}
+    start = time.perf_counter()
+    try:
+        result = sharded.scan_sharded(
+            model, items, pool, distributed_worker.SCAN, root=out / "scan", progress=False
+        )
+        if main:
+            data = {**result.to_json(), "seconds": None, "machine": None}
+            (out / "scan-result.json").write_text(json.dumps(data, sort_keys=True, default=str))
+        return {"status": "ok", "seconds": round(time.perf_counter() - start, 2)}
+    except Exception as e:  # noqa: BLE001 - the evaluation's comparison must survive
+        return {"status": "error", "error": f"{type(e).__name__}: {e}"[:1000]}
 
 
 def _torchrun(nproc: int, backend: str, out: Path, device: str, force_group: bool, timeout: float):
@@ -580,12 +603,16 @@ def distributed_check(device: str, runs: list[str], work: Path) -> dict:
         **distributed_worker.MEM,
     )
     reference = {"eval": _stage_files(ref / "eval", EVAL_FILES), "mem": _stage_files(ref / "mem")}
+    scan_ref = _scan(model, items, pool, ref, True)
+    if (ref / "scan-result.json").exists():
+        reference["scan"] = {"scan-result.json": (ref / "scan-result.json").read_bytes()}
     out: dict = {
         "reference_seconds": round(time.perf_counter() - start, 2),
         "reference_distinct_memory_answers": len(
             {r["steer_to_memory.prediction"] for r in one.predictions}
         ),
         "reference_files": {k: sorted(v) for k, v in reference.items()},
+        "reference_scan": scan_ref,
         "runs": {},
         "checks": {},
     }
@@ -604,12 +631,15 @@ def distributed_check(device: str, runs: list[str], work: Path) -> dict:
             folder,
             device,
             force_group=nproc == 1,
-            timeout=min(180, remaining() - 20),
+            timeout=min(120, remaining() - 20),
         )
         same = {}
         if res["rc"] == 0:
-            for stage in ("eval", "mem"):
-                got = _stage_files(folder / stage, EVAL_FILES if stage == "eval" else None)
+            for stage in reference:
+                if stage == "scan":
+                    got = _stage_files(folder, ("scan-result.json",))
+                else:
+                    got = _stage_files(folder / stage, EVAL_FILES if stage == "eval" else None)
                 differ = sorted(
                     k
                     for k in set(got) | set(reference[stage])
