@@ -136,14 +136,21 @@ def run_table(
         todo[name] = method
     # the methods that edit only the last position of the test prompts answer together
     # (one prompt pass per seed, joint decoding); the others on their own
-    first = evaluation_questions(
-        items, setup.pool, config.n_shots, config.seeds[0], config.demo_type, config.demonstrations
-    )
-    together = {
-        name: m
-        for name, m in todo.items()
-        if m.shares_prefix and all(m.prompts(first, d) == first.prompts() for d in DIRECTIONS)
-    }
+    together: dict[str, SteeringMethod] = {}
+    if todo:
+        first = evaluation_questions(
+            items,
+            setup.pool,
+            config.n_shots,
+            config.seeds[0],
+            config.demo_type,
+            config.demonstrations,
+        )
+        together = {
+            name: m
+            for name, m in todo.items()
+            if m.shares_prefix and all(m.prompts(first, d) == first.prompts() for d in DIRECTIONS)
+        }
     groups = [together] if together else []
     groups += [{name: m} for name, m in todo.items() if name not in together]
     for group in groups:
