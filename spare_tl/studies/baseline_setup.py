@@ -169,9 +169,7 @@ class BaselineSetup:
         model, features, saes = load_steering_setup(
             features_dir or DEFAULT_FEATURES, saes_dir or DEFAULT_SAES, model=model
         )
-        if pool_size:
-            features.metadata["pool_size"] = pool_size
-        split = memorised_split(model, features, dataset)
+        split = memorised_split(model, features, dataset, pool_size=pool_size or None)
         return cls(
             model,
             features,
