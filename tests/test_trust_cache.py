@@ -231,7 +231,7 @@ def test_row7_nan_edit_strength_never_reaches_features_json(tmp_path):
 
     for bad in (float("nan"), float("inf"), -1.0):
         with pytest.raises(ValueError, match="finite"):
-            PipelineConfig(edit_strength=bad)
+            PipelineConfig(to_context={"edit_strength": bad})
         with pytest.raises(ValueError, match="finite"):
             FunctionalFeatures("m", {}, 0.1, edit_strength=bad)
     assert (
