@@ -12,7 +12,7 @@ from spare_tl.testing import save_tiny_hf_llama
 COMMANDS = [
     "run",
     "memorised",
-    "group",
+    "behaviours",
     "activations",
     "statistics",
     "features",

@@ -93,6 +93,45 @@ def test_group_prompts_records_and_resume(tiny_model, tmp_path, monkeypatch):
     assert {row["demo_type"] for row in again.table()} == {"dss", "dso"}
 
 
+def test_an_old_grouped_prompts_folder_is_moved_to_behaviours_and_not_recomputed(
+    tiny_model, tmp_path, monkeypatch
+):
+    """A cache written when the stage's folder was ``grouped_prompts/``: the stage moves it to
+    ``behaviours/`` (config and data byte-identical) and serves it without generating; the
+    activations made from it are found too."""
+    from spare_tl.stages.migrations import rename_stage_folder
+
+    def answers(model, prompts, candidates, **kwargs):  # context, memory, context, ...
+        out = [pair[i % 2] for i, pair in enumerate(candidates)]
+        return out, torch.ones(len(prompts), 2, dtype=torch.float64)
+
+    monkeypatch.setattr(behaviours_mod, "generate_and_score", answers)
+    pool = _items(5)
+    config = BehaviourConfig(shots=(1,), seeds=(0,), demo_types=("dss", "dso"), max_new_tokens=3)
+    made = group_prompts(tiny_model, pool, config, cache_root=tmp_path, progress=False)
+    model_dir = tmp_path / "tiny-llama"
+    acts = collect_activations(tiny_model, made, [1], cache_root=tmp_path, progress=False)
+    (model_dir / "behaviours").rename(model_dir / "grouped_prompts")  # the old layout
+    before = {p.name: p.read_bytes() for p in (model_dir / "grouped_prompts").iterdir()}
+    monkeypatch.setattr(behaviours_mod, "generate_and_score", None)  # any generation fails
+    again = group_prompts(tiny_model, pool, config, cache_root=tmp_path, progress=False)
+    assert not (model_dir / "grouped_prompts").exists()
+    after = {p.name: p.read_bytes() for p in (model_dir / "behaviours").iterdir()}
+    assert after == before and again.records == made.records
+    monkeypatch.setattr(
+        "spare_tl.stages.activations.last_position_resid",
+        lambda *a, **k: pytest.fail("the activations were recomputed"),
+    )
+    cached = collect_activations(tiny_model, again, [1], cache_root=tmp_path, progress=False)
+    assert torch.equal(cached.resid[1], acts.resid[1])
+    # both folders: the new one is used and the old one left alone
+    (model_dir / "grouped_prompts").mkdir()
+    assert (
+        rename_stage_folder(model_dir, "grouped_prompts", "behaviours") == model_dir / "behaviours"
+    )
+    assert (model_dir / "grouped_prompts").is_dir()
+
+
 def test_empty_group_is_a_clear_error():
     grouped = GroupedPrompts("m", [{"label": "context"}] * 5 + [{"label": "neither"}] * 3)
     with pytest.raises(ValueError, match=r"\['memory'\].*dso"):

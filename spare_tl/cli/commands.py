@@ -21,7 +21,7 @@ EVALUATE_METHODS = ("spare", "none", "closed_book", "icl", "actadd", "taskvec", 
 
 _STAGE_HELP = {
     "memorised": "find the memorised set (closed-book exact match)",
-    "group": "group the pool's conflict prompts by behaviour (context / memory / drop)",
+    "behaviours": "group the pool's conflict prompts by behaviour (context / memory / drop)",
     "activations": "collect last-position residuals of the grouped prompts",
     "statistics": "SAE codes, mutual information and expectation per layer",
     "features": "select functional features at proportion K and save them",

@@ -1,6 +1,6 @@
 """All SpARE stages from one config (TOML or YAML), each skipped when its inputs are unchanged.
 
-model + SAEs → dataset → memorised set → pool split → grouped prompts → activations
+model + SAEs → dataset → memorised set → pool split → behaviours (grouped prompts) → activations
     → feature statistics → functional features → evaluation
 """
 
@@ -39,7 +39,7 @@ MOVED_KEYS = (
     "selection",
 )
 
-STAGES = ("memorised", "group", "activations", "statistics", "features", "evaluate")
+STAGES = ("memorised", "behaviours", "activations", "statistics", "features", "evaluate")
 
 
 @dataclass
