@@ -47,7 +47,7 @@ def main() -> None:
         (p.name for p in DEFAULT_SAES.iterdir() if p.is_dir()), key=lambda h: int(h.split(".")[1])
     )
     saes = load_saes_for_hooks(model, DEFAULT_SAES, hooks)
-    grouped = GroupedPrompts.load(EMBEDDED_DIR / "grouped_prompts").records
+    grouped = GroupedPrompts.load(EMBEDDED_DIR / "behaviours").records
     directory = EMBEDDED_DIR / STAGE
     if args.fresh:
         shutil.rmtree(directory, ignore_errors=True)

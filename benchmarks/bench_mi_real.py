@@ -65,7 +65,7 @@ def main() -> None:
 
     layers = _layers(args.layers)
     model = load_model(EMBEDDED_MODEL)
-    grouped = GroupedPrompts.load(EMBEDDED_DIR / "grouped_prompts")
+    grouped = GroupedPrompts.load(EMBEDDED_DIR / "behaviours")
     acts = collect_activations(model, grouped, list(range(10, 18)))
     saes = load_saes_for_layers(model, DEFAULT_SAES, layers)
 

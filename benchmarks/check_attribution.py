@@ -31,6 +31,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -197,14 +198,9 @@ def main() -> None:
     if args.write_features:
         settings = {}
         for direction in ("context", "memory"):
-            fset = committed.for_direction(direction)
-            settings[direction] = {
-                "layers": sorted(fset.layers),
-                "proportion": fset.proportion,
-                "edit_strength": committed.strength(direction),
-                "site": site,
-                "selection": args.selection,
-            }
+            settings[direction] = replace(
+                committed.setting(direction), site=site, selection=args.selection
+            )
         chosen = directional_features(
             {site: statistics},
             model_name=model.cfg.model_name,

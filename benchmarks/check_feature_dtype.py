@@ -50,7 +50,7 @@ def main() -> None:
                 model, acts, saes, latent_code=fset.latent_code, cache_root=tmp, progress=False
             )
             fresh = functional_features(
-                stats, model_name=model.cfg.model_name, proportion=fset.proportion, layers=layers
+                stats, committed.setting(direction), model_name=model.cfg.model_name
             )
             for layer in layers:
                 old, new = fset.layers[layer], fresh.layers[layer]

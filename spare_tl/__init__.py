@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "greedy_generate": "spare_tl.generation",
     "exact_match": "spare_tl.data.scoring",
     # features and steering
+    "DirectionSetting": "spare_tl.features",
     "FunctionalFeatures": "spare_tl.features",
     "LayerFeatures": "spare_tl.features",
     "select_functional_features": "spare_tl.features",

@@ -18,9 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import shutil
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,8 +38,15 @@ from spare_tl.cache import (
     write_json,
     write_tensors,
 )
-from spare_tl.errors import CacheError
-from spare_tl.saes import DEFAULT_SITE, check_latent_code, site_hook_name, site_of_hook
+from spare_tl.checks import finite_non_negative
+from spare_tl.errors import ArgumentError, CacheError
+from spare_tl.saes import (
+    DEFAULT_SITE,
+    check_latent_code,
+    check_site,
+    site_hook_name,
+    site_of_hook,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +131,91 @@ def check_selection(selection: str) -> str:
             f"selection must be one of {', '.join(repr(s) for s in SELECTIONS)}, got {selection!r}"
         )
     return selection
+
+
+def check_proportion(value: Any, name: str = "proportion K") -> float:
+    """``value`` as a float if it lies in (0, 1] (NaN is refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ArgumentError(f"{name} must be in (0, 1], got {value!r}; the paper uses 0.01-0.10")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class DirectionSetting:
+    """How one steering direction edits: at ``site`` of ``layers`` (empty: every candidate
+    layer), the features chosen by ``selection`` at proportion K, on the SAE code
+    ``latent_code``, added with edit strength α. Checked once, here, when it is made.
+
+    The config holds one per direction, a feature set reports one per direction
+    (:meth:`FunctionalFeatures.setting`), and the sweep and the baselines table record them.
+    """
+
+    site: str = DEFAULT_SITE
+    layers: tuple[int, ...] = ()
+    proportion: float = 0.05
+    edit_strength: float = 2.0
+    selection: str = "mi"
+    latent_code: str = "encode"
+
+    #: the keys a config table or a sweep record may set (the latent code is the statistics')
+    KEYS = ("site", "layers", "proportion", "edit_strength", "selection")
+
+    def __post_init__(self) -> None:
+        check_site(self.site)
+        if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, (list, tuple)):
+            raise ArgumentError(f"layers must be a list of layer numbers, got {self.layers!r}")
+        bad = [x for x in self.layers if isinstance(x, bool) or not isinstance(x, int) or x < 0]
+        if bad:
+            raise ArgumentError(f"layers must be layer numbers >= 0, got {list(self.layers)}")
+        object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
+        object.__setattr__(self, "proportion", check_proportion(self.proportion))
+        object.__setattr__(self, "edit_strength", finite_non_negative(self.edit_strength))
+        check_selection(self.selection)
+        check_latent_code(self.latent_code)
+
+    @classmethod
+    def from_mapping(
+        cls,
+        values: Mapping[str, Any],
+        base: DirectionSetting | None = None,
+        *,
+        name: str = "setting",
+    ) -> DirectionSetting:
+        """A setting from a config table or a sweep record (keys :attr:`KEYS`), its unset
+        fields taken from ``base`` (default: the defaults); an unknown key is an error."""
+        unknown = sorted(set(values) - set(cls.KEYS))
+        if unknown:
+            raise ArgumentError(
+                f"{name}: unknown key(s) {unknown}; a direction may set {list(cls.KEYS)}"
+            )
+        changes = {k: v for k, v in values.items() if v is not None}
+        if "layers" in changes and isinstance(changes["layers"], list):
+            changes["layers"] = tuple(changes["layers"])
+        try:
+            return replace(base, **changes) if base is not None else cls(**changes)
+        except ArgumentError as e:
+            raise ArgumentError(f"{name}: {e}") from e
+
+    def record(self) -> dict[str, Any]:
+        """The JSON form the sweep records and summaries store (without the latent code,
+        which they record once)."""
+        return {
+            "site": self.site,
+            "layers": list(self.layers),
+            "proportion": self.proportion,
+            "edit_strength": self.edit_strength,
+            "selection": self.selection,
+        }
+
+    def same_features(self, other: DirectionSetting) -> bool:
+        """Whether ``other`` picks the same features (site, layers, K, MI selection, code),
+        so that one set can serve both directions with an α each."""
+        return self.selection == other.selection == "mi" and (
+            self.site,
+            self.layers,
+            self.proportion,
+            self.latent_code,
+        ) == (other.site, other.layers, other.proportion, other.latent_code)
 
 
 def select_by_attribution(
@@ -234,19 +326,11 @@ class FunctionalFeatures:
     to_memory: FunctionalFeatures | None = None
 
     def __post_init__(self) -> None:
-        for name, alpha in (
-            ("edit strength α", self.edit_strength),
-            ("edit strength α to memory", self.edit_strength_to_memory),
-        ):
-            if alpha is not None and not (
-                isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0
-            ):
-                raise ValueError(
-                    f"{name} must be a finite number >= 0, got {alpha}; the paper uses "
-                    "1.0-3.0, and 0 turns steering off"
-                )
-        if not (isinstance(self.proportion, (int, float)) and 0 < self.proportion <= 1):
-            raise ValueError(f"proportion K must be in (0, 1], got {self.proportion}")
+        # the same checks as DirectionSetting's (one helper each), on the stored fields
+        finite_non_negative(self.edit_strength)
+        if self.edit_strength_to_memory is not None:
+            finite_non_negative(self.edit_strength_to_memory, "edit strength α to memory")
+        check_proportion(self.proportion)
         mem = self.to_memory
         if mem is not None:
             if mem.to_memory is not None:
@@ -259,6 +343,19 @@ class FunctionalFeatures:
                 raise ValueError(
                     f"to_memory uses the {mem.latent_code!r} code, this set {self.latent_code!r}"
                 )
+
+    def setting(self, direction: str) -> DirectionSetting:
+        """The :class:`DirectionSetting` steering to ``direction`` uses: its set's site,
+        layers, K, selection and latent code, with the α for that direction."""
+        f = self.for_direction(direction)
+        return DirectionSetting(
+            site=f.site,
+            layers=tuple(f.layers),
+            proportion=f.proportion,
+            edit_strength=self.strength(direction),
+            selection=f.metadata.get("selection", "mi"),
+            latent_code=f.latent_code,
+        )
 
     def for_direction(self, direction: str) -> FunctionalFeatures:
         """The set that steers to ``direction``: :attr:`to_memory` for memory when it is

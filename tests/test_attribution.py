@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from spare_tl.features import select_by_attribution, select_features
+from spare_tl.features import DirectionSetting, select_by_attribution, select_features
 from spare_tl.stages.activations import (
     collect_activations,
     directional_features,
@@ -195,27 +197,29 @@ def test_selection_by_attribution_on_a_hand_example():
 
 def test_feature_sets_by_attribution(staged):
     _, _, stats, attr = staged
+    by_attribution = DirectionSetting(proportion=0.3, selection="attribution")
     feats = functional_features(
-        stats, model_name="tiny-llama", proportion=0.3, selection="attribution",
-        direction="memory", attribution=attr,
-    )  # fmt: skip
+        stats, by_attribution, model_name="tiny-llama", direction="memory", attribution=attr
+    )
     ctx, mem = select_by_attribution(attr[2].toward("memory"), stats[2].expectation, 0.3)
     assert torch.equal(feats.layers[2].context_features, ctx)
     assert torch.equal(feats.layers[2].memory_features, mem)
     assert feats.metadata["selection"] == "attribution"
     with pytest.raises(ValueError, match="direction"):
-        functional_features(stats, model_name="m", proportion=0.3, selection="both")
+        functional_features(
+            stats, DirectionSetting(proportion=0.3, selection="both"), model_name="m"
+        )
     with pytest.raises(ValueError, match="no attribution for layer 2"):
-        functional_features(stats, model_name="m", proportion=0.3, selection="both",
-                            direction="memory", attribution={1: attr[1]})  # fmt: skip
-    setting = {"layers": [1, 2], "proportion": 0.3, "edit_strength": 2.0}
+        functional_features(stats, DirectionSetting(proportion=0.3, selection="both"),
+                            model_name="m", direction="memory", attribution={1: attr[1]})  # fmt: skip
+    setting = DirectionSetting(layers=(1, 2), proportion=0.3, edit_strength=2.0)
     mi = directional_features(stats, model_name="tiny-llama", context=setting, memory=setting)
     assert mi.to_memory is None and mi.metadata["selection"] == "mi"
     by_attr = directional_features(
         stats,
         model_name="tiny-llama",
         context=setting,
-        memory={**setting, "selection": "attribution"},
+        memory=replace(setting, selection="attribution"),
         attribution={"resid_post": attr},
     )  # the memory set is chosen for memory: a set of its own
     assert by_attr.metadata["selection"] == "mi"
@@ -223,24 +227,24 @@ def test_feature_sets_by_attribution(staged):
     assert torch.equal(by_attr.to_memory.layers[2].memory_features, mem)
     stats[1].sae_fingerprint = "another"
     with pytest.raises(ValueError, match="another SAE"):
-        functional_features(stats, model_name="m", proportion=0.3, selection="attribution",
-                            direction="context", attribution=attr)  # fmt: skip
+        functional_features(stats, by_attribution, model_name="m", direction="context",
+                            attribution=attr)  # fmt: skip
 
 
 def test_config_selection_per_direction():
     from spare_tl.stages.pipeline import PipelineConfig
 
     config = PipelineConfig(
-        layers=[1, 2, 3], feature_layers=[1, 2], selection="both",
+        layers=[1, 2, 3], to_context={"layers": [1, 2], "selection": "both"},
         to_memory={"layers": [3], "selection": "attribution"},
     )  # fmt: skip
     settings = config.direction_settings()
-    assert settings["context"]["selection"] == "both"
-    assert settings["memory"]["selection"] == "attribution"
+    assert settings["context"].selection == "both"
+    assert settings["memory"].selection == "attribution"
     assert config.attribution_layers() == {"resid_post": [1, 2, 3]}
     assert PipelineConfig(layers=[1, 2]).attribution_layers() == {}
     with pytest.raises(ValueError, match="selection must be one of"):
-        PipelineConfig(layers=[1], selection="causal")
+        PipelineConfig(layers=[1], to_context={"selection": "causal"})
     with pytest.raises(ValueError, match="selection must be one of"):
         PipelineConfig(layers=[1], to_memory={"layers": [1], "selection": "x"})
 
@@ -252,7 +256,7 @@ def test_sweep_tries_the_selection_per_direction(tiny_model, staged, tmp_path):
 
     _, saes, stats, attr = staged
     settings = grid({"resid_post": [[1, 2]]}, [0.3], [2.0], selections=("mi", "attribution"))
-    assert [(s.direction, s.selection) for s in settings] == [
+    assert [(s.direction, s.setting.selection) for s in settings] == [
         ("context", "mi"), ("context", "attribution"), ("memory", "mi"), ("memory", "attribution")
     ]  # fmt: skip
     items = conflict_items(10)
@@ -264,8 +268,8 @@ def test_sweep_tries_the_selection_per_direction(tiny_model, staged, tmp_path):
     )  # fmt: skip
     assert [r.get("selection") for r in records] == [None, "mi", "attribution", "mi", "attribution"]
     by_attr = functional_features(
-        stats, model_name="tiny-llama", proportion=0.3, layers=[1, 2], selection="attribution",
-        direction="memory", attribution=attr,
+        stats, DirectionSetting(layers=(1, 2), proportion=0.3, selection="attribution"),
+        model_name="tiny-llama", direction="memory", attribution=attr,
     )  # fmt: skip
     assert records[4]["n_features"] == sum(c + m for c, m in by_attr.counts().values())
     # the best record per direction carries its selection into the feature set

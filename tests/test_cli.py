@@ -12,7 +12,7 @@ from spare_tl.testing import save_tiny_hf_llama
 COMMANDS = [
     "run",
     "memorised",
-    "group",
+    "behaviours",
     "activations",
     "statistics",
     "features",
@@ -41,9 +41,11 @@ def test_every_command_has_help(cmd, capsys):
 @pytest.mark.parametrize(
     "body,match",
     [
-        ("proportion = 1.5\n", "proportion K must be in"),
-        ("edit_strength = -1.0\n", "α must be a finite number >= 0"),
-        ("proportion = 0.1\nfoo = 3\n", "unknown config key"),
+        ("[to_context]\nproportion = 1.5\n", "to_context: proportion K must be in"),
+        ("[to_memory]\nedit_strength = -1.0\n", "to_memory: edit strength α must be a finite"),
+        ("[to_memory]\nalpha = 1.0\n", "to_memory: unknown key(s) ['alpha']"),
+        ("proportion = 0.1\n", "set per direction now: write them in a [to_context] table"),
+        ("pool_size = 8\nfoo = 3\n", "unknown config key"),
         ("[behaviours]\ndemo_types = ['dxx']\n", "unknown type 'dxx'"),
     ],
 )
@@ -115,12 +117,26 @@ def test_config_reproduces_the_committed_features():
             assert torch.equal(b.layers[layer].memory_features, c.layers[layer].memory_features)
 
 
-def test_config_checks_feature_layers_and_memory_set():
-    with pytest.raises(ValueError, match="not among the resid_post candidate layers"):
-        PipelineConfig(layers=[1, 2], feature_layers=[3])
-    with pytest.raises(ValueError, match="to_memory needs 'layers'"):
-        PipelineConfig(layers=[1, 2], to_memory={"proportion": 0.1})
+def test_config_checks_each_direction_setting():
+    with pytest.raises(ValueError, match="to_context layers .3. are not among the resid_post"):
+        PipelineConfig(layers=[1, 2], to_context={"layers": [3]})
+    with pytest.raises(ValueError, match="to_memory: unknown key"):
+        PipelineConfig(layers=[1, 2], to_memory={"proportin": 0.1})
     with pytest.raises(ValueError, match="to_memory layers"):
         PipelineConfig(layers=[1, 2], to_memory={"layers": [5]})
-    with pytest.raises(ValueError, match="proportion"):
+    with pytest.raises(ValueError, match="to_memory: proportion K must be in"):
         PipelineConfig(layers=[1, 2], to_memory={"layers": [1], "proportion": 2.0})
+    # the memory setting takes what it leaves unset from the context one
+    config = PipelineConfig(
+        layers=[1, 2], to_context={"layers": [1], "proportion": 0.2}, to_memory={"edit_strength": 4}
+    )
+    memory = config.direction_settings()["memory"]
+    assert (memory.layers, memory.proportion, memory.edit_strength) == ((1,), 0.2, 4.0)
+    assert config.direction_settings()["context"].edit_strength == 2.0
+
+
+def test_config_file_of_the_one_setting_form_says_how_to_write_it(tmp_path):
+    path = tmp_path / "old.toml"
+    path.write_text("layers = [1]\nedit_strength = 3.0\nfeature_layers = [1]\n")
+    with pytest.raises(ValueError, match=r"\[to_context\] table"):
+        PipelineConfig.from_file(path)

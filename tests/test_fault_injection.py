@@ -103,8 +103,7 @@ def _config(world, root: Path, **overrides) -> PipelineConfig:
         memorised_shots=1,
         pool_size=5,
         behaviours={"shots": [1], "seeds": [0, 1], "demo_types": ["dss", "dso"]},
-        proportion=0.3,
-        edit_strength=2.0,
+        to_context={"proportion": 0.3, "edit_strength": 2.0},
         to_memory={"layers": [1], "proportion": 0.5, "edit_strength": 1.0},
         cache_root=str(root),
         features_dir=str(root / "features"),
@@ -119,7 +118,7 @@ VARIANT = {
     "memorised_shots": 2,
     "behaviours": {"shots": [1], "seeds": [0, 2], "demo_types": ["dss", "dso"]},
     "mi_seed": 1,
-    "proportion": 0.5,
+    "to_context": {"proportion": 0.5, "edit_strength": 2.0},
 }
 
 
@@ -604,9 +603,10 @@ def _bad_inputs(world, reference, tmp: Path) -> list[tuple[list[str], str]]:
         ([*ev, *out, "--hyperparameters", "{bad"], "--hyperparameters"),
     ]
     configs = {
-        "alpha-nan": "edit_strength = nan\n",
-        "alpha-inf": "edit_strength = inf\n",
-        "alpha-mem-nan": "edit_strength_to_memory = nan\n",
+        "alpha-nan": "[to_context]\nedit_strength = nan\n",
+        "alpha-inf": "[to_context]\nedit_strength = inf\n",
+        "alpha-mem-nan": "[to_memory]\nedit_strength = nan\n",
+        "old-one-setting-form": "edit_strength = 1.0\n",
         "pool-0": "pool_size = 0\n",
         "n-eval-0": "n_eval_items = 0\n",
         "batch-0": "batch_size = 0\n",
@@ -621,7 +621,7 @@ def _bad_inputs(world, reference, tmp: Path) -> list[tuple[list[str], str]]:
         path.write_text(body)
         cases.append((["run", str(path)], "config" if name == "not-toml" else ""))
     good_config = tmp / "good.toml"
-    good_config.write_text("edit_strength = 1.0\n")
+    good_config.write_text("[to_context]\nedit_strength = 1.0\n")
     cases += [
         (["run", str(a_dir)], "is a directory"),
         (["run", str(good_config), "--output", str(a_dir)], "is an existing directory"),
@@ -694,7 +694,7 @@ def test_bad_inputs_are_one_line_before_any_work(world, reference, tmp_path, mon
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    (tmp_path / "a.toml").write_text("edit_strength = nan\n")
+    (tmp_path / "a.toml").write_text("[to_context]\nedit_strength = nan\n")
     from spare_tl.cli import main
 
     with pytest.raises(ValueError, match="finite"):

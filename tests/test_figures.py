@@ -56,9 +56,12 @@ def statistics() -> dict[int, LayerStatistics]:
 
 @pytest.fixture(scope="module")
 def features(statistics) -> FunctionalFeatures:
+    from spare_tl.features import DirectionSetting
     from spare_tl.stages.activations import functional_features
 
-    return functional_features(statistics, model_name="tiny-llama", proportion=0.2)
+    return functional_features(
+        statistics, DirectionSetting(proportion=0.2, edit_strength=1.0), model_name="tiny-llama"
+    )
 
 
 def evaluation_json() -> dict:
@@ -373,11 +376,16 @@ def test_report_is_self_contained(statistics, features):
 def test_report_shows_the_memory_sets_layers(statistics):
     import dataclasses
 
+    from spare_tl.features import DirectionSetting
     from spare_tl.stages.activations import functional_features
 
-    main = functional_features(statistics, model_name="tiny-llama", proportion=0.2, layers=[1])
+    main = functional_features(
+        statistics, DirectionSetting(layers=(1,), proportion=0.2), model_name="tiny-llama"
+    )
     memory_set = functional_features(
-        statistics, model_name="tiny-llama", proportion=0.5, edit_strength=1.5, layers=[3]
+        statistics,
+        DirectionSetting(layers=(3,), proportion=0.5, edit_strength=1.5),
+        model_name="tiny-llama",
     )
     features = dataclasses.replace(main, to_memory=memory_set)
     page = build_report(features=features, statistics=statistics)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from spare_tl.features import FunctionalFeatures, LayerFeatures
+from spare_tl.features import DirectionSetting, FunctionalFeatures, LayerFeatures
 from spare_tl.methods.spare import spare_edit, steer
 from spare_tl.saes import encode_latents, is_topk
 from spare_tl.stages.activations import collect_activations, feature_statistics, functional_features
@@ -126,7 +126,11 @@ def test_statistics_on_relu_pre_codes_are_cached_apart_and_feed_the_features(tin
     )[1]
     assert torch.equal(again.mutual_information, pre.mutual_information)
     assert again.latent_code == "relu_pre"  # read back from the cache
-    features = functional_features({1: pre}, model_name="tiny-llama", proportion=0.3)
+    with pytest.raises(ValueError, match="statistics of layers .1. hold .'relu_pre'."):
+        functional_features({1: pre}, DirectionSetting(proportion=0.3), model_name="tiny-llama")
+    features = functional_features(
+        {1: pre}, DirectionSetting(proportion=0.3, latent_code="relu_pre"), model_name="tiny-llama"
+    )
     assert features.latent_code == "relu_pre"
     with steer(tiny_model, features, "memory", saes) as steering:
         tiny_model(tiny_model.to_tokens(["hello there"]))

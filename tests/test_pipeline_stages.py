@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from spare_tl.data.schema import ConflictItem
-from spare_tl.features import FunctionalFeatures, select_functional_features
+from spare_tl.features import DirectionSetting, FunctionalFeatures, select_functional_features
 from spare_tl.methods.spare import steer
 from spare_tl.stages import behaviours as behaviours_mod
 from spare_tl.stages.activations import (
@@ -91,6 +93,45 @@ def test_group_prompts_records_and_resume(tiny_model, tmp_path, monkeypatch):
     assert {row["demo_type"] for row in again.table()} == {"dss", "dso"}
 
 
+def test_an_old_grouped_prompts_folder_is_moved_to_behaviours_and_not_recomputed(
+    tiny_model, tmp_path, monkeypatch
+):
+    """A cache written when the stage's folder was ``grouped_prompts/``: the stage moves it to
+    ``behaviours/`` (config and data byte-identical) and serves it without generating; the
+    activations made from it are found too."""
+    from spare_tl.stages.migrations import rename_stage_folder
+
+    def answers(model, prompts, candidates, **kwargs):  # context, memory, context, ...
+        out = [pair[i % 2] for i, pair in enumerate(candidates)]
+        return out, torch.ones(len(prompts), 2, dtype=torch.float64)
+
+    monkeypatch.setattr(behaviours_mod, "generate_and_score", answers)
+    pool = _items(5)
+    config = BehaviourConfig(shots=(1,), seeds=(0,), demo_types=("dss", "dso"), max_new_tokens=3)
+    made = group_prompts(tiny_model, pool, config, cache_root=tmp_path, progress=False)
+    model_dir = tmp_path / "tiny-llama"
+    acts = collect_activations(tiny_model, made, [1], cache_root=tmp_path, progress=False)
+    (model_dir / "behaviours").rename(model_dir / "grouped_prompts")  # the old layout
+    before = {p.name: p.read_bytes() for p in (model_dir / "grouped_prompts").iterdir()}
+    monkeypatch.setattr(behaviours_mod, "generate_and_score", None)  # any generation fails
+    again = group_prompts(tiny_model, pool, config, cache_root=tmp_path, progress=False)
+    assert not (model_dir / "grouped_prompts").exists()
+    after = {p.name: p.read_bytes() for p in (model_dir / "behaviours").iterdir()}
+    assert after == before and again.records == made.records
+    monkeypatch.setattr(
+        "spare_tl.stages.activations.last_position_resid",
+        lambda *a, **k: pytest.fail("the activations were recomputed"),
+    )
+    cached = collect_activations(tiny_model, again, [1], cache_root=tmp_path, progress=False)
+    assert torch.equal(cached.resid[1], acts.resid[1])
+    # both folders: the new one is used and the old one left alone
+    (model_dir / "grouped_prompts").mkdir()
+    assert (
+        rename_stage_folder(model_dir, "grouped_prompts", "behaviours") == model_dir / "behaviours"
+    )
+    assert (model_dir / "grouped_prompts").is_dir()
+
+
 def test_empty_group_is_a_clear_error():
     grouped = GroupedPrompts("m", [{"label": "context"}] * 5 + [{"label": "neither"}] * 3)
     with pytest.raises(ValueError, match=r"\['memory'\].*dso"):
@@ -157,7 +198,9 @@ def test_statistics_and_features_end_to_end(tiny_model, tmp_path):
     # cached: the second call reads the files
     again = feature_statistics(tiny_model, acts, saes, cache_root=tmp_path, progress=False)
     assert torch.equal(again[1].mutual_information, s.mutual_information)
-    feats = functional_features(stats, model_name="tiny-llama", proportion=0.3, edit_strength=2.0)
+    feats = functional_features(
+        stats, DirectionSetting(proportion=0.3, edit_strength=2.0), model_name="tiny-llama"
+    )
     ctx_ids, mem_ids = select_functional_features(s.mutual_information, s.expectation, 0.3)
     assert torch.equal(feats.layers[1].context_features, ctx_ids)
     assert torch.equal(feats.layers[1].memory_features, mem_ids)
@@ -179,9 +222,23 @@ def test_selection_rule_on_a_hand_example():
             select_functional_features(mi, e, bad)
 
 
-def test_negative_edit_strength_is_refused():
-    with pytest.raises(ValueError, match="α"):
-        functional_features({}, model_name="m", proportion=0.1, edit_strength=-1)
+def test_a_direction_setting_is_checked_once_when_made():
+    with pytest.raises(ValueError, match="α must be a finite number >= 0"):
+        DirectionSetting(proportion=0.1, edit_strength=-1)
+    with pytest.raises(ValueError, match="proportion K must be in"):
+        DirectionSetting(proportion=float("nan"))
+    with pytest.raises(ValueError, match="site must be one of"):
+        DirectionSetting(site="hook_z")
+    with pytest.raises(ValueError, match="selection must be one of"):
+        DirectionSetting(selection="causal")
+    with pytest.raises(ValueError, match="latent code"):
+        DirectionSetting(latent_code="dense")
+    with pytest.raises(ValueError, match="layer numbers"):
+        DirectionSetting(layers=(1, -2))
+    setting = DirectionSetting(layers=(3, 1, 3), proportion=1, edit_strength=2)
+    assert setting.layers == (1, 3) and setting.record()["proportion"] == 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setting.edit_strength = 3.0  # type: ignore[misc]
 
 
 def test_evaluate_both_directions(tiny_model, tmp_path):
@@ -189,7 +246,9 @@ def test_evaluate_both_directions(tiny_model, tmp_path):
     acts = collect_activations(tiny_model, grouped, [1], cache_root=tmp_path, progress=False)
     saes = {1: tiny_sae("blocks.1.hook_resid_post", k=16)}
     stats = feature_statistics(tiny_model, acts, saes, cache_root=tmp_path, progress=False)
-    feats = functional_features(stats, model_name="tiny-llama", proportion=0.5, edit_strength=3.0)
+    feats = functional_features(
+        stats, DirectionSetting(proportion=0.5, edit_strength=3.0), model_name="tiny-llama"
+    )
     items = _items(10)
     pool, evaluation = items[:5], items[5:]
     result = evaluate(
@@ -251,7 +310,7 @@ def test_sweep_on_the_development_set(tiny_model, tmp_path):
 
 def test_windows_grid_neither_cap_and_oracle_shares():
     from spare_tl.stages.scan import ScanResult
-    from spare_tl.stages.sweep import Setting, best_settings, grid, oracle_shares, windows
+    from spare_tl.stages.sweep import SweepPoint, best_settings, grid, oracle_shares, windows
 
     assert windows([19, 20, 21, 22], sizes=(2, 3)) == [
         (19, 20), (20, 21), (21, 22), (19, 20, 21), (20, 21, 22)
@@ -259,9 +318,19 @@ def test_windows_grid_neither_cap_and_oracle_shares():
     assert windows([10, 11, 13, 14], sizes=(2,)) == [(10, 11), (13, 14)]  # no gaps inside
     assert windows(range(10, 18), sizes=(4,), stride=3) == [(10, 11, 12, 13), (13, 14, 15, 16)]
     settings = grid({"resid_post": [[20, 21]], "attn_out": [[22, 23]]}, [0.1], [2.0])
-    assert len(settings) == 4 and {s.site for s in settings} == {"resid_post", "attn_out"}
-    with pytest.raises(ValueError, match="site"):
-        Setting("memory", "hook_z", (1,), 0.1, 1.0)
+    assert len(settings) == 4 and {s.setting.site for s in settings} == {"resid_post", "attn_out"}
+    assert list(settings[0].record()) == [
+        "direction",
+        "site",
+        "layers",
+        "proportion",
+        "edit_strength",
+        "selection",
+    ]  # fmt: skip  (the sweep.json records' keys, in order)
+    with pytest.raises(ValueError, match="direction"):
+        SweepPoint("sideways", DirectionSetting(layers=(1,)))
+    with pytest.raises(ValueError, match="at least one layer"):
+        SweepPoint("memory", DirectionSetting())
 
     def rec(direction, site, layers, em_m, neither):
         return dict(direction=direction, site=site, layers=layers, proportion=0.1,
@@ -311,8 +380,8 @@ def test_attention_output_statistics_and_a_memory_set_there(tiny_model, tmp_path
     features = directional_features(
         {"resid_post": r_stats, "attn_out": a_stats},
         model_name="tiny-llama",
-        context={"layers": [1], "proportion": 0.2, "edit_strength": 2.0},
-        memory={"site": "attn_out", "layers": [1, 2], "proportion": 0.2, "edit_strength": 3.0},
+        context=DirectionSetting(layers=(1,), proportion=0.2, edit_strength=2.0),
+        memory=DirectionSetting("attn_out", (1, 2), proportion=0.2, edit_strength=3.0),
     )
     assert features.site == "resid_post" and features.to_memory.site == "attn_out"
     loaded = FunctionalFeatures.load(features.save(tmp_path / "set"))

@@ -91,7 +91,7 @@ def test_row2_a_cut_predictions_file_is_refused_and_nothing_downstream_is_delete
     items = _items(8)
     find_memorised(tiny_model, items, n_shots=1, cache_root=tmp_path)
     folder = tmp_path / "tiny-llama" / "memorised" / dataset_key("builtin", items)
-    downstream = tmp_path / "tiny-llama" / "grouped_prompts"
+    downstream = tmp_path / "tiny-llama" / "behaviours"
     downstream.mkdir()
     (downstream / "records.jsonl").write_text("{}\n")
     preds = folder / "predictions.jsonl"
@@ -231,7 +231,7 @@ def test_row7_nan_edit_strength_never_reaches_features_json(tmp_path):
 
     for bad in (float("nan"), float("inf"), -1.0):
         with pytest.raises(ValueError, match="finite"):
-            PipelineConfig(edit_strength=bad)
+            PipelineConfig(to_context={"edit_strength": bad})
         with pytest.raises(ValueError, match="finite"):
             FunctionalFeatures("m", {}, 0.1, edit_strength=bad)
     assert (
@@ -363,7 +363,7 @@ def test_row11_nothing_memorised_says_so(tiny_model, tmp_path, monkeypatch):
         model="tiny-llama", dataset=str(data), pool_size=2, cache_root=str(tmp_path)
     )
     with pytest.raises(ValueError, match="0 of 6 questions") as e:
-        run_pipeline(config, until="group", model=tiny_model, progress=False)
+        run_pipeline(config, until="behaviours", model=tiny_model, progress=False)
     _one_line(e.value, "are memorised")
 
 

@@ -41,8 +41,7 @@ def default_layers(config: Any) -> dict[str, list[int]]:
     """Per site, the layers either direction's feature set edits under ``config``."""
     out: dict[str, set[int]] = {}
     for setting in config.direction_settings().values():
-        site = setting["site"]
-        out.setdefault(site, set()).update(setting["layers"] or config.candidate_layers(site))
+        out.setdefault(setting.site, set()).update(setting.layers)
     return {site: sorted(layers) for site, layers in out.items()}
 
 
@@ -89,7 +88,7 @@ def run_from_args(args) -> int:
         for layer, a in by_layer.items():
             row: dict[str, Any] = {"site": site, "layer": layer, "prompts": a.counts}
             for direction, setting in settings.items():
-                k = setting["proportion"]
+                k = setting.proportion
                 s = stats[layer]
                 mi = select_features("mi", k, s.mutual_information, s.expectation)
                 attr = select_features(

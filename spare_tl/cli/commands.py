@@ -21,7 +21,7 @@ EVALUATE_METHODS = ("spare", "none", "closed_book", "icl", "actadd", "taskvec", 
 
 _STAGE_HELP = {
     "memorised": "find the memorised set (closed-book exact match)",
-    "group": "group the pool's conflict prompts by behaviour (context / memory / drop)",
+    "behaviours": "group the pool's conflict prompts by behaviour (context / memory / drop)",
     "activations": "collect last-position residuals of the grouped prompts",
     "statistics": "SAE codes, mutual information and expectation per layer",
     "features": "select functional features at proportion K and save them",
@@ -212,9 +212,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     model, features, saes = _load_setup(args)
     if args.edit_strength is not None:
         features = features.with_edit_strength(args.edit_strength)
-    if args.pool_size is not None:
-        features.metadata["pool_size"] = args.pool_size
-    split = memorised_split(model, features, args.dataset)
+    split = memorised_split(model, features, args.dataset, pool_size=args.pool_size)
     eval_items = split.test[: args.n_items] if args.n_items else split.test
     config = EvaluationConfig(
         seeds=tuple(args.seeds),

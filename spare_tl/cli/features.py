@@ -145,6 +145,7 @@ def _show(args: argparse.Namespace) -> int:
 def _examples(args: argparse.Namespace) -> int:
     from spare_tl.embedded import DEFAULT_SAES, EMBEDDED_DIR
     from spare_tl.saes import load_saes_for_hooks
+    from spare_tl.stages.behaviours import STAGE as BEHAVIOURS
     from spare_tl.stages.behaviours import GroupedPrompts
     from spare_tl.stages.feature_examples import (
         STAGE,
@@ -161,7 +162,7 @@ def _examples(args: argparse.Namespace) -> int:
         key=lambda h: int(h.split(".")[1]),
     )
     saes = load_saes_for_hooks(model, DEFAULT_SAES, hooks)
-    grouped = GroupedPrompts.load(EMBEDDED_DIR / "grouped_prompts").records
+    grouped = GroupedPrompts.load(EMBEDDED_DIR / BEHAVIOURS).records
     start = time.perf_counter()
     result = feature_examples(
         model,

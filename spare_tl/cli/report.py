@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--features", type=Path, help="functional-feature folder")
     p.add_argument("--statistics", type=Path, help="mutual_information folder (layer*/...)")
     p.add_argument("--results", type=Path, nargs="+", help="results JSON files or folders")
-    p.add_argument("--grouped", type=Path, help="grouped_prompts folder")
+    p.add_argument("--grouped", type=Path, help="behaviours folder (the grouped prompts)")
     p.add_argument(
         "--baselines", type=Path, metavar="DIR", help="baselines folder (table.json, <method>.json)"
     )

@@ -148,7 +148,12 @@ def run_from_args(args) -> int:
         sweep_config["max_neither_rise"] = cap
     else:
         settings = grid(
-            layer_sets, args.proportions, args.strengths, args.directions, args.selections
+            layer_sets,
+            args.proportions,
+            args.strengths,
+            args.directions,
+            args.selections,
+            config.latent_code,
         )
         print(f"sweep: {len(settings)} settings on {len(items)} development questions")
         dev, test = relation_histogram(items), relation_histogram(result.split.test[:200])
@@ -279,6 +284,7 @@ def _report(
             metadata=metadata,
             max_neither_rise=max_neither_rise,
             attribution=attribution,
+            latent_code=config.latent_code,
         )
         features.save(Path(config.features_dir))
         for direction in ("context", "memory"):

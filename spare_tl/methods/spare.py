@@ -369,12 +369,13 @@ class SpareMethod(PromptMethod):
     name: ClassVar[str] = "spare"
 
     def hyperparameters(self, direction: Direction) -> dict[str, Any]:
+        setting = self.features.setting(direction)
         alpha = self.edit_strength
         return {
-            "layers": self.features.edit_layers(direction),
-            "proportion": self.features.for_direction(direction).proportion,
-            "edit_strength": self.features.strength(direction) if alpha is None else alpha,
-            "latent_code": self.features.latent_code,
+            "layers": list(setting.layers),
+            "proportion": setting.proportion,
+            "edit_strength": setting.edit_strength if alpha is None else alpha,
+            "latent_code": setting.latent_code,
         }
 
     gate_stats: GateStats | None = None  # accumulates the conflict gate's decisions

@@ -1,6 +1,6 @@
 """Floor 2, stages: SpARE's pipeline, each stage cached under ``cache_data/<model>/<stage>/``.
 
-memorised set (:mod:`~spare_tl.stages.memorised`) → grouped prompts
+memorised set (:mod:`~spare_tl.stages.memorised`) → behaviours, the grouped prompts
 (:mod:`~spare_tl.stages.behaviours`) → activations, statistics and functional features
 (:mod:`~spare_tl.stages.activations`) → evaluation (:mod:`~spare_tl.stages.evaluation`, in
 the harness of :mod:`~spare_tl.stages.harness`); :mod:`~spare_tl.stages.pipeline` runs them

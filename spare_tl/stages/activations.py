@@ -25,12 +25,11 @@ from tqdm.auto import tqdm
 
 from spare_tl import cache
 from spare_tl.bridge import is_bridge
-from spare_tl.checks import finite_non_negative
 from spare_tl.errors import CacheError
 from spare_tl.features import (
+    DirectionSetting,
     FunctionalFeatures,
     LayerFeatures,
-    check_selection,
     confidence_weighted_mean,
     sae_fingerprint,
     select_features,
@@ -389,41 +388,44 @@ def feature_statistics(
 
 def functional_features(
     statistics: Mapping[int, LayerStatistics],
+    setting: DirectionSetting,
     *,
     model_name: str,
-    proportion: float,
-    edit_strength: float = 1.0,
-    edit_strength_to_memory: float | None = None,
-    layers: Sequence[int] | None = None,
-    metadata: dict[str, Any] | None = None,
-    selection: str = "mi",
     direction: str | None = None,
+    metadata: dict[str, Any] | None = None,
     attribution: Mapping[int, LayerAttribution] | None = None,
 ) -> FunctionalFeatures:
-    """The features stage: select context/memory features per layer at proportion K, by
-    ``selection`` (``"mi"``, ``"attribution"`` or ``"both"``, :data:`spare_tl.features.SELECTIONS`);
-    the last two rank by ``attribution`` toward ``direction`` and give a set for that
-    direction only. The selection is recorded in the set's metadata."""
-    check_selection(selection)
+    """The features stage: select context/memory features per layer of ``setting`` (all of
+    ``statistics``' layers when it names none) at its proportion K, by its selection
+    (``"mi"``, ``"attribution"`` or ``"both"``, :data:`spare_tl.features.SELECTIONS`); the
+    last two rank by ``attribution`` toward ``direction`` and give a set for that direction
+    only. The set steers with the setting's α; the selection is recorded in its metadata."""
+    selection = setting.selection
     if selection != "mi" and direction not in ("context", "memory"):
         raise ValueError(
             f"selection {selection!r} chooses features for one direction: pass "
             f"direction='context' or 'memory', got {direction!r}"
         )
-    finite_non_negative(edit_strength, "edit strength α")
-    if edit_strength_to_memory is not None:
-        finite_non_negative(edit_strength_to_memory, "edit strength α to memory")
-    chosen = sorted(layers) if layers is not None else sorted(statistics)
+    chosen = list(setting.layers) if setting.layers else sorted(statistics)
     missing = [layer for layer in chosen if layer not in statistics]
     if missing:
         raise ValueError(f"no statistics for layer(s) {missing}; have {sorted(statistics)}")
+    codes = {statistics[layer].latent_code for layer in chosen}
+    if codes - {setting.latent_code}:
+        raise ValueError(
+            f"the setting asks for the {setting.latent_code!r} code but the statistics of "
+            f"layers {chosen} hold {sorted(codes)}; set latent_code to match and rerun "
+            "`spare-tl statistics`"
+        )
     per_layer = {}
     for layer in chosen:
         s = statistics[layer]
         attr = None
         if selection != "mi":
             attr = _attribution_of(attribution, s, layer).toward(direction)  # type: ignore[arg-type]
-        ctx, mem = select_features(selection, proportion, s.mutual_information, s.expectation, attr)
+        ctx, mem = select_features(
+            selection, setting.proportion, s.mutual_information, s.expectation, attr
+        )
         per_layer[layer] = LayerFeatures(
             layer=layer,
             hook_name=s.hook_name,
@@ -438,9 +440,8 @@ def functional_features(
     return FunctionalFeatures(
         model_name=model_name,
         layers=per_layer,
-        proportion=proportion,
-        edit_strength=edit_strength,
-        edit_strength_to_memory=edit_strength_to_memory,
+        proportion=setting.proportion,
+        edit_strength=setting.edit_strength,
         metadata={**(metadata or {}), "selection": selection},
     )
 
@@ -488,47 +489,34 @@ def directional_features(
     statistics: Mapping[int, LayerStatistics] | Mapping[str, Mapping[int, LayerStatistics]],
     *,
     model_name: str,
-    context: Mapping[str, Any],
-    memory: Mapping[str, Any],
+    context: DirectionSetting,
+    memory: DirectionSetting,
     metadata: dict[str, Any] | None = None,
     attribution: Mapping[str, Mapping[int, LayerAttribution]] | None = None,
 ) -> FunctionalFeatures:
     """The feature set steering to context with ``context`` and to memory with ``memory``
-    (each a mapping with ``layers``, ``proportion``, ``edit_strength`` and optionally
-    ``site`` and ``selection``; ``statistics`` per layer, or by site then layer;
-    ``attribution`` by site then layer, needed for a selection other than ``"mi"``).
+    (``statistics`` per layer, or by site then layer; ``attribution`` by site then layer,
+    needed for a selection other than ``"mi"``).
 
-    When both name the same site, layers and K and select by MI, one set with an α per
-    direction; otherwise the context set carries a separate
+    When both pick the same features (:meth:`DirectionSetting.same_features`), one set with
+    an α per direction; otherwise the context set carries a separate
     :attr:`~FunctionalFeatures.to_memory` set.
     """
 
-    def feature_set(
-        setting: Mapping[str, Any], direction: str, alpha_to_memory: float | None = None
-    ):
-        site = setting.get("site", DEFAULT_SITE)
+    def feature_set(setting: DirectionSetting, direction: str) -> FunctionalFeatures:
         return functional_features(
-            statistics_at(statistics, site),
+            statistics_at(statistics, setting.site),
+            setting,
             model_name=model_name,
-            proportion=setting["proportion"],
-            edit_strength=setting["edit_strength"],
-            edit_strength_to_memory=alpha_to_memory,
-            layers=setting["layers"],
-            metadata=metadata,
-            selection=setting.get("selection", "mi"),
             direction=direction,
-            attribution=(attribution or {}).get(site),
+            metadata=metadata,
+            attribution=(attribution or {}).get(setting.site),
         )
 
-    def key(setting: Mapping[str, Any]) -> tuple:
-        site = setting.get("site", DEFAULT_SITE)
-        return site, sorted(setting["layers"] or []), setting["proportion"]
-
-    mi = context.get("selection", "mi") == memory.get("selection", "mi") == "mi"
-    if mi and key(context) == key(memory):
-        alpha_mem = memory["edit_strength"]
-        alpha_mem = None if alpha_mem == context["edit_strength"] else alpha_mem
-        return feature_set(context, "context", alpha_mem)
+    if context.same_features(memory):
+        alpha_mem = memory.edit_strength
+        alpha_mem = None if alpha_mem == context.edit_strength else alpha_mem
+        return replace(feature_set(context, "context"), edit_strength_to_memory=alpha_mem)
     return replace(feature_set(context, "context"), to_memory=feature_set(memory, "memory"))
 
 

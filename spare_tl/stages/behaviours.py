@@ -31,7 +31,14 @@ from spare_tl.errors import CacheError
 from spare_tl.generation import generate_and_score
 
 logger = logging.getLogger(__name__)
-STAGE = "grouped_prompts"
+#: the stage's name: its module, its TOML section ``[behaviours]``, its command
+#: ``spare-tl behaviours`` and its cache folder ``cache_data/<model>/behaviours/``
+STAGE = "behaviours"
+#: the folder's name before it was the stage's (:func:`behaviours_dir` moves one found)
+LEGACY_STAGE = "grouped_prompts"
+#: what the stage's config.json records as its stage: part of its cache key, so it keeps the
+#: old name (the cached prompts stay valid)
+CONFIG_STAGE = "grouped_prompts"
 LABELS = ("context", "memory", "neither")
 
 
@@ -164,6 +171,15 @@ def _resume(
     return records, done
 
 
+def behaviours_dir(model_name: str, root: Path | None = None) -> Path:
+    """The stage's cache folder; a ``grouped_prompts/`` folder of an older cache is moved
+    there first (:func:`spare_tl.stages.migrations.rename_stage_folder`)."""
+    from spare_tl.stages.migrations import rename_stage_folder
+
+    directory = cache.stage_dir(model_name, STAGE, root)
+    return rename_stage_folder(directory.parent, LEGACY_STAGE, STAGE)
+
+
 def group_prompts(
     model,
     pool: Sequence[ConflictItem],
@@ -180,14 +196,14 @@ def group_prompts(
     if max(config.shots) >= len(pool):
         raise ValueError(f"{max(config.shots)} shots need a pool larger than {len(pool)} items")
     full_config = {
-        "stage": STAGE,
+        "stage": CONFIG_STAGE,
         "model": model.cfg.model_name,
         "pool_hash": cache.fingerprint({"q": [it.question for it in pool]}),
         "pool_items_hash": items_hash(pool),
         "n_pool": len(pool),
         **asdict(config),
     }
-    directory = cache.stage_dir(model.cfg.model_name, STAGE, cache_root)
+    directory = behaviours_dir(model.cfg.model_name, cache_root)
     if use_cache and cache.is_fresh(directory, full_config):
         logger.info("grouped prompts: cached in %s", directory)
         return GroupedPrompts.load(directory)

@@ -295,9 +295,18 @@ def memorised_from_answers(
     )
 
 
-def memorised_split(model, features, dataset: str = "builtin", *, progress: bool = True):
+def memorised_split(
+    model,
+    features,
+    dataset: str = "builtin",
+    *,
+    pool_size: int | None = None,
+    pool_seed: int | None = None,
+    progress: bool = True,
+):
     """The pool/evaluation split a feature set was built on: memorised items of ``dataset``,
-    pool size and seed from the features' metadata (defaults 128 and 42).
+    a pool of ``pool_size`` questions drawn with ``pool_seed`` (None: what the features'
+    metadata records, else 128 and 42).
 
     The memorised set is read from the cache, seeded from the shipped one when the cache
     has none (an installed package: the shipped folder is never written).
@@ -309,9 +318,9 @@ def memorised_split(model, features, dataset: str = "builtin", *, progress: bool
     seed_from_shipped(f"{slug}/{STAGE}/{dataset_key(name, items)}", root)
     memorised = find_memorised(model, items, dataset_name=name, cache_root=root, progress=progress)
     meta = features.metadata
-    memorised.require(meta.get("pool_size", DEFAULT_POOL_SIZE))
-    return split_pool(
-        memorised.filter(items),
-        meta.get("pool_size", DEFAULT_POOL_SIZE),
-        meta.get("pool_seed", DEFAULT_POOL_SEED),
-    )
+    if pool_size is None:
+        pool_size = meta.get("pool_size", DEFAULT_POOL_SIZE)
+    if pool_seed is None:
+        pool_seed = meta.get("pool_seed", DEFAULT_POOL_SEED)
+    memorised.require(pool_size)
+    return split_pool(memorised.filter(items), pool_size, pool_seed)

@@ -36,6 +36,11 @@ from spare_tl.features import FEATURES_JSON, FEATURES_TENSORS, TO_MEMORY_DIR, sa
 
 logger = logging.getLogger(__name__)
 
+#: the behaviours stage's folder, and its name before (spare_tl.stages.behaviours: STAGE,
+#: LEGACY_STAGE; spelled here because that module imports this one)
+BEHAVIOURS = "behaviours"
+LEGACY_STAGE = "grouped_prompts"
+
 
 def _needs(directory: Path, key: str) -> dict[str, Any] | None:
     """The stored config.json when the stage lacks ``key`` or a manifest, else None."""
@@ -113,6 +118,26 @@ def upgrade_features(directory: Path, saes: dict[int, Any]) -> None:
     cache.write_json(path, meta)
 
 
+def rename_stage_folder(model_dir: Path, old: str, new: str) -> Path:
+    """``model_dir/new``, after moving ``model_dir/old`` there when only the old one exists
+    (a stage folder renamed: ``grouped_prompts/`` is ``behaviours/`` now). The folder is
+    moved whole, config and data untouched, so the stage is found, not recomputed. When it
+    cannot be moved (a read-only cache) the old folder is returned and read where it is."""
+    model_dir = Path(model_dir)
+    source, target = model_dir / old, model_dir / new
+    if target.exists() or not source.is_dir():
+        if target.exists() and source.is_dir():
+            logger.warning("%s and %s both exist; %s is used", source, target, target)
+        return target
+    try:
+        os.rename(source, target)
+    except OSError as e:
+        logger.warning("cannot move %s to %s (%s); reading it where it is", source, target, e)
+        return source
+    logger.info("moved the stage folder %s to %s", source, target)
+    return target
+
+
 def upgrade_model_cache(model_dir: Path, dataset: str = "builtin") -> list[str]:
     """Upgrade every known stage of one model's cache folder (see the module docstring).
     Returns what was done, one line per stage."""
@@ -123,6 +148,9 @@ def upgrade_model_cache(model_dir: Path, dataset: str = "builtin") -> list[str]:
 
     model_dir = Path(model_dir)
     done: list[str] = []
+    if (model_dir / LEGACY_STAGE).is_dir() and not (model_dir / BEHAVIOURS).exists():
+        rename_stage_folder(model_dir, LEGACY_STAGE, BEHAVIOURS)
+        done.append(f"moved {LEGACY_STAGE}/ to {BEHAVIOURS}/")
     items = load_dataset(dataset)
     memorised_dir = None
     for folder in sorted(p for p in (model_dir / "memorised").glob("*") if p.is_dir()):
@@ -137,15 +165,15 @@ def upgrade_model_cache(model_dir: Path, dataset: str = "builtin") -> list[str]:
     }
     features_dir = model_dir / "functional_features"
     meta = cache.read_json(features_dir / FEATURES_JSON) if features_dir.is_dir() else {}
-    if memorised_dir is not None and (model_dir / "grouped_prompts").is_dir():
+    if memorised_dir is not None and (model_dir / BEHAVIOURS).is_dir():
         known = MemorisedSet.load(memorised_dir).filter(items)
         split = split_pool(
             known,
             meta.get("metadata", {}).get("pool_size", DEFAULT_POOL_SIZE),
             meta.get("metadata", {}).get("pool_seed", DEFAULT_POOL_SEED),
         )
-        upgrade_grouped(model_dir / "grouped_prompts", split.pool)
-        done.append("grouped_prompts")
+        upgrade_grouped(model_dir / BEHAVIOURS, split.pool)
+        done.append(BEHAVIOURS)
     for layer_dir in sorted((model_dir / "mutual_information").glob("layer*")):
         upgrade_statistics(layer_dir, saes[int(layer_dir.name[5:])])
         done.append(f"mutual_information/{layer_dir.name}")

@@ -1,6 +1,6 @@
 """All SpARE stages from one config (TOML or YAML), each skipped when its inputs are unchanged.
 
-model + SAEs → dataset → memorised set → pool split → grouped prompts → activations
+model + SAEs → dataset → memorised set → pool split → behaviours (grouped prompts) → activations
     → feature statistics → functional features → evaluation
 """
 
@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import tomllib
 
 from spare_tl import cache
-from spare_tl.checks import at_least, finite_non_negative
+from spare_tl.checks import at_least
 from spare_tl.embedded import EMBEDDED_MODEL
-from spare_tl.features import check_selection
+from spare_tl.features import DirectionSetting
 from spare_tl.saes import DEFAULT_SITE, check_latent_code, check_site
 from spare_tl.stages.behaviours import BehaviourConfig
 from spare_tl.stages.evaluation import EvaluationConfig
@@ -29,7 +29,17 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("memorised", "group", "activations", "statistics", "features", "evaluate")
+#: the keys of the one-setting-for-both-directions config, now in [to_context] / [to_memory]
+MOVED_KEYS = (
+    "proportion",
+    "edit_strength",
+    "edit_strength_to_memory",
+    "feature_layers",
+    "feature_site",
+    "selection",
+)
+
+STAGES = ("memorised", "behaviours", "activations", "statistics", "features", "evaluate")
 
 
 @dataclass
@@ -45,29 +55,24 @@ class PipelineConfig:
     pool_size: int = 128
     pool_seed: int = 42
     behaviours: BehaviourConfig = field(default_factory=BehaviourConfig)
-    proportion: float = 0.05
-    edit_strength: float = 2.0
-    edit_strength_to_memory: float | None = None
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     n_eval_items: int | None = None
     features_dir: str = ""  # where the functional features go (default: cache stage dir)
     cache_root: str = ""
     batch_size: int = 16
     mi_seed: int = 0
-    latent_code: str = "encode"  # "encode" (the SAE's own) or "relu_pre" (TopK, before the cut)
-    #: the layers the feature set edits (default: every layer of ``layers``, which are the
-    #: candidate layers whose activations and statistics are computed)
-    feature_layers: list[int] = field(default_factory=list)
-    #: where the feature set edits: ``resid_post`` (candidate layers ``layers``) or a site of
-    #: ``site_layers`` (``attn_out``: the attention output)
-    feature_site: str = DEFAULT_SITE
-    #: how the features are chosen: ``"mi"`` (mutual information, the paper), ``"attribution"``
-    #: (estimated effect on the answer, the attribution stage) or ``"both"``; to memory
-    #: ``to_memory.selection`` when given
-    selection: str = "mi"
-    #: a separate set for steering to memory: ``{layers, proportion, edit_strength, site,
-    #: selection}`` (FunctionalFeatures.to_memory); None: one set steers both ways
-    to_memory: dict[str, Any] | None = None
+    #: the SAE code the statistics are computed on (both directions' features use it):
+    #: "encode" (the SAE's own) or "relu_pre" (TopK, before the cut)
+    latent_code: str = "encode"
+    #: how steering to context edits: site, layers (default: every candidate layer ``layers``,
+    #: which are the layers whose activations and statistics are computed), K, α and the
+    #: selection (``"mi"``: mutual information, the paper; ``"attribution"``; ``"both"``);
+    #: the TOML table ``[to_context]``
+    to_context: DirectionSetting = field(default_factory=DirectionSetting)
+    #: how steering to memory edits (``[to_memory]``); fields it leaves unset are
+    #: ``to_context``'s. Different features than to context give a separate set
+    #: (FunctionalFeatures.to_memory); None: to memory as to context
+    to_memory: DirectionSetting | None = None
     #: candidate layers at other sites, e.g. ``{attn_out = [19, 20, 21]}``: their activations
     #: and statistics are computed too (SAEs ``blocks.<l>.hook_<site>`` in ``saes``)
     site_layers: dict[str, list[int]] = field(default_factory=dict)
@@ -85,15 +90,26 @@ class PipelineConfig:
             self.evaluation = EvaluationConfig(
                 **{k: tuple(v) if isinstance(v, list) else v for k, v in self.evaluation.items()}
             )
+        # both directions' features use the statistics' code, so the settings take it
+        check_latent_code(self.latent_code)
+        code = DirectionSetting(latent_code=self.latent_code)
+        if isinstance(self.to_context, Mapping):
+            self.to_context = DirectionSetting.from_mapping(
+                self.to_context, code, name="to_context"
+            )
+        elif isinstance(self.to_context, DirectionSetting):
+            self.to_context = replace(self.to_context, latent_code=self.latent_code)
+        if isinstance(self.to_memory, Mapping):
+            self.to_memory = DirectionSetting.from_mapping(
+                self.to_memory, self.to_context, name="to_memory"
+            )
+        elif isinstance(self.to_memory, DirectionSetting):
+            self.to_memory = replace(self.to_memory, latent_code=self.latent_code)
         self.validate()
 
     def validate(self) -> None:
-        """Catch a wrong configuration before any long work."""
-        if not isinstance(self.proportion, (int, float)) or not 0 < self.proportion <= 1:
-            raise ValueError(f"proportion K must be in (0, 1], got {self.proportion}")
-        finite_non_negative(self.edit_strength, "edit_strength α")
-        if self.edit_strength_to_memory is not None:
-            finite_non_negative(self.edit_strength_to_memory, "edit_strength_to_memory α")
+        """Catch a wrong configuration before any long work (each direction's setting checked
+        its own values when it was made)."""
         for name in ("memorised_shots", "memorised_seed", "pool_seed", "mi_seed"):
             at_least(getattr(self, name), 0, name)
         at_least(self.batch_size, 1, "batch_size")
@@ -115,45 +131,27 @@ class PipelineConfig:
         at_least(e.n_shots, 0, "evaluation.n_shots")
         at_least(e.max_new_tokens, 1, "evaluation.max_new_tokens")
         at_least(e.batch_size, 1, "evaluation.batch_size")
-        check_latent_code(self.latent_code)
-        check_selection(self.selection)
         for site, layers in self.site_layers.items():
             check_site(site)
             if site == DEFAULT_SITE:
                 raise ValueError("site_layers lists other sites; put residual layers in 'layers'")
             if not layers:
                 raise ValueError(f"site_layers.{site} is empty: give its candidate layers")
-        check_site(self.feature_site)
-        candidates = self.candidate_layers(self.feature_site)
-        outside = sorted(set(self.feature_layers) - set(candidates)) if candidates else []
-        if outside:
-            raise ValueError(
-                f"feature_layers {outside} are not among the {self.feature_site} candidate "
-                f"layers {candidates}"
-            )
-        if self.feature_site != DEFAULT_SITE and not self.feature_layers:
-            raise ValueError(f"feature_site {self.feature_site!r} needs feature_layers")
-        if self.to_memory is not None:
-            keys = {"layers", "proportion", "edit_strength", "site", "selection"}
-            unknown = sorted(set(self.to_memory) - keys)
-            if unknown or not self.to_memory.get("layers"):
+        for name in ("to_context", "to_memory"):
+            setting = getattr(self, name)
+            if setting is None:
+                continue
+            if not isinstance(setting, DirectionSetting):
+                raise ValueError(f"{name} must be a table of {list(DirectionSetting.KEYS)}")
+            candidates = self.candidate_layers(setting.site)
+            outside = sorted(set(setting.layers) - set(candidates))
+            if (candidates or setting.site != DEFAULT_SITE) and outside:
                 raise ValueError(
-                    "to_memory needs 'layers' (and may set 'proportion', 'edit_strength', "
-                    f"'site', 'selection'); got keys {sorted(self.to_memory)}"
+                    f"{name} layers {outside} are not among the {setting.site} candidate "
+                    f"layers {candidates}"
                 )
-            check_selection(self.to_memory.get("selection", self.selection))
-            site = check_site(self.to_memory.get("site", DEFAULT_SITE))
-            candidates = self.candidate_layers(site)
-            outside = sorted(set(self.to_memory["layers"]) - set(candidates))
-            if (candidates or site != DEFAULT_SITE) and outside:
-                raise ValueError(
-                    f"to_memory layers {outside} are not among the {site} candidate layers "
-                    f"{candidates}"
-                )
-            proportion = self.to_memory.get("proportion", self.proportion)
-            if not isinstance(proportion, (int, float)) or not 0 < proportion <= 1:
-                raise ValueError("to_memory proportion K must be in (0, 1]")
-            finite_non_negative(self.to_memory.get("edit_strength", 0), "to_memory edit_strength α")
+            if setting.site != DEFAULT_SITE and not setting.layers:
+                raise ValueError(f"{name} site {setting.site!r} needs its layers")
         at_least(self.pool_size, 2, "pool_size")
         for t in self.behaviours.demo_types:
             if t not in ("dss", "dso", "doo"):
@@ -182,6 +180,15 @@ class PipelineConfig:
             raise ValueError(f"config {path} must be .toml or .yaml")
         if not isinstance(raw, dict):
             raise ValueError(f"config {path} must be a mapping of keys to values")
+        moved = sorted(set(raw) & set(MOVED_KEYS))
+        if moved:
+            raise ValueError(
+                f"config {path}: {moved} are set per direction now: write them in a "
+                "[to_context] table (feature_layers -> layers, feature_site -> site) and what "
+                "differs to memory in [to_memory] (edit_strength_to_memory -> edit_strength), "
+                "e.g. [to_context] layers = [10, 11], proportion = 0.2, edit_strength = 6.0 "
+                "and [to_memory] edit_strength = 4.0, one key a line"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(raw) - known)
         if unknown:
@@ -192,33 +199,29 @@ class PipelineConfig:
             raise ValueError(f"config {path}: {e}") from e
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        for name in ("to_context", "to_memory"):
+            setting = getattr(self, name)
+            out[name] = setting.record() if setting is not None else None
+        return out
 
-    def direction_settings(self) -> dict[str, dict[str, Any]]:
-        """Per direction, the setting its feature set is chosen with: ``layers``,
-        ``proportion``, ``edit_strength``, ``site`` and ``selection``."""
-        context = {
-            "layers": self.feature_layers or self.layers or None,
-            "proportion": self.proportion,
-            "edit_strength": self.edit_strength,
-            "site": self.feature_site,
-            "selection": self.selection,
-        }
-        alpha_mem = self.edit_strength_to_memory
-        memory = {
-            **context,
-            "edit_strength": self.edit_strength if alpha_mem is None else alpha_mem,
-            **(self.to_memory or {}),
-        }
-        return {"context": context, "memory": memory}
+    def direction_settings(self) -> dict[str, DirectionSetting]:
+        """Per direction, the setting its feature set is chosen with, its layers filled in
+        (a setting naming none takes every candidate layer at its site)."""
+        memory = self.to_memory if self.to_memory is not None else self.to_context
+        out = {}
+        for direction, setting in (("context", self.to_context), ("memory", memory)):
+            if not setting.layers:
+                setting = replace(setting, layers=tuple(self.candidate_layers(setting.site)))
+            out[direction] = setting
+        return out
 
     def attribution_layers(self) -> dict[str, list[int]]:
         """Per site, the layers whose attribution the chosen selections need."""
         out: dict[str, set[int]] = {}
         for setting in self.direction_settings().values():
-            if setting["selection"] != "mi":
-                site = setting["site"]
-                out.setdefault(site, set()).update(setting["layers"] or self.candidate_layers(site))
+            if setting.selection != "mi":
+                out.setdefault(setting.site, set()).update(setting.layers)
         return {site: sorted(layers) for site, layers in out.items()}
 
     def features_metadata(self) -> dict[str, Any]:

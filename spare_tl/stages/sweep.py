@@ -25,7 +25,7 @@ from spare_tl import cache
 from spare_tl.data.prompts import Questions
 from spare_tl.data.schema import ConflictItem
 from spare_tl.data.scoring import behaviour_label
-from spare_tl.features import FunctionalFeatures, check_selection
+from spare_tl.features import DirectionSetting, FunctionalFeatures
 from spare_tl.generation import Decoding, DecodingOptions
 from spare_tl.layer_spec import parse_layers
 from spare_tl.methods.base import NoSteering, SteeringMethod
@@ -83,24 +83,22 @@ def answer_settings(
 
 
 @dataclass(frozen=True)
-class Setting:
-    """One point of the sweep: steer to ``direction`` at ``site`` of ``layers`` with K, α,
-    the features chosen by ``selection`` (``"mi"``, ``"attribution"`` or ``"both"``)."""
+class SweepPoint:
+    """One point of the sweep: steer to ``direction`` with ``setting`` (site, layers, K, α,
+    selection)."""
 
     direction: str
-    site: str
-    layers: tuple[int, ...]
-    proportion: float
-    edit_strength: float
-    selection: str = "mi"
+    setting: DirectionSetting
 
     def __post_init__(self) -> None:
         if self.direction not in TARGET:
             raise ValueError(f"direction must be 'context' or 'memory', got {self.direction!r}")
-        check_site(self.site)
-        check_selection(self.selection)
-        if not self.layers:
-            raise ValueError("a setting needs at least one layer")
+        if not self.setting.layers:
+            raise ValueError("a sweep point needs at least one layer")
+
+    def record(self) -> dict[str, Any]:
+        """The point as the sweep's JSON records it (direction, then the setting's fields)."""
+        return {"direction": self.direction, **self.setting.record()}
 
 
 def windows(
@@ -128,11 +126,12 @@ def grid(
     strengths: Sequence[float],
     directions: Sequence[str] = ("context", "memory"),
     selections: Sequence[str] = ("mi",),
-) -> list[Setting]:
+    latent_code: str = "encode",
+) -> list[SweepPoint]:
     """Every (site, layers) of ``layer_sets`` (site → layer sets) × K × α × direction ×
-    selection."""
+    selection, on the statistics' ``latent_code``."""
     return [
-        Setting(d, site, tuple(sorted(ls)), float(k), float(a), sel)
+        SweepPoint(d, DirectionSetting(site, tuple(ls), float(k), float(a), sel, latent_code))
         for site, sets in layer_sets.items()
         for ls in sets
         for k in proportions
@@ -148,7 +147,7 @@ def sweep(
     saes: Mapping[Any, Any],
     items: Sequence[ConflictItem],
     pool: Sequence[ConflictItem],
-    settings: Sequence[Setting],
+    settings: Sequence[SweepPoint],
     *,
     n_shots: int = 3,
     seed: int = 0,
@@ -167,19 +166,17 @@ def sweep(
     if not items:
         raise ValueError("the sweep needs at least one development question")
     feature_sets, steered = [], []
-    for setting in settings:
+    for point in settings:
+        site = point.setting.site
         features = functional_features(
-            statistics_at(statistics, setting.site),
+            statistics_at(statistics, site),
+            point.setting,
             model_name=model.cfg.model_name,
-            proportion=setting.proportion,
-            edit_strength=setting.edit_strength,
-            layers=setting.layers,
-            selection=setting.selection,
-            direction=setting.direction,
-            attribution=(attribution or {}).get(setting.site),
+            direction=point.direction,
+            attribution=(attribution or {}).get(site),
         )
         feature_sets.append(features)
-        steered.append((SpareMethod(features, _saes_for(saes, setting)), setting.direction))
+        steered.append((SpareMethod(features, _saes_for(saes, point.setting)), point.direction))
     questions = evaluation_questions(items, pool, n_shots, seed, demo_type)
     none, *shares = answer_settings(
         model, questions, steered, batch_size=batch_size, progress=progress
@@ -195,14 +192,9 @@ def sweep(
             **none,
         }
     ]
-    for setting, features, share in zip(settings, feature_sets, shares):
+    for point, features, share in zip(settings, feature_sets, shares):
         rec = {
-            "direction": setting.direction,
-            "site": setting.site,
-            "layers": list(setting.layers),
-            "proportion": setting.proportion,
-            "edit_strength": setting.edit_strength,
-            "selection": setting.selection,
+            **point.record(),
             "n": len(items),
             "n_features": sum(c + m for c, m in features.counts().values()),
             **share,
@@ -212,7 +204,7 @@ def sweep(
     return records
 
 
-def _saes_for(saes: Mapping[Any, Any], setting: Setting) -> dict[str, Any]:
+def _saes_for(saes: Mapping[Any, Any], setting: DirectionSetting) -> dict[str, Any]:
     out = {}
     for layer in setting.layers:
         hook = site_hook_name(layer, setting.site)
@@ -278,32 +270,36 @@ def features_from_sweep(
     metadata: dict[str, Any] | None = None,
     max_neither_rise: float | None = None,
     attribution: Mapping[str, Mapping[int, Any]] | None = None,
+    latent_code: str = "encode",
 ) -> FunctionalFeatures:
     """The feature set of the sweep's best setting per direction (each at its own site, layers,
-    K, α and selection), exactly the setting measured on the development set
-    (:func:`~spare_tl.stages.activations.directional_features`; ``attribution`` by site, then
-    layer, when a chosen setting selects by it)."""
+    K, α and selection, on the statistics' ``latent_code``), exactly the setting measured on
+    the development set (:func:`~spare_tl.stages.activations.directional_features`;
+    ``attribution`` by site, then layer, when a chosen setting selects by it)."""
     best = best_settings(records, max_neither_rise)
     if "context" not in best or "memory" not in best:
         raise ValueError("the sweep has no steered records for both directions")
     return directional_features(
         statistics,
         model_name=model_name,
-        context=_setting_of(best["context"]),
-        memory=_setting_of(best["memory"]),
+        context=setting_of(best["context"], latent_code),
+        memory=setting_of(best["memory"], latent_code),
         metadata=metadata,
         attribution=attribution,
     )
 
 
-def _setting_of(record: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "site": record.get("site") or DEFAULT_SITE,
-        "layers": record["layers"],
-        "proportion": record["proportion"],
-        "edit_strength": record["edit_strength"],
-        "selection": record.get("selection", "mi"),
-    }
+def setting_of(record: Mapping[str, Any], latent_code: str = "encode") -> DirectionSetting:
+    """The :class:`DirectionSetting` a sweep record measured (records before selections
+    were swept select by MI)."""
+    return DirectionSetting(
+        site=record.get("site") or DEFAULT_SITE,
+        layers=tuple(record["layers"]),
+        proportion=record["proportion"],
+        edit_strength=record["edit_strength"],
+        selection=record.get("selection", "mi"),
+        latent_code=latent_code,
+    )
 
 
 def save_sweep(

@@ -90,7 +90,7 @@ def actadd_vectors(
     if grouped is None:
         raise ValueError(
             f"no cached activations for layers {layers} in {directory} and no grouped prompts: "
-            "run `spare-tl group CONFIG` (and `spare-tl activations CONFIG`) first"
+            "run `spare-tl behaviours CONFIG` (and `spare-tl activations CONFIG`) first"
         )
     require_groups(grouped)
     resid = last_position_resid(
@@ -169,9 +169,7 @@ class BaselineSetup:
         model, features, saes = load_steering_setup(
             features_dir or DEFAULT_FEATURES, saes_dir or DEFAULT_SAES, model=model
         )
-        if pool_size:
-            features.metadata["pool_size"] = pool_size
-        split = memorised_split(model, features, dataset)
+        split = memorised_split(model, features, dataset, pool_size=pool_size or None)
         return cls(
             model,
             features,
@@ -184,11 +182,9 @@ class BaselineSetup:
 
     def _grouped(self):
         if self.grouped is None:
-            from spare_tl.stages.behaviours import GroupedPrompts
+            from spare_tl.stages.behaviours import GroupedPrompts, behaviours_dir
 
-            directory = cache.stage_dir(
-                self.model.cfg.model_name, "grouped_prompts", self.cache_root
-            )
+            directory = behaviours_dir(self.model.cfg.model_name, self.cache_root)
             if (directory / "records.jsonl").exists():
                 self.grouped = GroupedPrompts.load(directory)
         return self.grouped

@@ -30,9 +30,13 @@ from typing import Any
 from torch import Tensor
 
 from spare_tl.cache import begin_stage, mark_complete, write_json, write_jsonl, write_tensors
-from spare_tl.checks import finite_non_negative
 from spare_tl.errors import MalformedCacheError, UnsafePickleError
-from spare_tl.features import FunctionalFeatures, LayerFeatures, select_functional_features
+from spare_tl.features import (
+    DirectionSetting,
+    FunctionalFeatures,
+    LayerFeatures,
+    select_functional_features,
+)
 from spare_tl.saes import check_latent_code
 from spare_tl.studies.original_cache import (
     DEFAULT_HOOK_TEMPLATE,
@@ -128,20 +132,20 @@ def import_original(
     (``{layer}`` is filled in); ``sae_ids`` records which SAE each layer needs.
     ``PAPER_SETTINGS[model].as_kwargs()`` gives the paper's layers, K and α.
     """
-    finite_non_negative(edit_strength, "edit strength α")
-    if edit_strength_to_memory is not None:
-        finite_non_negative(edit_strength_to_memory, "edit strength α to memory")
-    if not 0.0 < proportion <= 1.0:  # also refuses NaN
-        raise ValueError(
-            f"proportion K must be in (0, 1], got {proportion}; the paper uses 0.01-0.10"
-        )
-    cache = as_cache(model_dir)
-    code = check_latent_code(latent_code or ORIGINAL_LATENT_CODES.get(cache.model_name, "encode"))
     layers = [int(layer) for layer in layers]
+    setting = DirectionSetting(
+        layers=tuple(layers), proportion=proportion, edit_strength=edit_strength
+    )
+    if edit_strength_to_memory is not None:
+        DirectionSetting.from_mapping(
+            {"edit_strength": edit_strength_to_memory}, setting, name="to memory"
+        )
     if not layers:
         raise ValueError("give at least one layer to import")
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers repeat: {layers}")
+    cache = as_cache(model_dir)
+    code = check_latent_code(latent_code or ORIGINAL_LATENT_CODES.get(cache.model_name, "encode"))
     if "{layer}" not in hook_template:
         raise ValueError(f"hook_template must contain '{{layer}}', got {hook_template!r}")
     sae_ids = dict(sae_ids or {})
@@ -172,7 +176,7 @@ def import_original(
                 f"latents but the functional activations have {context_mean.shape[0]}"
             )
         context_ids, memory_ids = select_functional_features(
-            stats.mutual_information, stats.expectation, proportion
+            stats.mutual_information, stats.expectation, setting.proportion
         )
         out[layer] = LayerFeatures(
             layer=layer,

@@ -19,7 +19,7 @@ from spare_tl.embedded import EMBEDDED_MODEL as DEFAULT_MODEL
 from spare_tl.errors import first_line
 from spare_tl.features import FunctionalFeatures
 from spare_tl.stages.activations import LayerStatistics
-from spare_tl.stages.behaviours import GroupedPrompts
+from spare_tl.stages.behaviours import GroupedPrompts, behaviours_dir
 from spare_tl.stages.feature_effects import STAGE as EFFECTS_STAGE
 from spare_tl.stages.feature_effects import FeatureEffects, read_feature_effects
 from spare_tl.stages.feature_examples import STAGE as EXAMPLES_STAGE
@@ -132,7 +132,7 @@ def load_report_inputs(
         shown = ", ".join(str(r) for r in results) if results else str(where(None, "results"))
         out.missing.append(f"steering results: no JSON files in {shown}")
 
-    path = where(grouped, "grouped_prompts")
+    path = Path(grouped) if grouped is not None else behaviours_dir(model, cache_root)
     if not (path / "records.jsonl").is_file():
         out.missing.append(f"grouped prompts: none in {path} (no records.jsonl)")
     else:
