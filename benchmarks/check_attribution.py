@@ -42,7 +42,8 @@ from spare_tl.embedded import DEFAULT_FEATURES, EMBEDDED_DIR, load_steering_setu
 from spare_tl.features import select_features
 from spare_tl.hardware import describe
 from spare_tl.saes import site_of_hook
-from spare_tl.stages.activations import LayerStatistics, directional_features
+from spare_tl.stages.statistics import LayerStatistics
+from spare_tl.stages.selection import directional_features
 from spare_tl.stages.attribution import (
     SOURCE_GROUP,
     answer_first_tokens,

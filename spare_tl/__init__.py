@@ -56,7 +56,7 @@ _EXPORTS: dict[str, str] = {
     "BehaviourConfig": "spare_tl.stages.behaviours",
     "GroupedPrompts": "spare_tl.stages.behaviours",
     "last_position_resid": "spare_tl.stages.activations",
-    "LayerStatistics": "spare_tl.stages.activations",
+    "LayerStatistics": "spare_tl.stages.statistics",
     "load_statistics": "spare_tl.studies.saved",
     "load_feature_examples": "spare_tl.stages.feature_examples",
     "load_feature_effects": "spare_tl.stages.feature_effects",

@@ -8,12 +8,9 @@ import pytest
 import torch
 
 from spare_tl.features import DirectionSetting, select_by_attribution, select_features
-from spare_tl.stages.activations import (
-    collect_activations,
-    directional_features,
-    feature_statistics,
-    functional_features,
-)
+from spare_tl.stages.activations import collect_activations
+from spare_tl.stages.statistics import feature_statistics
+from spare_tl.stages.selection import directional_features, functional_features
 from spare_tl.stages.attribution import (
     GROUPS,
     LayerAttribution,

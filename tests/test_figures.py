@@ -16,7 +16,7 @@ import torch
 
 from spare_tl import viz as F
 from spare_tl.features import FunctionalFeatures, select_functional_features
-from spare_tl.stages.activations import LayerStatistics
+from spare_tl.stages.statistics import LayerStatistics
 from spare_tl.stages.behaviours import GroupedPrompts
 from spare_tl.viz import build_report, classify_result, load_report_inputs
 from spare_tl.viz.inspector import (
@@ -57,7 +57,7 @@ def statistics() -> dict[int, LayerStatistics]:
 @pytest.fixture(scope="module")
 def features(statistics) -> FunctionalFeatures:
     from spare_tl.features import DirectionSetting
-    from spare_tl.stages.activations import functional_features
+    from spare_tl.stages.selection import functional_features
 
     return functional_features(
         statistics, DirectionSetting(proportion=0.2, edit_strength=1.0), model_name="tiny-llama"
@@ -377,7 +377,7 @@ def test_report_shows_the_memory_sets_layers(statistics):
     import dataclasses
 
     from spare_tl.features import DirectionSetting
-    from spare_tl.stages.activations import functional_features
+    from spare_tl.stages.selection import functional_features
 
     main = functional_features(
         statistics, DirectionSetting(layers=(1,), proportion=0.2), model_name="tiny-llama"

@@ -11,12 +11,9 @@ from spare_tl.data.schema import ConflictItem
 from spare_tl.features import DirectionSetting, FunctionalFeatures, select_functional_features
 from spare_tl.methods.spare import steer
 from spare_tl.stages import behaviours as behaviours_mod
-from spare_tl.stages.activations import (
-    collect_activations,
-    feature_statistics,
-    functional_features,
-    last_position_resid,
-)
+from spare_tl.stages.activations import collect_activations, last_position_resid
+from spare_tl.stages.statistics import feature_statistics
+from spare_tl.stages.selection import functional_features
 from spare_tl.stages.behaviours import (
     BehaviourConfig,
     GroupedPrompts,
@@ -358,7 +355,7 @@ def test_attention_output_statistics_and_a_memory_set_there(tiny_model, tmp_path
     """Activations and statistics at another site are cached apart from the residual's; a
     to-memory set at the attention output round-trips and loads its SAEs by hook name."""
     from spare_tl.saes import load_saes_for_hooks
-    from spare_tl.stages.activations import directional_features
+    from spare_tl.stages.selection import directional_features
     from spare_tl.stages.pipeline import PipelineConfig
 
     grouped = _synthetic_grouped("tiny-llama")

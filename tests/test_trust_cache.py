@@ -143,7 +143,8 @@ def test_row3_a_half_appended_unit_is_redone_not_counted(tiny_model, tmp_path, m
 
 
 def test_row4_seed1_statistics_are_never_served_as_seed0(tiny_model, tmp_path, monkeypatch):
-    from spare_tl.stages.activations import Activations, feature_statistics
+    from spare_tl.stages.activations import Activations
+    from spare_tl.stages.statistics import feature_statistics
     from spare_tl.testing import tiny_sae
 
     torch.manual_seed(0)
@@ -173,7 +174,7 @@ def test_row4_seed1_statistics_are_never_served_as_seed0(tiny_model, tmp_path, m
 
 
 def test_row5_flipped_bytes_in_committed_statistics_are_refused(tmp_path):
-    from spare_tl.stages.activations import LayerStatistics
+    from spare_tl.stages.statistics import LayerStatistics
 
     layer_dir = tmp_path / "layer14"
     shutil.copytree(EMBEDDED / "mutual_information" / "layer14", layer_dir)

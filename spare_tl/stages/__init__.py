@@ -1,8 +1,9 @@
 """Floor 2, stages: SpARE's pipeline, each stage cached under ``cache_data/<model>/<stage>/``.
 
 memorised set (:mod:`~spare_tl.stages.memorised`) → behaviours, the grouped prompts
-(:mod:`~spare_tl.stages.behaviours`) → activations, statistics and functional features
-(:mod:`~spare_tl.stages.activations`) → evaluation (:mod:`~spare_tl.stages.evaluation`, in
+(:mod:`~spare_tl.stages.behaviours`) → activations (:mod:`~spare_tl.stages.activations`) →
+feature statistics (:mod:`~spare_tl.stages.statistics`) → functional features
+(:mod:`~spare_tl.stages.selection`) → evaluation (:mod:`~spare_tl.stages.evaluation`, in
 the harness of :mod:`~spare_tl.stages.harness`); :mod:`~spare_tl.stages.pipeline` runs them
 from one config. Beside them: the development sweep (:mod:`~spare_tl.stages.sweep`), the
 steerability scan (:mod:`~spare_tl.stages.scan`), SAE training

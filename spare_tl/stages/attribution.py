@@ -49,7 +49,8 @@ from spare_tl.saes import (
     site_hook_name,
     validate_sae,
 )
-from spare_tl.stages.activations import LayerStatistics, check_layers
+from spare_tl.stages.activations import check_layers
+from spare_tl.stages.statistics import LayerStatistics
 from spare_tl.stages.behaviours import GroupedPrompts
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,8 @@ from spare_tl.stages.evaluation import EvaluationConfig
 
 if TYPE_CHECKING:
     from spare_tl.features import FunctionalFeatures
-    from spare_tl.stages.activations import Activations, LayerStatistics
+    from spare_tl.stages.activations import Activations
+    from spare_tl.stages.statistics import LayerStatistics
     from spare_tl.stages.attribution import LayerAttribution
 
 logger = logging.getLogger(__name__)
@@ -261,7 +262,7 @@ def features_from_config(
     """The functional-feature set ``config`` describes, from per-layer ``statistics`` (the
     residual's), ``site_statistics`` (other sites') and, for a selection by attribution,
     ``attribution`` (by site, then layer)."""
-    from spare_tl.stages.activations import directional_features
+    from spare_tl.stages.selection import directional_features
 
     settings = config.direction_settings()
     return directional_features(
@@ -287,7 +288,8 @@ def run_pipeline(
     from spare_tl.data.prompts import split_pool
     from spare_tl.models import load_model
     from spare_tl.saes import load_saes_for_layers, site_hook_name
-    from spare_tl.stages.activations import collect_activations, feature_statistics
+    from spare_tl.stages.activations import collect_activations
+    from spare_tl.stages.statistics import feature_statistics
     from spare_tl.stages.behaviours import group_prompts
     from spare_tl.stages.evaluation import evaluate
     from spare_tl.stages.memorised import find_memorised

@@ -31,12 +31,8 @@ from spare_tl.layer_spec import parse_layers
 from spare_tl.methods.base import NoSteering, SteeringMethod
 from spare_tl.methods.spare import SpareMethod
 from spare_tl.saes import DEFAULT_SITE, check_site, site_hook_name
-from spare_tl.stages.activations import (
-    LayerStatistics,
-    directional_features,
-    functional_features,
-    statistics_at,
-)
+from spare_tl.stages.statistics import LayerStatistics, statistics_at
+from spare_tl.stages.selection import directional_features, functional_features
 from spare_tl.stages.evaluation import evaluation_questions
 from spare_tl.stages.harness import Condition, answer_conditions
 
@@ -274,7 +270,7 @@ def features_from_sweep(
 ) -> FunctionalFeatures:
     """The feature set of the sweep's best setting per direction (each at its own site, layers,
     K, α and selection, on the statistics' ``latent_code``), exactly the setting measured on
-    the development set (:func:`~spare_tl.stages.activations.directional_features`;
+    the development set (:func:`~spare_tl.stages.selection.directional_features`;
     ``attribution`` by site, then layer, when a chosen setting selects by it)."""
     best = best_settings(records, max_neither_rise)
     if "context" not in best or "memory" not in best:

@@ -17,7 +17,7 @@ from typing import Any
 
 from spare_tl import cache
 from spare_tl.errors import first_line
-from spare_tl.stages.activations import LayerStatistics
+from spare_tl.stages.statistics import LayerStatistics
 from spare_tl.studies.probes import ConditionalResult, ConflictProbe, ProbeResults
 
 __all__ = ["SavedProbeStudy", "load_baselines", "load_probe_study", "load_statistics"]

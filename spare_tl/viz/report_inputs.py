@@ -18,7 +18,7 @@ from spare_tl import cache
 from spare_tl.embedded import EMBEDDED_MODEL as DEFAULT_MODEL
 from spare_tl.errors import first_line
 from spare_tl.features import FunctionalFeatures
-from spare_tl.stages.activations import LayerStatistics
+from spare_tl.stages.statistics import LayerStatistics
 from spare_tl.stages.behaviours import GroupedPrompts, behaviours_dir
 from spare_tl.stages.feature_effects import STAGE as EFFECTS_STAGE
 from spare_tl.stages.feature_effects import FeatureEffects, read_feature_effects
