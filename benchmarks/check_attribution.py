@@ -42,8 +42,6 @@ from spare_tl.embedded import DEFAULT_FEATURES, EMBEDDED_DIR, load_steering_setu
 from spare_tl.features import select_features
 from spare_tl.hardware import describe
 from spare_tl.saes import site_of_hook
-from spare_tl.stages.statistics import LayerStatistics
-from spare_tl.stages.selection import directional_features
 from spare_tl.stages.attribution import (
     SOURCE_GROUP,
     answer_first_tokens,
@@ -55,6 +53,8 @@ from spare_tl.stages.attribution import (
 )
 from spare_tl.stages.behaviours import STAGE as GROUPED_STAGE
 from spare_tl.stages.behaviours import GroupedPrompts
+from spare_tl.stages.selection import directional_features
+from spare_tl.stages.statistics import LayerStatistics
 
 OUTPUT = EMBEDDED_DIR / "benchmarks" / "attribution.json"
 

@@ -20,10 +20,10 @@ from pathlib import Path
 from spare_tl.embedded import DEFAULT_FEATURES, load_steering_setup
 from spare_tl.saes import site_of_hook
 from spare_tl.stages.activations import collect_activations
-from spare_tl.stages.statistics import feature_statistics
-from spare_tl.stages.selection import functional_features
 from spare_tl.stages.behaviours import STAGE as GROUPED_STAGE
 from spare_tl.stages.behaviours import GroupedPrompts
+from spare_tl.stages.selection import functional_features
+from spare_tl.stages.statistics import feature_statistics
 
 
 def main() -> None:

@@ -9,8 +9,6 @@ import torch
 
 from spare_tl.features import DirectionSetting, select_by_attribution, select_features
 from spare_tl.stages.activations import collect_activations
-from spare_tl.stages.statistics import feature_statistics
-from spare_tl.stages.selection import directional_features, functional_features
 from spare_tl.stages.attribution import (
     GROUPS,
     LayerAttribution,
@@ -20,6 +18,8 @@ from spare_tl.stages.attribution import (
     latent_gradients,
 )
 from spare_tl.stages.behaviours import GroupedPrompts
+from spare_tl.stages.selection import directional_features, functional_features
+from spare_tl.stages.statistics import feature_statistics
 from spare_tl.testing import tiny_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")

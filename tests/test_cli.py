@@ -92,8 +92,8 @@ def test_config_reproduces_the_committed_features():
     from spare_tl.cache import REPO_ROOT
     from spare_tl.embedded import DEFAULT_FEATURES, EMBEDDED_DIR
     from spare_tl.features import FunctionalFeatures
-    from spare_tl.stages.statistics import LayerStatistics
     from spare_tl.stages.pipeline import features_from_config
+    from spare_tl.stages.statistics import LayerStatistics
 
     config = PipelineConfig.from_file(REPO_ROOT / "configs" / "smollm2.toml")
 

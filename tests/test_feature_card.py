@@ -7,8 +7,8 @@ import torch
 
 from spare_tl.cli.features import parse_target
 from spare_tl.features import FunctionalFeatures, LayerFeatures
-from spare_tl.stages.statistics import LayerStatistics
 from spare_tl.stages.feature_examples import FeatureExamplesConfig, feature_examples
+from spare_tl.stages.statistics import LayerStatistics
 from spare_tl.testing import conflict_items, tiny_sae
 from spare_tl.viz.feature_card import feature_card, functional_feature_cards, neuronpedia_link
 

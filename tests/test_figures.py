@@ -16,8 +16,8 @@ import torch
 
 from spare_tl import viz as F
 from spare_tl.features import FunctionalFeatures, select_functional_features
-from spare_tl.stages.statistics import LayerStatistics
 from spare_tl.stages.behaviours import GroupedPrompts
+from spare_tl.stages.statistics import LayerStatistics
 from spare_tl.viz import build_report, classify_result, load_report_inputs
 from spare_tl.viz.inspector import (
     inspect_feature,

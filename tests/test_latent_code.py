@@ -11,9 +11,9 @@ from spare_tl.features import DirectionSetting, FunctionalFeatures, LayerFeature
 from spare_tl.methods.spare import spare_edit, steer
 from spare_tl.saes import encode_latents, is_topk
 from spare_tl.stages.activations import collect_activations
-from spare_tl.stages.statistics import feature_statistics
-from spare_tl.stages.selection import functional_features
 from spare_tl.stages.pipeline import PipelineConfig
+from spare_tl.stages.selection import functional_features
+from spare_tl.stages.statistics import feature_statistics
 from spare_tl.stages.sweep import combine_sweeps, save_sweep
 from spare_tl.testing import tiny_sae
 from tests.test_pipeline_stages import _synthetic_grouped

@@ -12,8 +12,6 @@ from spare_tl.features import DirectionSetting, FunctionalFeatures, select_funct
 from spare_tl.methods.spare import steer
 from spare_tl.stages import behaviours as behaviours_mod
 from spare_tl.stages.activations import collect_activations, last_position_resid
-from spare_tl.stages.statistics import feature_statistics
-from spare_tl.stages.selection import functional_features
 from spare_tl.stages.behaviours import (
     BehaviourConfig,
     GroupedPrompts,
@@ -21,6 +19,8 @@ from spare_tl.stages.behaviours import (
     require_groups,
 )
 from spare_tl.stages.evaluation import EvaluationConfig, evaluate
+from spare_tl.stages.selection import functional_features
+from spare_tl.stages.statistics import feature_statistics
 from spare_tl.testing import tiny_sae
 
 
@@ -355,8 +355,8 @@ def test_attention_output_statistics_and_a_memory_set_there(tiny_model, tmp_path
     """Activations and statistics at another site are cached apart from the residual's; a
     to-memory set at the attention output round-trips and loads its SAEs by hook name."""
     from spare_tl.saes import load_saes_for_hooks
-    from spare_tl.stages.selection import directional_features
     from spare_tl.stages.pipeline import PipelineConfig
+    from spare_tl.stages.selection import directional_features
 
     grouped = _synthetic_grouped("tiny-llama")
     resid = collect_activations(tiny_model, grouped, [1], cache_root=tmp_path, progress=False)

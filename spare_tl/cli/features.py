@@ -84,10 +84,10 @@ def _stage_dir(model_name: str, stage: str) -> Path:
 
 def _show(args: argparse.Namespace) -> int:
     from spare_tl.saes import check_site, site_hook_name
-    from spare_tl.stages.statistics import find_statistics
     from spare_tl.stages.feature_effects import STAGE as EFFECTS
     from spare_tl.stages.feature_effects import read_feature_effects
     from spare_tl.stages.feature_examples import load_feature_examples
+    from spare_tl.stages.statistics import find_statistics
     from spare_tl.viz.feature_card import feature_card
 
     layer, latent = parse_target(args.target)

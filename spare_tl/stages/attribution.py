@@ -50,8 +50,8 @@ from spare_tl.saes import (
     validate_sae,
 )
 from spare_tl.stages.activations import check_layers
-from spare_tl.stages.statistics import LayerStatistics
 from spare_tl.stages.behaviours import GroupedPrompts
+from spare_tl.stages.statistics import LayerStatistics
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from spare_tl.stages.evaluation import EvaluationConfig
 if TYPE_CHECKING:
     from spare_tl.features import FunctionalFeatures
     from spare_tl.stages.activations import Activations
-    from spare_tl.stages.statistics import LayerStatistics
     from spare_tl.stages.attribution import LayerAttribution
+    from spare_tl.stages.statistics import LayerStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -289,10 +289,10 @@ def run_pipeline(
     from spare_tl.models import load_model
     from spare_tl.saes import load_saes_for_layers, site_hook_name
     from spare_tl.stages.activations import collect_activations
-    from spare_tl.stages.statistics import feature_statistics
     from spare_tl.stages.behaviours import group_prompts
     from spare_tl.stages.evaluation import evaluate
     from spare_tl.stages.memorised import find_memorised
+    from spare_tl.stages.statistics import feature_statistics
 
     if until not in STAGES:
         raise ValueError(f"unknown stage {until!r}: one of {STAGES}")

@@ -31,10 +31,10 @@ from spare_tl.layer_spec import parse_layers
 from spare_tl.methods.base import NoSteering, SteeringMethod
 from spare_tl.methods.spare import SpareMethod
 from spare_tl.saes import DEFAULT_SITE, check_site, site_hook_name
-from spare_tl.stages.statistics import LayerStatistics, statistics_at
-from spare_tl.stages.selection import directional_features, functional_features
 from spare_tl.stages.evaluation import evaluation_questions
 from spare_tl.stages.harness import Condition, answer_conditions
+from spare_tl.stages.selection import directional_features, functional_features
+from spare_tl.stages.statistics import LayerStatistics, statistics_at
 
 logger = logging.getLogger(__name__)
 

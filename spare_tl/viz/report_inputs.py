@@ -18,13 +18,13 @@ from spare_tl import cache
 from spare_tl.embedded import EMBEDDED_MODEL as DEFAULT_MODEL
 from spare_tl.errors import first_line
 from spare_tl.features import FunctionalFeatures
-from spare_tl.stages.statistics import LayerStatistics
 from spare_tl.stages.behaviours import GroupedPrompts, behaviours_dir
 from spare_tl.stages.feature_effects import STAGE as EFFECTS_STAGE
 from spare_tl.stages.feature_effects import FeatureEffects, read_feature_effects
 from spare_tl.stages.feature_examples import STAGE as EXAMPLES_STAGE
 from spare_tl.stages.feature_examples import FeatureExamples
 from spare_tl.stages.scan import ScanResult
+from spare_tl.stages.statistics import LayerStatistics
 from spare_tl.studies.original import OriginalCache
 from spare_tl.studies.saved import (
     SavedProbeStudy,
