@@ -186,7 +186,17 @@ def main() -> None:
             **tokens_all,
             "flop_limit_seconds": round(limit(tokens_all), 1),
         }
-        if steered:
+        cad_bench = root / "benchmarks" / "cad.json"
+        if cad_bench.exists():  # both timed alone on the same questions (bench_cad.py)
+            measured = cache.read_json(cad_bench)
+            out["studies"]["cad_ratio"] = {
+                "what": f"CAD / no steering, each alone on {measured['items']} test questions "
+                "(benchmarks/bench_cad.py); in the table, where no steering decodes jointly "
+                f"with the last-position methods: {round(st.fmean(steered), 2) if steered else '-'}",
+                "ratio": measured["cad_ratio"],
+                "machine": measured.get("machine"),
+            }
+        elif steered:
             out["studies"]["cad_ratio"] = {
                 "what": "CAD time per item / no steering's (mean of both directions)",
                 "ratio": round(st.fmean(steered), 2),

@@ -176,9 +176,12 @@ def baselines_markdown(baselines: Mapping[str, Any]) -> str:
         "steering method but the reference for what memory alone answers in this format, and "
         "what CAD decodes at α = −1 ((1 + α)·log p(y | c, x) − α·log p(y | x) = log p(y | x)); "
         "a method whose memory setting is that answer is marked (= closed book). "
-        "Time: wall time per item relative to no steering in the same run; task vectors and "
+        "Time: wall time per item relative to no steering in the same run: the shared prompt "
+        "pass plus the method's last-token passes and its share (by generated tokens) of the "
+        "decoding; no steering, SpARE, ActAdd and task vectors answer in one run, their "
+        "conditions decoded as one batch, and the other methods alone; task vectors and "
         "ActAdd's mean difference are computed once beforehand, CAD runs a second (context-"
-        "free) prompt pass per item."
+        "free) prompt pass per item and decodes both versions as one batch."
     )
     return f"{baselines_table(rows).markdown()}\n\n{caption}"
 
