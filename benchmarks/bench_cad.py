@@ -63,10 +63,9 @@ def main() -> None:
             runs.append((time.perf_counter() - start, parts))
         return min(runs, key=lambda r: r[0])
 
-    fn_none, fn_cad = none, cad
-    fn_none()  # warm-up
-    t_none, parts_none = best(fn_none)
-    t_cad, parts_cad = best(fn_cad)
+    none()  # warm-up
+    t_none, parts_none = best(none)
+    t_cad, parts_cad = best(cad)
     n = len(prompts)
     out = {
         "machine": describe(),

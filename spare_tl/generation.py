@@ -22,6 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from spare_tl.errors import PromptTooLongError
+from spare_tl.kv_cache import expand_cache, select_rows, stack_caches
 
 logger = logging.getLogger(__name__)
 
@@ -131,62 +132,6 @@ def _batches(order: list[int], batch_size: int):
         yield order[start : start + batch_size]
 
 
-def _map_cache(kv, fn: Callable[[Tensor], Tensor]):
-    """A new KV cache whose keys, values and attention mask are ``fn`` of ``kv``'s (applied
-    along the batch dimension); the original is never changed (appending concatenates)."""
-    from copy import copy
-
-    out = copy(kv)
-    out.entries = []
-    for entry in kv.entries:
-        e = copy(entry)
-        e.past_keys, e.past_values = fn(entry.past_keys), fn(entry.past_values)
-        out.entries.append(e)
-    out.previous_attention_mask = fn(kv.previous_attention_mask)
-    return out
-
-
-def stack_caches(model, caches: Sequence[Any]):
-    """One KV cache holding the rows of ``caches`` in order (batch dimension), each left-
-    padded with masked-out positions to the longest. Positions are counted from the
-    attention mask, so a padded row sees exactly what it saw alone (CAD decodes its two
-    prompt versions as one batch this way)."""
-    from copy import copy
-
-    from spare_tl.bridge import is_bridge
-
-    pos_dim = 2 if is_bridge(model) else 1  # the bridge keeps HF's [batch, heads, pos, d]
-    length = max(kv.previous_attention_mask.shape[1] for kv in caches)
-
-    def padded(t: Tensor, missing: int, dim: int) -> Tensor:
-        if missing == 0:
-            return t
-        shape = list(t.shape)
-        shape[dim] = missing
-        return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-    out = copy(caches[0])
-    out.entries = []
-    missing = [length - kv.previous_attention_mask.shape[1] for kv in caches]
-    for layer, entry in enumerate(caches[0].entries):
-        e = copy(entry)
-        rows = [kv.entries[layer] for kv in caches]
-        e.past_keys = torch.cat([padded(r.past_keys, m, pos_dim) for r, m in zip(rows, missing)])
-        e.past_values = torch.cat(
-            [padded(r.past_values, m, pos_dim) for r, m in zip(rows, missing)]
-        )
-        out.entries.append(e)
-    out.previous_attention_mask = torch.cat(
-        [padded(kv.previous_attention_mask, m, 1) for kv, m in zip(caches, missing)]
-    )
-    return out
-
-
-def _expand_cache(kv, batch: int):
-    """A batch-``batch`` view of a batch-1 (or batch-``batch``) KV cache (the shared prefix)."""
-    return _map_cache(kv, lambda t: t.expand(batch, *t.shape[1:]))
-
-
 #: Shortest common token prefix worth computing once (the paper's protocol shows one
 #: demonstration set per seed, so a seed's prompts share ~100 tokens; per-item sampling
 #: shares only BOS and a word or two).
@@ -239,7 +184,7 @@ class PromptPrefix:
 
         if self.kv is None:
             return TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, batch)
-        return _expand_cache(self.kv, batch)
+        return expand_cache(self.kv, batch)
 
 
 def _last_logits(model, resid: Tensor) -> Tensor:
@@ -255,13 +200,16 @@ def stop_token_ids(model, stop_at_newline: bool = True) -> Tensor:
     return torch.tensor(sorted(stop), dtype=torch.long, device=model.cfg.device)
 
 
-def _select_rows(kv, rows: Tensor):
-    """A KV cache holding only ``rows`` of ``kv`` (for dropping finished rows)."""
-    return _map_cache(kv, lambda t: t[rows])
-
-
 def _greedy_steps(
-    model, logits: Tensor, kv, stop_ids: Tensor, max_new_tokens: int, *, compact: bool = False
+    model,
+    logits: Tensor,
+    kv,
+    stop_ids: Tensor,
+    max_new_tokens: int,
+    *,
+    compact: bool = False,
+    copies: int = 1,
+    pick: Callable[[Tensor], Tensor] | None = None,
 ) -> Int[Tensor, "batch new"]:
     """Greedy tokens from the first next-token ``logits`` on, one cached step at a time,
     until every row has produced a stop token or ``max_new_tokens`` are reached.
@@ -269,15 +217,23 @@ def _greedy_steps(
     With ``compact``, rows that have finished are dropped from the batch (and their KV
     cache) once a quarter of the running rows have finished, so a few long answers do not
     keep the whole batch decoding; their remaining places hold their stop token. Only for
-    forwards without position-tracking hooks (the batch size changes)."""
-    b = logits.shape[0]
+    forwards without position-tracking hooks (the batch size changes).
+
+    With ``copies`` > 1 every answer has that many rows, stacked as blocks ([copy 1 of each
+    answer; copy 2 of each; ...], CAD's two prompt versions); ``pick`` turns the logits of all
+    blocks into one next token per answer (default: the argmax), which every copy is fed."""
+    if pick is None:
+        if copies != 1:
+            raise ValueError("rows in several copies need a pick function")
+        pick = lambda scores: scores.argmax(-1)  # noqa: E731
+    b = logits.shape[0] // copies
     device = logits.device
     out = torch.zeros(b, max_new_tokens, dtype=torch.long, device=device)
-    running = torch.arange(b, device=device)  # rows of `out` still in the batch
+    running = torch.arange(b, device=device)  # answers (rows of `out`) still in the batch
     finished = torch.zeros(b, dtype=torch.bool, device=device)  # over the current batch
     steps = 0
     for step in range(max_new_tokens):
-        nxt = logits.argmax(-1)
+        nxt = pick(logits)
         out[running, step] = nxt
         steps = step + 1
         finished |= torch.isin(nxt, stop_ids)
@@ -287,11 +243,15 @@ def _greedy_steps(
             keep = torch.nonzero(~finished).squeeze(1)
             done = running[finished]
             out[done, step + 1 :] = out[done, step : step + 1]
-            running, nxt, kv = running[keep], nxt[keep], _select_rows(kv, keep)
+            rows = torch.cat([keep + c * len(running) for c in range(copies)])
+            running, nxt, kv = running[keep], nxt[keep], select_rows(kv, rows)
             finished = torch.zeros(len(running), dtype=torch.bool, device=device)
-        ones = torch.ones(len(running), 1, dtype=torch.long, device=device)
+        fed = nxt.repeat(copies)[:, None]
         resid = model(
-            nxt[:, None], attention_mask=ones, past_kv_cache=kv, stop_at_layer=model.cfg.n_layers
+            fed,
+            attention_mask=torch.ones_like(fed),
+            past_kv_cache=kv,
+            stop_at_layer=model.cfg.n_layers,
         )
         logits = _last_logits(model, resid[:, -1])
     return out[:, :steps]
@@ -373,7 +333,7 @@ def generate_and_score(
             model, [token_lists[i] for i in batch], extra=dec.max_new_tokens + 8 + len(prefix_ids)
         )
         if prefix_kv is not None:
-            kv = _expand_cache(prefix_kv, b)
+            kv = expand_cache(prefix_kv, b)
         else:
             kv = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, b)
         resid = model(tokens, attention_mask=mask, past_kv_cache=kv, stop_at_layer=n_layers)
@@ -494,7 +454,7 @@ def generate_shared_prefix(
             logits, caches = [], []
             for name in group:
                 start = time.perf_counter()
-                kv = _expand_cache(prefix_kv, b)
+                kv = expand_cache(prefix_kv, b)
                 start_steering = conditions[name]
                 with start_steering(batch) if start_steering is not None else nullcontext():
                     resid = model(

@@ -170,3 +170,33 @@ def conflict_items(n: int, start: int = 0) -> list:
         )
         for i in range(start, start + n)
     ]
+
+
+def tiny_features(
+    model_name: str = TINY_MODEL_NAME,
+    layers=(1, 2),
+    d_sae: int = 128,
+    scale: float = 2.0,
+    edit_strength: float = 3.0,
+):
+    """Random functional features for :func:`tiny_sae`-sized SAEs at the residual of
+    ``layers``: 6 context and 6 memory latents per layer (seeded by the layer), mean codes
+    uniform in ``[0, scale)``, K = 0.1."""
+    from spare_tl.features import FunctionalFeatures, LayerFeatures
+    from spare_tl.saes import site_hook_name
+
+    found = {}
+    for layer in layers:
+        g = torch.Generator().manual_seed(layer)
+        ids = torch.randperm(d_sae, generator=g)
+        found[layer] = LayerFeatures(
+            layer=layer,
+            hook_name=site_hook_name(layer, "resid_post"),
+            context_features=ids[:6],
+            memory_features=ids[6:12],
+            context_activations=torch.rand(d_sae, generator=g) * scale,
+            memory_activations=torch.rand(d_sae, generator=g) * scale,
+        )
+    return FunctionalFeatures(
+        model_name=model_name, layers=found, proportion=0.1, edit_strength=edit_strength
+    )

@@ -19,27 +19,12 @@ import torch
 
 
 def tiny_setup(n_items: int):
-    from spare_tl.features import FunctionalFeatures, LayerFeatures
     from spare_tl.methods.spare import resid_post_hook_name
-    from spare_tl.testing import conflict_items, tiny_model, tiny_sae
+    from spare_tl.testing import conflict_items, tiny_features, tiny_model, tiny_sae
 
     model = tiny_model(seed=0)
-    layers, saes = {}, {}
-    for layer in (1, 2):
-        g = torch.Generator().manual_seed(layer)
-        ids = torch.randperm(128, generator=g)
-        layers[layer] = LayerFeatures(
-            layer=layer,
-            hook_name=resid_post_hook_name(layer),
-            context_features=ids[:6],
-            memory_features=ids[6:12],
-            context_activations=torch.rand(128, generator=g) * 4,
-            memory_activations=torch.rand(128, generator=g) * 4,
-        )
-        saes[layer] = tiny_sae(resid_post_hook_name(layer), seed=layer)
-    features = FunctionalFeatures(
-        model_name="tiny-llama", layers=layers, proportion=0.1, edit_strength=3.0
-    )
+    saes = {layer: tiny_sae(resid_post_hook_name(layer), seed=layer) for layer in (1, 2)}
+    features = tiny_features(scale=4.0)
     return model, features, saes, conflict_items(n_items), conflict_items(12, start=100)
 
 

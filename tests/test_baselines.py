@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from spare_tl.data.prompts import PoolSplit, Questions, conflict_prompt
-from spare_tl.features import FunctionalFeatures, LayerFeatures
+from spare_tl.features import FunctionalFeatures
 from spare_tl.generation import Decoding, _tokenize, greedy_generate
 from spare_tl.methods.base import NoSteering, PromptMethod, SteeringMethod
 from spare_tl.methods.baselines import (
@@ -42,7 +42,7 @@ from spare_tl.studies.baseline_sweep import (
     sweep_method,
     sweep_path,
 )
-from spare_tl.testing import conflict_items, tiny_sae
+from spare_tl.testing import conflict_items, tiny_features, tiny_sae
 from spare_tl.viz.tables import baselines_markdown
 
 LAYERS = (1, 2)
@@ -76,19 +76,7 @@ def _grouped() -> GroupedPrompts:
 
 
 def _features() -> FunctionalFeatures:
-    layers = {}
-    for layer in LAYERS:
-        g = torch.Generator().manual_seed(layer)
-        ids = torch.randperm(128, generator=g)
-        layers[layer] = LayerFeatures(
-            layer=layer,
-            hook_name=resid_post_hook_name(layer),
-            context_features=ids[:6],
-            memory_features=ids[6:12],
-            context_activations=torch.rand(128, generator=g) * 2,
-            memory_activations=torch.rand(128, generator=g) * 2,
-        )
-    return FunctionalFeatures("tiny-llama", layers, proportion=0.1, edit_strength=3.0)
+    return tiny_features(layers=LAYERS)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spare_tl.features import FunctionalFeatures, LayerFeatures
+from spare_tl.features import FunctionalFeatures
 from spare_tl.generation import (
     answer_nll,
     generate_and_score,
@@ -20,7 +20,7 @@ from spare_tl.methods.hooks import attach_hooks
 from spare_tl.methods.spare import resid_post_hook_name, steer
 from spare_tl.models import load_model
 from spare_tl.stages.activations import last_position_activations
-from spare_tl.testing import save_tiny_hf_llama, tiny_sae
+from spare_tl.testing import save_tiny_hf_llama, tiny_features, tiny_sae
 
 pytestmark = [pytest.mark.bridge, pytest.mark.usefixtures("one_thread")]
 
@@ -195,19 +195,7 @@ def test_a_shared_demonstration_prefix_runs_once_on_both(pair):
 
 
 def _features() -> FunctionalFeatures:
-    layers = {}
-    for layer in (1, 2):
-        g = torch.Generator().manual_seed(layer)
-        ids = torch.randperm(128, generator=g)
-        layers[layer] = LayerFeatures(
-            layer=layer,
-            hook_name=resid_post_hook_name(layer),
-            context_features=ids[:6],
-            memory_features=ids[6:12],
-            context_activations=torch.rand(128, generator=g) * 2,
-            memory_activations=torch.rand(128, generator=g) * 2,
-        )
-    return FunctionalFeatures(model_name="tiny", layers=layers, proportion=0.1, edit_strength=3.0)
+    return tiny_features("tiny")
 
 
 def test_spare_steering_gives_the_same_answers(pair):

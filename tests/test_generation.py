@@ -179,7 +179,8 @@ def test_stacked_caches_continue_each_row_as_it_would_alone(tiny_model):
     stacked with masked left padding, give every row the next-token logits it gets alone."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
-    from spare_tl.generation import _last_logits, _tokenize, stack_caches
+    from spare_tl.generation import _last_logits, _tokenize
+    from spare_tl.kv_cache import stack_caches
 
     model = tiny_model
     groups = [_seed_prompts()[:3], ["short one", "a"]]

@@ -17,7 +17,7 @@ from typing import Any
 from spare_tl import cache
 from spare_tl.embedded import EMBEDDED_MODEL as DEFAULT_MODEL
 from spare_tl.studies.results import CASES
-from spare_tl.viz.tables import Table, baselines_markdown, pm
+from spare_tl.viz.tables import Table, baselines_markdown, layer_range, pm
 
 COMMANDS = {
     "results": "spare-tl results --n-items 200 --seeds 0 1 2 3 4 --cases doo dso dss",
@@ -348,12 +348,11 @@ def _scan_section(directory: Path, missing: list[str]) -> list[str]:
     return [*lines, "", f"Regenerate: `{_scan_command(scan, dtype)}`.", ""]
 
 
-def _layer_range(layers: Sequence[int]) -> str:
-    """``10-23`` for a contiguous run, else the layers one by one."""
-    layers = sorted(layers)
-    if len(layers) > 2 and layers == list(range(layers[0], layers[-1] + 1)):
-        return f"{layers[0]}-{layers[-1]}"
-    return " ".join(map(str, layers))
+def _layers_argument(layers: Sequence[int]) -> str:
+    """``10-23`` for consecutive layers (:func:`~spare_tl.viz.tables.layer_range`), else the
+    layers one by one, as ``--layers`` takes them."""
+    text = layer_range(list(layers))
+    return " ".join(map(str, layers)) if text.startswith("[") else text
 
 
 def _scan_command(scan: Any, dtype: str | None) -> str:
@@ -361,7 +360,7 @@ def _scan_command(scan: Any, dtype: str | None) -> str:
     config = scan.config
     command = (
         f"spare-tl scan configs/smollm2.toml --n-items {scan.n_items} "
-        f"--sites {' '.join(config.get('sites', []))} --layers {_layer_range(scan.layers())}"
+        f"--sites {' '.join(config.get('sites', []))} --layers {_layers_argument(scan.layers())}"
     )
     if config.get("seed"):
         command += f" --seed {config['seed']}"

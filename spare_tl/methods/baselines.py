@@ -46,13 +46,13 @@ from spare_tl.generation import (
     PromptPrefix,
     _batches,
     _decode_text,
+    _greedy_steps,
     _last_logits,
-    _select_rows,
     _tokenize,
     left_pad,
-    stack_caches,
     stop_token_ids,
 )
+from spare_tl.kv_cache import stack_caches
 from spare_tl.methods.base import PromptMethod, SteeringMethod
 from spare_tl.methods.hooks import (
     Direction,
@@ -292,8 +292,15 @@ def cad_generate(
             logits.append(_last_logits(model, resid[:, -1]))
             caches.append(kv)
         middle = time.perf_counter()
-        new = _contrastive_steps(
-            model, torch.cat(logits), stack_caches(model, caches), alpha, stop_ids, dec
+        new = _greedy_steps(
+            model,
+            torch.cat(logits),
+            stack_caches(model, caches),
+            stop_ids,
+            dec.max_new_tokens,
+            compact=True,
+            copies=2,
+            pick=lambda both: contrastive_scores(*both.chunk(2), alpha).argmax(-1),
         )
         timer["prompt"] = timer.get("prompt", 0.0) + middle - start
         timer["decode"] = timer.get("decode", 0.0) + time.perf_counter() - middle
@@ -302,45 +309,6 @@ def cad_generate(
         bar.update(len(batch))
     bar.close()
     return outputs
-
-
-def _contrastive_steps(
-    model, logits: Tensor, kv, alpha: float, stop_ids: Tensor, dec: Decoding
-) -> Tensor:
-    """CAD's greedy tokens for rows stacked as [with context; without context]: each step
-    scores the pair, feeds the chosen token to both halves in one forward, and drops pairs
-    that have finished once a quarter of the running ones have (their remaining places hold
-    their stop token)."""
-    n = logits.shape[0] // 2
-    device = logits.device
-    out = torch.zeros(n, dec.max_new_tokens, dtype=torch.long, device=device)
-    running = torch.arange(n, device=device)
-    finished = torch.zeros(n, dtype=torch.bool, device=device)
-    steps = 0
-    for step in range(dec.max_new_tokens):
-        k = len(running)
-        nxt = contrastive_scores(logits[:k], logits[k:], alpha).argmax(-1)
-        out[running, step] = nxt
-        steps = step + 1
-        finished |= torch.isin(nxt, stop_ids)
-        if bool(finished.all()) or step == dec.max_new_tokens - 1:
-            break
-        if int(finished.sum()) * 4 >= k:
-            keep = torch.nonzero(~finished).squeeze(1)
-            done = running[finished]
-            out[done, step + 1 :] = out[done, step : step + 1]
-            running, nxt = running[keep], nxt[keep]
-            kv = _select_rows(kv, torch.cat([keep, keep + k]))
-            finished = torch.zeros(len(running), dtype=torch.bool, device=device)
-        both = torch.cat([nxt, nxt])[:, None]
-        resid = model(
-            both,
-            attention_mask=torch.ones_like(both),
-            past_kv_cache=kv,
-            stop_at_layer=model.cfg.n_layers,
-        )
-        logits = _last_logits(model, resid[:, -1])
-    return out[:, :steps]
 
 
 @dataclass

@@ -38,7 +38,8 @@ from tqdm.auto import tqdm
 
 from spare_tl import cache
 from spare_tl.features import sae_fingerprint
-from spare_tl.generation import _expand_cache, _last_logits, _tokenize, left_pad
+from spare_tl.generation import _last_logits, _tokenize, left_pad
+from spare_tl.kv_cache import expand_cache
 from spare_tl.saes import (
     DEFAULT_SITE,
     check_latent_code,
@@ -287,7 +288,7 @@ def exact_patch_effects(
     token_lists = _tokenize(model, prompts)
     for p, ids in enumerate(tqdm(token_lists, desc="exact patching", disable=not progress)):
         tokens, mask = left_pad(model, [ids])
-        kv = _expand_cache(_prefix_cache(model, tokens, mask), k + 1)
+        kv = expand_cache(_prefix_cache(model, tokens, mask), k + 1)
         with model.hooks(fwd_hooks=[(name, patch)]):
             resid = model(
                 tokens[:, -1:].expand(k + 1, 1),

@@ -36,7 +36,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from spare_tl import cache
-from spare_tl.data.prompts import closed_book_prompt, conflict_prompt, relation_histogram
+from spare_tl.data.prompts import (
+    Questions,
+    closed_book_prompt,
+    conflict_prompt,
+    relation_histogram,
+)
 from spare_tl.data.schema import ConflictItem
 from spare_tl.generation import Decoding
 from spare_tl.hardware import describe
@@ -188,7 +193,7 @@ class ScanPlan:
     config: ScanConfig
     items: Sequence[ConflictItem]
     layers: list[int]
-    questions: Any
+    questions: Questions
     donors: dict[str, list[str]]
     decoding: Decoding
     _acts: dict[str, dict[str, Tensor]] = field(default_factory=dict)
