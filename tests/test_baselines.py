@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from spare_tl import cache
 from spare_tl.data.prompts import PoolSplit, Questions, conflict_prompt
 from spare_tl.features import FunctionalFeatures
 from spare_tl.generation import Decoding, _tokenize, greedy_generate
@@ -558,13 +559,15 @@ def test_shared_no_steering_gives_the_same_result(setup):
 
 
 def test_methods_evaluated_together_equal_each_alone(setup):
-    """The table evaluates the last-position methods in one pass per seed (joint decoding);
-    each method's answers, shares and predictions equal its own evaluation."""
+    """The table evaluates every method in one harness call per seed (shared prompt passes,
+    joint decoding, unedited conditions answered once); each method's answers, shares and
+    predictions equal its own evaluation."""
+    from spare_tl.methods.baselines import PerDirection
     from spare_tl.stages.evaluation import evaluate_methods
 
-    methods = {
-        name: setup.make(name, SETTINGS[name]) for name in ("none", "spare", "actadd", "taskvec")
-    }
+    methods = {name: setup.make(name, SETTINGS[name]) for name in METHODS}
+    # CAD as the table has it: α = +1 to context, α = −1 (the closed-book answer) to memory
+    methods["cad"] = PerDirection(setup.make("cad", {"alpha": 1.0}), CAD(1.0))
     together = evaluate_methods(setup.model, HELD_OUT, POOL, methods, config=CONFIG, progress=False)
     assert list(together) == list(methods)
     for name, method in methods.items():
@@ -652,6 +655,80 @@ def test_shared_prefix_times_the_prefix_once(setup):
     assert set(seconds) == {"prefix", "a", "b"} and all(v > 0 for v in seconds.values())
 
 
+def test_unedited_conditions_of_the_same_prompts_are_answered_once(setup, monkeypatch):
+    """The closed-book row's two directions and CAD at α = −1 are one computation: one
+    condition reaches the shared-prefix generation, every name gets its answers, and each is
+    timed as what it would cost alone (with its prompts' shared pass)."""
+    from spare_tl.methods.baselines import ClosedBook
+    from spare_tl.stages import harness
+    from spare_tl.stages.harness import Condition, answer_conditions
+
+    seen: list[list[str]] = []
+    real = harness.generate_shared_prefix
+
+    def spy(model, prompts, conditions, **kw):
+        seen.append(list(conditions))
+        return real(model, prompts, conditions, **kw)
+
+    monkeypatch.setattr(harness, "generate_shared_prefix", spy)
+    questions = Questions(HELD_OUT, evaluation_demonstrations(HELD_OUT, POOL, 2, seed=0))
+    conditions = [
+        Condition("none", NoSteering()),
+        Condition("closed|context", ClosedBook(), "context"),
+        Condition("closed|memory", ClosedBook(), "memory"),
+        Condition("cad|memory", CAD(1.0), "memory"),
+        Condition("spare|memory", setup.make("spare", {}), "memory"),
+    ]
+    seconds: dict[str, float] = {}
+    prefixes: dict[str, float] = {}
+    answers = answer_conditions(
+        setup.model,
+        questions,
+        conditions,
+        max_new_tokens=4,
+        progress=False,
+        seconds=seconds,
+        prefix_seconds=prefixes,
+    )
+    assert sorted(map(len, seen)) == [1, 2]  # closed-book prompts once; none + spare together
+    assert answers["closed|context"] == answers["closed|memory"] == answers["cad|memory"]
+    assert seconds["closed|memory"] == seconds["closed|context"] == seconds["cad|memory"]
+    assert prefixes["none"] == prefixes["spare|memory"] > 0
+    assert prefixes["closed|memory"] == prefixes["cad|memory"] > 0
+    assert prefixes["none"] + prefixes["closed|memory"] == pytest.approx(seconds["prefix"])
+
+
+def test_actadd_vectors_are_cached_for_every_layer(tiny_model, tmp_path, monkeypatch):
+    """The grouped prompts run once, for every layer; later calls (any layers) read the
+    cached vectors, which equal the mean differences computed directly."""
+    from spare_tl.methods.baselines import mean_difference
+    from spare_tl.stages import activations
+    from spare_tl.studies.baseline_setup import ACTADD_STAGE, actadd_vectors
+
+    grouped = _grouped()
+    first = actadd_vectors(tiny_model, [1], grouped=grouped, cache_root=tmp_path, progress=False)
+    prompts, labels, _ = grouped.labelled()
+    direct = mean_difference(
+        activations.last_position_resid(tiny_model, prompts, [1, 2], progress=False), labels
+    )
+    torch.testing.assert_close(first[1], direct[1])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the grouped prompts ran again")
+
+    monkeypatch.setattr(activations, "last_position_resid", refuse)
+    again = actadd_vectors(tiny_model, [2, 1], grouped=grouped, cache_root=tmp_path)
+    assert list(again) == [1, 2]
+    torch.testing.assert_close(again[2], direct[2])
+    assert (tmp_path / cache.model_slug(tiny_model.cfg.model_name) / ACTADD_STAGE).is_dir()
+    other = _grouped()
+    other.records = other.records[:-1]  # other grouped prompts: another key, computed anew
+    with pytest.raises(AssertionError, match="ran again"):
+        actadd_vectors(tiny_model, [1], grouped=other, cache_root=tmp_path)
+    with pytest.raises(ValueError, match="outside"):
+        actadd_vectors(tiny_model, [99], grouped=grouped, cache_root=tmp_path)
+
+
 def test_harness_refuses_duplicate_names_and_own_decoders_on_ready_prompts(setup):
     from spare_tl.stages.harness import Condition, answer_conditions, answer_prompts
 
@@ -701,6 +778,18 @@ def test_closed_book_is_cad_at_minus_one(setup):
         progress=False,
     )
     assert answers["closed"] == answers["cad"]
+    # and so does CAD's own two-pass decoding at α = −1 (what the shortcut stands for)
+    two_pass = cad_generate(
+        setup.model,
+        questions.prompts(),
+        ClosedBook().prompts(questions, "memory"),
+        -1.0,
+        max_new_tokens=5,
+        progress=False,
+    )
+    assert two_pass == answers["cad"]
+    assert not CAD(1.0).edits("memory") and CAD(1.0).edits("context")
+    assert not CAD(0.0).edits("context") and CAD(2.0).edits("memory")
     prompts = ClosedBook().prompts(questions, "memory")
     assert all("context: " + it.sub_context not in p for it, p in zip(HELD_OUT, prompts))
     assert ClosedBook().prompts(questions, None) == questions.prompts()

@@ -58,6 +58,12 @@ class PromptMethod:
     def prompts(self, questions: Questions, direction: Direction | None) -> list[str]:
         return questions.prompts()
 
+    def edits(self, direction: Direction | None) -> bool:
+        """Whether answering ``direction`` does more than greedy decoding of
+        :meth:`prompts` (hooks, another decoding rule). Methods that only change the prompts
+        say False, so the harness answers conditions that are the same computation once."""
+        return direction is not None
+
     def steering(self, model, direction: Direction) -> AbstractContextManager[Any]:
         return nullcontext()
 
@@ -88,3 +94,6 @@ class NoSteering(PromptMethod):
     """Answer the evaluation's prompts as they are."""
 
     name = "none"
+
+    def edits(self, direction: Direction | None) -> bool:
+        return False

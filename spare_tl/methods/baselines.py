@@ -49,6 +49,7 @@ from spare_tl.generation import (
     _greedy_steps,
     _last_logits,
     _tokenize,
+    greedy_generate,
     left_pad,
     stop_token_ids,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "TaskVector",
     "add_vector",
     "cad_generate",
+    "closed_book_prompts",
     "contrastive_scores",
     "mean_difference",
     "prompt_without_context",
@@ -96,6 +98,9 @@ class ICL(PromptMethod):
 
     def prompts(self, questions: Questions, direction: Direction | None) -> list[str]:
         return questions.prompts(None if direction is None else self.DEMO_TYPE[direction])
+
+    def edits(self, direction: Direction | None) -> bool:
+        return False
 
 
 class _HookMethod(PromptMethod):
@@ -214,12 +219,18 @@ class ClosedBook(PromptMethod):
     inference_time = False
 
     def prompts(self, questions: Questions, direction: Direction | None) -> list[str]:
-        if direction is None:
-            return questions.prompts()
-        return [
-            prompt_without_context(it, d, questions.demo_type)
-            for it, d in zip(questions.items, questions.demonstrations)
-        ]
+        return questions.prompts() if direction is None else closed_book_prompts(questions)
+
+    def edits(self, direction: Direction | None) -> bool:
+        return False
+
+
+def closed_book_prompts(questions: Questions) -> list[str]:
+    """Every question's prompt without its ``context:`` line (demonstrations kept)."""
+    return [
+        prompt_without_context(it, d, questions.demo_type)
+        for it, d in zip(questions.items, questions.demonstrations)
+    ]
 
 
 def contrastive_scores(
@@ -313,7 +324,14 @@ def cad_generate(
 
 @dataclass
 class CAD(PromptMethod):
-    """Context-aware decoding with strength ``alpha`` >= 0 (+α to context, −α to memory)."""
+    """Context-aware decoding with strength ``alpha`` >= 0 (+α to context, −α to memory).
+
+    At signed α = −1 the (1 + α)·log p(y | c, x) term vanishes and CAD *is* greedy decoding
+    of the context-free prompt, so that direction runs only that prompt (and at α = 0 only
+    the prompt with context): :meth:`edits` is False, and the harness shares the prompt pass
+    with any condition answering the same prompts, such as the closed-book row. Tested equal
+    to the two-pass decoding.
+    """
 
     alpha: float
     name: ClassVar[str] = "cad"
@@ -332,17 +350,26 @@ class CAD(PromptMethod):
     def hyperparameters(self, direction: Direction) -> dict[str, Any]:
         return {"alpha": self.signed_alpha(direction)}
 
+    def edits(self, direction: Direction | None) -> bool:
+        return direction is not None and self.signed_alpha(direction) not in (0.0, -1.0)
+
+    def prompts(self, questions: Questions, direction: Direction | None) -> list[str]:
+        """The prompts decoded greedily: the context-free ones where CAD reduces to them."""
+        if direction is not None and self.signed_alpha(direction) == -1.0:
+            return closed_book_prompts(questions)
+        return questions.prompts()
+
     def decode(
         self, model, questions: Questions, direction: Direction, decoding: Decoding
     ) -> list[str]:
-        """Context-aware decoding of the questions with α signed by ``direction``."""
+        """Context-aware decoding of the questions with α signed by ``direction`` (greedy
+        decoding of :meth:`prompts` where CAD reduces to it: α = 0 or −1)."""
+        if not self.edits(direction):
+            return greedy_generate(model, self.prompts(questions, direction), decoding=decoding)
         return cad_generate(
             model,
-            self.prompts(questions, direction),
-            [
-                prompt_without_context(it, d, questions.demo_type)
-                for it, d in zip(questions.items, questions.demonstrations)
-            ],
+            questions.prompts(),
+            closed_book_prompts(questions),
             self.signed_alpha(direction),
             decoding=decoding,
         )
@@ -379,6 +406,12 @@ class PerDirection:
     @property
     def shares_prefix(self) -> bool:
         return self.context.shares_prefix and self.memory.shares_prefix
+
+    def edits(self, direction: Direction | None) -> bool:
+        if direction is None:
+            return False
+        edits = getattr(self._for(direction), "edits", None)
+        return True if edits is None else bool(edits(direction))
 
     def _for(self, direction: Direction | None) -> SteeringMethod:
         return self.context if direction in (None, "context") else self.memory

@@ -313,14 +313,14 @@ def _method_summary(
     seconds: Mapping[str, float],
     n_answers: int,
 ) -> dict[str, Any]:
-    """The method's settings and measured cost. A condition's time is what it would cost on
-    its own: the shared prompt prefix (when it shares one) plus its own last-token pass and
-    decoding; relative times are against no steering's."""
+    """The method's settings and measured cost. ``seconds`` holds what each condition would
+    cost on its own (its shared prompt pass, when it shares one, plus its own last-token pass
+    and decoding) and ``"prefix"``, the shared prompt pass; relative times are against no
+    steering's."""
     prefix = seconds.get("prefix", 0.0)
 
     def alone(cond: str) -> float:
-        shared = cond == "no_steering" or method.shares_prefix
-        return seconds.get(cond, 0.0) + (prefix if shared else 0.0)
+        return seconds.get(cond, 0.0)
 
     base = max(alone("no_steering"), 1e-9)
     return {
@@ -429,31 +429,34 @@ def evaluate_methods(
             for c in conds[1:]
         ]
         spent: dict[str, float] = {}
+        prefixes: dict[str, float] = {}
         answered = answer_conditions(
             model,
             questions,
             todo,
             shared_prefix=shared_prefix,
             seconds=spent,
+            prefix_seconds=prefixes,
             decoding=config.decoding(progress, f"{label} seed {seed}"),
         )
         if reuse:
             assert shared_no_steering is not None
             no_steering, no_steering_seconds = shared_no_steering[seed]
         else:
-            no_steering, no_steering_seconds = answered["no_steering"], spent["no_steering"]
+            no_steering = answered["no_steering"]
+            no_steering_seconds = spent["no_steering"] + prefixes.get("no_steering", 0.0)
             if shared_no_steering is not None:
-                shared_no_steering[seed] = (
-                    list(no_steering),
-                    spent["no_steering"] + spent.get("prefix", 0.0),
-                )
+                shared_no_steering[seed] = (list(no_steering), no_steering_seconds)
         for name, conds in conditions.items():
             answers = {"no_steering": no_steering}
             answers |= {c: answered[f"{name}|{c}"] for c in conds[1:]}
+            # what each condition would cost alone: its own passes and its prompts' shared pass
             own = {"no_steering": no_steering_seconds}
-            own |= {c: spent[f"{name}|{c}"] for c in conds[1:]}
-            if "prefix" in spent:
-                own["prefix"] = spent["prefix"]
+            own |= {c: spent[f"{name}|{c}"] + prefixes.get(f"{name}|{c}", 0.0) for c in conds[1:]}
+            own["prefix"] = max(
+                [prefixes.get("no_steering", 0.0)]
+                + [prefixes.get(f"{name}|{c}", 0.0) for c in conds[1:]]
+            )
             for key, value in own.items():
                 seconds[name][key] = seconds[name].get(key, 0.0) + value
             for cond in conds:

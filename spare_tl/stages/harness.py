@@ -49,13 +49,27 @@ class Condition:
     direction: Direction | None = None
 
 
+def _edits(condition: Condition) -> bool:
+    """Whether the condition does more than greedy decoding of its method's prompts (a method
+    without ``edits`` is taken to edit whenever it steers)."""
+    if condition.direction is None:
+        return False
+    edits = getattr(condition.method, "edits", None)
+    return True if edits is None else bool(edits(condition.direction))
+
+
+def _shares(condition: Condition) -> bool:
+    """Whether the condition can answer from a shared prompt pass."""
+    return condition.method.shares_prefix or not _edits(condition)
+
+
 def _start(
     model, condition: Condition
 ) -> Callable[[list[int]], AbstractContextManager[Any]] | None:
     """The condition's steering for one batch of rows (None: unsteered). Methods with a
     ``row_steering(model, direction, rows)`` get the batch's row indices (per-item edits such
     as a donor patch); the others' ``steering(model, direction)`` is the same for every row."""
-    if condition.direction is None:
+    if not _edits(condition):
         return None
     method, direction = condition.method, check_direction(condition.direction)
     per_row = getattr(method, "row_steering", None)
@@ -84,28 +98,39 @@ def answer_prompts(
     """
     dec = Decoding.of(decoding, options, desc="answering")
     _check_unique(conditions)
-    own = [c.name for c in conditions if not c.method.shares_prefix]
+    own = [c.name for c in conditions if not _shares(c)]
     if own:
         raise ValueError(
             f"conditions {own} decode on their own; answer them with answer_conditions"
         )
     timer = seconds if seconds is not None else {}
+    # unedited conditions of the same prompts are one computation: answer the first, copy
+    plain = [c for c in conditions if not _edits(c)]
+    first = plain[0] if plain else None
+    run = [c for c in conditions if _edits(c) or c is first]
+    spent: dict[str, float] = {}
     if shared_prefix:
-        starts = {c.name: _start(model, c) for c in conditions}
-        return generate_shared_prefix(model, prompts, starts, seconds=timer, decoding=dec)
-    per_row = [c.name for c in conditions if hasattr(c.method, "row_steering")]
-    if per_row:
-        raise ValueError(f"conditions {per_row} edit per row and need the shared prefix")
-    answers: dict[str, list[str]] = {}
-    for cond in conditions:
-        start_steering = _start(model, cond)
-        start = time.perf_counter()
-        with start_steering([]) if start_steering is not None else nullcontext():
-            answers[cond.name] = greedy_generate(
-                model, prompts, decoding=dec.labelled(f"{dec.desc}: {cond.name}")
-            )
-        timer[cond.name] = timer.get(cond.name, 0.0) + time.perf_counter() - start
-    return answers
+        starts = {c.name: _start(model, c) for c in run}
+        answers = generate_shared_prefix(model, prompts, starts, seconds=spent, decoding=dec)
+    else:
+        per_row = [c.name for c in run if hasattr(c.method, "row_steering")]
+        if per_row:
+            raise ValueError(f"conditions {per_row} edit per row and need the shared prefix")
+        answers = {}
+        for cond in run:
+            start_steering = _start(model, cond)
+            start = time.perf_counter()
+            with start_steering([]) if start_steering is not None else nullcontext():
+                answers[cond.name] = greedy_generate(
+                    model, prompts, decoding=dec.labelled(f"{dec.desc}: {cond.name}")
+                )
+            spent[cond.name] = time.perf_counter() - start
+    for cond in plain[1:]:
+        answers[cond.name] = list(answers[plain[0].name])
+        spent[cond.name] = spent[plain[0].name]  # what it would cost alone
+    for name, value in spent.items():
+        timer[name] = timer.get(name, 0.0) + value
+    return {c.name: answers[c.name] for c in conditions}
 
 
 def answer_conditions(
@@ -115,15 +140,19 @@ def answer_conditions(
     *,
     shared_prefix: bool = True,
     seconds: dict[str, float] | None = None,
+    prefix_seconds: dict[str, float] | None = None,
     decoding: Decoding | None = None,
     **options: Unpack[DecodingOptions],
 ) -> dict[str, list[str]]:
     """Every condition's greedy answers to the ``questions`` (one list per condition name).
 
-    Conditions whose methods share the prompt prefix and whose prompts are identical run
-    from one prompt pass per batch; the others answer on their own. ``shared_prefix=False``
+    Conditions that share the prompt prefix (``shares_prefix``, or no edit at all) and whose
+    prompts are identical run from one prompt pass per batch, and unedited conditions of the
+    same prompts are answered once; the others answer on their own. ``shared_prefix=False``
     answers every condition with its own full prompt pass (the reference path, for tests and
-    benchmarks). ``seconds`` accumulates wall time per condition name plus ``"prefix"``.
+    benchmarks). ``seconds`` accumulates wall time per condition name plus ``"prefix"`` (every
+    shared prompt pass); ``prefix_seconds`` accumulates, per condition, the shared prompt pass
+    of its own prompts, which it would pay alone.
     """
     dec = Decoding.of(decoding, options, desc="answering")
     _check_unique(conditions)
@@ -131,7 +160,7 @@ def answer_conditions(
     answers: dict[str, list[str]] = {}
     groups: dict[tuple[str, ...], list[Condition]] = {}
     for cond in conditions:
-        if cond.method.shares_prefix:
+        if _shares(cond):
             prompts = tuple(cond.method.prompts(questions, cond.direction))
             groups.setdefault(prompts, []).append(cond)
             continue
@@ -141,16 +170,24 @@ def answer_conditions(
         )
         timer[cond.name] = timer.get(cond.name, 0.0) + time.perf_counter() - start
     for prompts, group in groups.items():
+        spent: dict[str, float] = {}
         answers.update(
             answer_prompts(
                 model,
                 list(prompts),
                 group,
                 shared_prefix=shared_prefix,
-                seconds=timer,
+                seconds=spent,
                 decoding=dec,
             )
         )
+        for name, value in spent.items():
+            timer[name] = timer.get(name, 0.0) + value
+        if prefix_seconds is not None:
+            for cond in group:
+                prefix_seconds[cond.name] = prefix_seconds.get(cond.name, 0.0) + spent.get(
+                    "prefix", 0.0
+                )
     return {c.name: answers[c.name] for c in conditions}
 
 

@@ -54,6 +54,9 @@ logger = logging.getLogger(__name__)
 METHODS: tuple[str, ...] = ("none", "closed_book", "spare", "icl", "actadd", "taskvec", "cad")
 DEFAULT_COEFFICIENTS = (0.5, 1.0, 2.0, 4.0, 8.0)
 DEFAULT_ALPHAS = (0.25, 0.5, 1.0, 2.0)
+#: the cache stage of the ActAdd mean differences (every layer of one site)
+ACTADD_STAGE = "actadd_vectors"
+ACTADD_FILE = "vectors.safetensors"
 
 
 def actadd_vectors(
@@ -69,13 +72,20 @@ def actadd_vectors(
     """μ_C − μ_M at ``site`` of ``layers`` from SpARE's grouped prompts.
 
     Uses the cached activations (``cache_data/<model>/activations[_<site>]``) when they hold
-    these layers and were made from ``grouped`` (or ``grouped`` is None); otherwise runs the
-    kept grouped prompts (the cache is left as it is).
+    these layers and were made from ``grouped`` (or ``grouped`` is None). Otherwise the kept
+    grouped prompts run once for **every** layer, and the vectors (a few KB) are cached in
+    ``cache_data/<model>/actadd_vectors[_<site>]/`` keyed by the grouped prompts, the site and
+    the model's dtype, so a later table or sweep reads them instead of re-running the prompts.
     """
-    from spare_tl.stages.activations import Activations, last_position_resid, stage_name
+    from spare_tl.stages.activations import (
+        Activations,
+        check_layers,
+        last_position_resid,
+        stage_name,
+    )
     from spare_tl.stages.behaviours import require_groups
 
-    layers = sorted({int(layer) for layer in layers})
+    layers = check_layers(model, list(layers))
     directory = cache.stage_dir(model.cfg.model_name, stage_name("activations", site), cache_root)
     expected = None
     if grouped is not None:
@@ -93,10 +103,34 @@ def actadd_vectors(
             "run `spare-tl behaviours CONFIG` (and `spare-tl activations CONFIG`) first"
         )
     require_groups(grouped)
-    resid = last_position_resid(
-        model, prompts, layers, site=site, batch_size=batch_size, progress=progress
-    )
-    return mean_difference(resid, labels)
+    vectors_dir = cache.stage_dir(model.cfg.model_name, stage_name(ACTADD_STAGE, site), cache_root)
+    config = {
+        "stage": ACTADD_STAGE,
+        "model": model.cfg.model_name,
+        "site": site,
+        "grouped_hash": expected,
+        "dtype": str(model.cfg.dtype),
+        "batch_size": batch_size,
+    }
+    if not cache.is_fresh(vectors_dir, config):
+        resid = last_position_resid(
+            model,
+            prompts,
+            list(range(model.cfg.n_layers)),
+            site=site,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        every = mean_difference(resid, labels)
+        cache.begin_stage(vectors_dir)
+        cache.write_tensors(
+            vectors_dir / ACTADD_FILE, {f"layer.{layer}": v for layer, v in every.items()}
+        )
+        cache.mark_complete(vectors_dir, config, files=[ACTADD_FILE])
+    else:
+        logger.info("ActAdd vectors from %s", vectors_dir)
+    stored = cache.read_tensors(vectors_dir / ACTADD_FILE)
+    return {layer: stored[f"layer.{layer}"] for layer in layers}
 
 
 def task_vectors(

@@ -32,7 +32,6 @@ from spare_tl.methods.hooks import DIRECTIONS
 from spare_tl.stages.evaluation import (
     EvaluationConfig,
     evaluate_methods,
-    evaluation_questions,
     saved_questions,
 )
 from spare_tl.studies.baseline_setup import BaselineSetup
@@ -116,7 +115,6 @@ def run_table(
     items = setup.test[:n_items] if n_items else setup.test
     protocol = _protocol(config, len(items), setup.dataset)
     results: dict[str, dict[str, Any]] = {}
-    shared: dict[int, tuple[list[str], float]] = {}  # no-steering answers, run once
     todo: dict[str, SteeringMethod] = {}
     for name in methods:
         path = Path(out_dir) / f"{name}.json"
@@ -134,35 +132,18 @@ def run_table(
                 results[name] = saved
                 continue
         todo[name] = method
-    # the methods that edit only the last position of the test prompts answer together
-    # (one prompt pass per seed, joint decoding); the others on their own
-    together: dict[str, SteeringMethod] = {}
+    # every method answers through one harness call per seed: conditions of the same prompts
+    # share one prompt pass and decode together, and unedited ones (the closed-book row, CAD
+    # at α = −1) are answered once
     if todo:
-        first = evaluation_questions(
-            items,
-            setup.pool,
-            config.n_shots,
-            config.seeds[0],
-            config.demo_type,
-            config.demonstrations,
-        )
-        together = {
-            name: m
-            for name, m in todo.items()
-            if m.shares_prefix and all(m.prompts(first, d) == first.prompts() for d in DIRECTIONS)
-        }
-    groups = [together] if together else []
-    groups += [{name: m} for name, m in todo.items() if name not in together]
-    for group in groups:
         evaluated = evaluate_methods(
             setup.model,
             items,
             setup.pool,
-            group,
+            todo,
             config=config,
             dataset_name=setup.dataset,
             progress=setup.progress,
-            shared_no_steering=shared,
         )
         for name, result in evaluated.items():
             result.save(Path(out_dir) / f"{name}.json", Path(out_dir) / f"{name}-predictions.jsonl")
