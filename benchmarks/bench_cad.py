@@ -7,7 +7,9 @@ protocol), batch 16, greedy, 12 new tokens. No steering is the harness's shared-
 generation (demonstrations run once, each batch's own tokens, decoding with rows dropped as
 they finish); CAD is :func:`spare_tl.methods.baselines.cad_generate`. The time of each is
 split into the prompt passes and the decoding. The issue's target is CAD <= 1.3 x no
-steering on 2 CPU cores.
+steering on 2 CPU cores. ``flop_ratio`` is the forward tokens CAD computes over no
+steering's (the context-free version's own tokens and a second row per answer token): the
+least the ratio can be when both run at the same FLOP rate.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,6 +29,30 @@ from spare_tl.hardware import describe
 from spare_tl.methods.baselines import cad_generate, prompt_without_context
 from spare_tl.stages.evaluation import evaluation_questions
 from spare_tl.stages.memorised import memorised_split
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_study import answer_tokens, prompt_tokens  # noqa: E402
+
+
+def flop_ratio(model, prompts, closed, answers: dict[str, list[str]]) -> dict:
+    """The forward tokens each computes (every token costs the same matrix FLOPs): no
+    steering runs the demonstration prefix once, each prompt's own tokens, and its answers;
+    CAD the prefix once, both versions' own tokens, and each answer token in both versions.
+    Their ratio is the least CAD can cost against no steering when both run at the same FLOP
+    rate."""
+    with_context = prompt_tokens(model, prompts, True)
+    both = prompt_tokens(model, [*prompts, *closed], True)
+    none = with_context + answer_tokens(model, answers["none"])
+    cad = both + 2 * answer_tokens(model, answers["cad"])
+    return {
+        "tokens": {
+            "no_steering_prompt": with_context,
+            "cad_prompt": both,
+            "no_steering_decode": none - with_context,
+            "cad_decode": cad - both,
+        },
+        "flop_ratio": round(cad / none, 2),
+    }
 
 
 def main() -> None:
@@ -45,14 +73,20 @@ def main() -> None:
     ]
     decoding = Decoding(max_new_tokens=12, batch_size=16, progress=False)
 
+    answers: dict[str, list[str]] = {}
+
     def none() -> dict[str, float]:
         seconds: dict[str, float] = {}
-        generate_shared_prefix(model, prompts, {"none": None}, seconds=seconds, decoding=decoding)
+        answers["none"] = generate_shared_prefix(
+            model, prompts, {"none": None}, seconds=seconds, decoding=decoding
+        )["none"]
         return seconds
 
     def cad() -> dict[str, float]:
         seconds: dict[str, float] = {}
-        cad_generate(model, prompts, closed, args.alpha, decoding=decoding, seconds=seconds)
+        answers["cad"] = cad_generate(
+            model, prompts, closed, args.alpha, decoding=decoding, seconds=seconds
+        )
         return seconds
 
     def best(fn) -> tuple[float, dict[str, float]]:
@@ -78,6 +112,7 @@ def main() -> None:
         "cad_parts": {k: round(v, 2) for k, v in parts_cad.items()},
         "cad_ratio": round(t_cad / t_none, 2),
         "target_ratio": 1.3,
+        **flop_ratio(model, prompts, closed, answers),
     }
     print(json.dumps(out, indent=2))
     if args.json:

@@ -10,8 +10,8 @@ and sets it beside:
   scan of 128 questions <= 300 s; CAD <= 1.3 x no steering);
 - the **FLOP limit**: the forward FLOPs the study cannot avoid (2 x the model's matrix
   parameters per token computed: each seed's demonstration prefix once, each item's own
-  prompt tokens once per distinct prompt, each answer's tokens once per condition, CAD's
-  twice) divided by this CPU's measured fp32 matrix-multiply rate. Tokens are counted from
+  prompt tokens once per distinct prompt, each answer's tokens once per distinct
+  computation, CAD's twice) divided by this CPU's measured fp32 matrix-multiply rate. Tokens are counted from
   the saved prompts and predictions; the scan's donor runs' answers are not saved (nor, before
   2026-12-04, its conditions'), so those decode tokens use the doo study's mean answer length
   (marked as an estimate).
@@ -88,15 +88,29 @@ def _icl(demo_type):
     return lambda items, demos: [conflict_prompt(it, d, demo_type) for it, d in zip(items, demos)]
 
 
-#: the prompt versions each method of the table runs a prompt pass over (no steering's own
-#: pass is made once, by ``none``, and reused by the others; CAD runs both of its versions
-#: in each direction)
+#: the prompt versions each method of the table runs a prompt pass over: every method answers
+#: in one harness call per seed, so the last-position methods (SpARE, ActAdd, task vectors)
+#: share no steering's pass, and the closed-book row's two directions are one computation
 VERSIONS = {
     "none": [_doo],
     "closed_book": [_closed],
+    "spare": [],
+    "actadd": [],
+    "taskvec": [],
     "icl": [_icl("dss"), _icl("dso")],
-    "cad": [_doo, _closed, _doo, _closed],
 }
+
+
+def cad_plan(data: dict) -> tuple[list, list[str]]:
+    """CAD's prompt versions and the conditions it decodes with two rows per token: both
+    versions for each direction with α other than 0 and −1; at α = −1 it is the closed-book
+    row's computation (answered once, counted there) and at α = 0 no steering's."""
+    versions, conds = [], []
+    for direction, hp in data["method"]["hyperparameters"].items():
+        if hp.get("alpha") not in (0.0, -1.0):
+            versions += [_doo, _closed]
+            conds.append(f"steer_to_{direction}")
+    return versions, conds
 
 
 def study_tokens(model, split, result: dict, records: list[dict], conditions, versions) -> dict:
@@ -166,9 +180,14 @@ def main() -> None:
             data = cache.read_json(root / "baselines" / f"{name}.json")
             records = cache.read_jsonl(root / "baselines" / f"{name}-predictions.jsonl")
             conds = [c for c in ("steer_to_context", "steer_to_memory") if c in data]
+            versions = VERSIONS.get(name, [_doo])
             if name == "none":
                 conds = ["no_steering"]
-            tokens = study_tokens(model, split, data, records, conds, VERSIONS.get(name, [_doo]))
+            if name == "closed_book":
+                conds = conds[-1:]  # both directions answer the same prompts, once
+            if name == "cad":
+                versions, conds = cad_plan(data)
+            tokens = study_tokens(model, split, data, records, conds, versions)
             if name == "cad":  # both prompt versions step every answer token
                 tokens["decode_tokens"] *= 2
             for key in tokens_all:

@@ -405,8 +405,8 @@ def generate_shared_prefix(
     KV cache. Hooks see the last token as a one-position prompt pass; the steering context
     is entered anew for every batch, so hook state never leaks between batches, and left
     before decoding (the KV cache carries the edit). The conditions' caches are then stacked
-    and decoded together, up to ``decoding.decode_rows`` rows per forward, dropping rows as
-    they finish.
+    and decoded together, up to ``decoding.decode_rows`` rows per forward (rows of later
+    batches join until the forward is full), dropping rows as they finish.
 
     When the prompts also share a token prefix (one demonstration set per seed), that
     prefix is run once for the whole call (:class:`PromptPrefix`) and every batch starts from
@@ -414,48 +414,115 @@ def generate_shared_prefix(
 
     ``seconds`` (optional) accumulates wall time: ``"prefix"`` for the shared passes and one
     entry per condition for its own last-token pass and its share of the joint decoding (in
-    proportion to the tokens its rows generated).
+    proportion to the tokens its rows generated). Several prompt sets at once:
+    :func:`generate_prompt_sets`.
     """
+    return generate_prompt_sets(
+        model,
+        [(prompts, conditions)],
+        seconds=seconds,
+        shared_demonstrations=shared_demonstrations,
+        decoding=decoding,
+        **options,
+    )
 
+
+@dataclass
+class _Pending:
+    """One condition's rows of one batch, prompt done, waiting to be decoded."""
+
+    name: str
+    rows: list[int]
+    logits: Tensor
+    kv: Any
+
+
+@torch.no_grad()
+def generate_prompt_sets(
+    model,
+    sets: Sequence[tuple[Sequence[str], Mapping[str, StartSteering | None]]],
+    *,
+    seconds: dict[str, float] | None = None,
+    set_seconds: list[float] | None = None,
+    shared_demonstrations: bool = True,
+    decoding: Decoding | None = None,
+    **options: Unpack[DecodingOptions],
+) -> dict[str, list[str]]:
+    """:func:`generate_shared_prefix` for several prompt sets, each with its own conditions
+    (unique names over all sets), decoded together: every set's prompts run as
+    :func:`generate_shared_prefix` runs them (its own shared prefix, its own batches), and
+    the rows of every set and condition fill the same decoding forwards. A row's answer does
+    not depend on the rows beside it. ``set_seconds`` (optional, one float per set)
+    accumulates each set's shared prompt passes."""
     dec = Decoding.of(decoding, options)
-    outputs = {name: [""] * len(prompts) for name in conditions}
-    if not prompts:
-        return outputs
+    names = [name for _, conditions in sets for name in conditions]
+    if len(set(names)) != len(names):
+        raise ValueError(f"condition names must be unique over the prompt sets, got {names}")
+    if set_seconds is not None and len(set_seconds) != len(sets):
+        raise ValueError(f"give one set_seconds entry per prompt set ({len(sets)})")
+    outputs = {name: [""] * len(prompts) for prompts, conditions in sets for name in conditions}
     timer = seconds if seconds is not None else {}
-    start = time.perf_counter()
-    full = _tokenize(model, prompts)
-    prefix = PromptPrefix.of(model, full, enabled=shared_demonstrations)
-    token_lists = prefix.own(full)
-    timer["prefix"] = timer.get("prefix", 0.0) + time.perf_counter() - start
-    order = sorted(range(len(prompts)), key=lambda i: len(token_lists[i]))
+    per_set = set_seconds if set_seconds is not None else [0.0] * len(sets)
     stop_ids = stop_token_ids(model, dec.stop_at_newline)
     n_layers = model.cfg.n_layers
-    total = len(prompts) * len(conditions)
+    total = sum(len(prompts) * len(conditions) for prompts, conditions in sets)
     bar = tqdm(total=total, desc=dec.desc, disable=not dec.progress, leave=False)
-    for batch in _batches(order, dec.batch_size):
-        b = len(batch)
-        tokens, mask = left_pad(
-            model, [token_lists[i] for i in batch], extra=dec.max_new_tokens + 8 + prefix.length
-        )
+    pending: list[_Pending] = []
+
+    def decode_pending() -> None:
         start = time.perf_counter()
-        prefix_kv = prefix.cache(model, b)
-        if tokens.shape[1] > 1:
-            model(
-                tokens[:, :-1],
-                attention_mask=mask[:, :-1],
-                past_kv_cache=prefix_kv,
-                stop_at_layer=n_layers,
+        kv = pending[0].kv if len(pending) == 1 else stack_caches(model, [p.kv for p in pending])
+        logits = torch.cat([p.logits for p in pending])
+        new = _greedy_steps(model, logits, kv, stop_ids, dec.max_new_tokens, compact=True)
+        # each condition's share of the joint decoding: its rows' generated tokens
+        counts = _answer_lengths(new, stop_ids).double()
+        sizes = [len(p.rows) for p in pending]
+        tokens = [float(part.sum()) for part in counts.split(sizes)]
+        elapsed = time.perf_counter() - start
+        offset = 0
+        for p, n_tokens in zip(pending, tokens):
+            for r, i in enumerate(p.rows):
+                outputs[p.name][i] = _decode_text(
+                    model, new[offset + r], stop_ids, dec.stop_at_newline
+                )
+            offset += len(p.rows)
+            timer[p.name] = timer.get(p.name, 0.0) + elapsed * n_tokens / max(sum(tokens), 1.0)
+            bar.update(len(p.rows))
+        pending.clear()
+
+    for s, (prompts, conditions) in enumerate(sets):
+        if not prompts or not conditions:
+            continue
+        start = time.perf_counter()
+        full = _tokenize(model, prompts)
+        prefix = PromptPrefix.of(model, full, enabled=shared_demonstrations)
+        token_lists = prefix.own(full)
+        spent = time.perf_counter() - start
+        timer["prefix"] = timer.get("prefix", 0.0) + spent
+        per_set[s] += spent
+        order = sorted(range(len(prompts)), key=lambda i: len(token_lists[i]))
+        for batch in _batches(order, dec.batch_size):
+            b = len(batch)
+            tokens, mask = left_pad(
+                model, [token_lists[i] for i in batch], extra=dec.max_new_tokens + 8 + prefix.length
             )
-        timer["prefix"] = timer.get("prefix", 0.0) + time.perf_counter() - start
-        names = list(conditions)
-        per_group = max(1, dec.decode_rows // b)
-        for g in range(0, len(names), per_group):
-            group = names[g : g + per_group]
-            logits, caches = [], []
-            for name in group:
+            start = time.perf_counter()
+            prefix_kv = prefix.cache(model, b)
+            if tokens.shape[1] > 1:
+                model(
+                    tokens[:, :-1],
+                    attention_mask=mask[:, :-1],
+                    past_kv_cache=prefix_kv,
+                    stop_at_layer=n_layers,
+                )
+            spent = time.perf_counter() - start
+            timer["prefix"] = timer.get("prefix", 0.0) + spent
+            per_set[s] += spent
+            for name, start_steering in conditions.items():
+                if pending and sum(len(p.rows) for p in pending) + b > dec.decode_rows:
+                    decode_pending()
                 start = time.perf_counter()
                 kv = expand_cache(prefix_kv, b)
-                start_steering = conditions[name]
                 with start_steering(batch) if start_steering is not None else nullcontext():
                     resid = model(
                         tokens[:, -1:],
@@ -464,26 +531,11 @@ def generate_shared_prefix(
                         stop_at_layer=n_layers,
                     )
                 # the hooks are gone: they change only the last prompt position, which the
-                # KV cache now carries, so the group decodes unhooked as one batch
-                logits.append(_last_logits(model, resid[:, -1]))
-                caches.append(kv)
+                # KV cache now carries, so the rows decode unhooked with any others
+                pending.append(_Pending(name, list(batch), _last_logits(model, resid[:, -1]), kv))
                 timer[name] = timer.get(name, 0.0) + time.perf_counter() - start
-            start = time.perf_counter()
-            kv = caches[0] if len(caches) == 1 else stack_caches(model, caches)
-            new = _greedy_steps(
-                model, torch.cat(logits), kv, stop_ids, dec.max_new_tokens, compact=True
-            )
-            # each condition's share of the joint decoding: its rows' generated tokens
-            counts = _answer_lengths(new, stop_ids).view(len(group), b).sum(1).double()
-            shares = (counts / counts.sum().clamp(min=1)).tolist()
-            elapsed = time.perf_counter() - start
-            for j, name in enumerate(group):
-                for r, i in enumerate(batch):
-                    outputs[name][i] = _decode_text(
-                        model, new[j * b + r], stop_ids, dec.stop_at_newline
-                    )
-                timer[name] = timer.get(name, 0.0) + elapsed * shares[j]
-                bar.update(b)
+    if pending:
+        decode_pending()
     bar.close()
     return outputs
 

@@ -657,20 +657,21 @@ def test_shared_prefix_times_the_prefix_once(setup):
 
 def test_unedited_conditions_of_the_same_prompts_are_answered_once(setup, monkeypatch):
     """The closed-book row's two directions and CAD at α = −1 are one computation: one
-    condition reaches the shared-prefix generation, every name gets its answers, and each is
-    timed as what it would cost alone (with its prompts' shared pass)."""
+    condition of their prompts reaches the (joint) shared-prefix generation, every name gets
+    its answers, and each is timed as what it would cost alone (with its prompts' shared
+    pass)."""
     from spare_tl.methods.baselines import ClosedBook
     from spare_tl.stages import harness
     from spare_tl.stages.harness import Condition, answer_conditions
 
-    seen: list[list[str]] = []
-    real = harness.generate_shared_prefix
+    seen: list[list[int]] = []
+    real = harness.generate_prompt_sets
 
-    def spy(model, prompts, conditions, **kw):
-        seen.append(list(conditions))
-        return real(model, prompts, conditions, **kw)
+    def spy(model, sets, **kw):
+        seen.append([len(conditions) for _, conditions in sets])
+        return real(model, sets, **kw)
 
-    monkeypatch.setattr(harness, "generate_shared_prefix", spy)
+    monkeypatch.setattr(harness, "generate_prompt_sets", spy)
     questions = Questions(HELD_OUT, evaluation_demonstrations(HELD_OUT, POOL, 2, seed=0))
     conditions = [
         Condition("none", NoSteering()),
@@ -690,7 +691,8 @@ def test_unedited_conditions_of_the_same_prompts_are_answered_once(setup, monkey
         seconds=seconds,
         prefix_seconds=prefixes,
     )
-    assert sorted(map(len, seen)) == [1, 2]  # closed-book prompts once; none + spare together
+    # one call: none + spare share the test prompts; the closed-book prompts answered once
+    assert [sorted(sizes) for sizes in seen] == [[1, 2]]
     assert answers["closed|context"] == answers["closed|memory"] == answers["cad|memory"]
     assert seconds["closed|memory"] == seconds["closed|context"] == seconds["cad|memory"]
     assert prefixes["none"] == prefixes["spare|memory"] > 0

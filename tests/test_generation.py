@@ -248,3 +248,40 @@ def test_conditions_decoded_together_answer_as_each_alone(tiny_model, batch_size
     assert set(seconds) == {"prefix", *conditions} and all(v > 0 for v in seconds.values())
     with pytest.raises(ValueError, match="decode_rows"):
         Decoding(decode_rows=0)
+
+
+@pytest.mark.parametrize("decode_rows", [1, 6, 128])
+def test_prompt_sets_decoded_together_answer_as_each_alone(tiny_model, decode_rows):
+    """Rows of several prompt sets (other demonstrations, other lengths) and conditions fill
+    the same decoding forwards, across batches; every answer equals the set's own run."""
+    from spare_tl.generation import generate_prompt_sets, generate_shared_prefix
+
+    def push(scale: float):
+        def hook(resid, hook):
+            resid[:, -1] += scale * resid[:, -1].norm(dim=-1, keepdim=True)
+            return resid
+
+        return lambda rows: tiny_model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", hook)])
+
+    items, demos = conflict_items(5, start=70), conflict_items(4, start=20)
+    other = [conflict_prompt(it, demos[:2], "dss") for it in items]
+    sets = [
+        (_seed_prompts(), {"a|none": None, "a|up": push(0.5)}),
+        (other, {"b|none": None, "b|down": push(-0.5)}),
+        (_seed_prompts()[:3], {"c|none": None}),
+    ]
+    decoding = Decoding(max_new_tokens=5, batch_size=4, progress=False, decode_rows=decode_rows)
+    seconds: dict[str, float] = {}
+    per_set = [0.0, 0.0, 0.0]
+    joint = generate_prompt_sets(
+        tiny_model, sets, decoding=decoding, seconds=seconds, set_seconds=per_set
+    )
+    alone = Decoding(max_new_tokens=5, batch_size=4, progress=False, decode_rows=1)
+    for prompts, conditions in sets:
+        own = generate_shared_prefix(tiny_model, prompts, conditions, decoding=alone)
+        assert {name: joint[name] for name in conditions} == own
+    assert all(v > 0 for v in per_set) and sum(per_set) == pytest.approx(seconds["prefix"])
+    with pytest.raises(ValueError, match="unique"):
+        generate_prompt_sets(tiny_model, [sets[0], sets[0]], decoding=decoding)
+    with pytest.raises(ValueError, match="set_seconds"):
+        generate_prompt_sets(tiny_model, sets, decoding=decoding, set_seconds=[0.0])

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Unpack
 
 from spare_tl.data.prompts import Questions
-from spare_tl.generation import Decoding, DecodingOptions, generate_shared_prefix, greedy_generate
+from spare_tl.generation import Decoding, DecodingOptions, generate_prompt_sets, greedy_generate
 from spare_tl.methods.base import NoSteering, PromptMethod, SteeringMethod, check_direction
 from spare_tl.methods.spare import Direction, SpareMethod
 
@@ -103,34 +103,56 @@ def answer_prompts(
         raise ValueError(
             f"conditions {own} decode on their own; answer them with answer_conditions"
         )
+    answers = _answer_sets(model, [(list(prompts), list(conditions))], shared_prefix, dec, seconds)
+    return {c.name: answers[c.name] for c in conditions}
+
+
+def _answer_sets(
+    model,
+    sets: Sequence[tuple[list[str], list[Condition]]],
+    shared_prefix: bool,
+    dec: Decoding,
+    seconds: dict[str, float] | None,
+    set_seconds: list[float] | None = None,
+) -> dict[str, list[str]]:
+    """Answer each prompt set's conditions (all of which share a prompt pass); with
+    ``shared_prefix`` every set decodes in the same forwards. Unedited conditions of one set
+    are one computation: the first is answered and the others copy it, timed as it was."""
     timer = seconds if seconds is not None else {}
-    # unedited conditions of the same prompts are one computation: answer the first, copy
-    plain = [c for c in conditions if not _edits(c)]
-    first = plain[0] if plain else None
-    run = [c for c in conditions if _edits(c) or c is first]
     spent: dict[str, float] = {}
+    runs, copies = [], []
+    for prompts, conditions in sets:
+        plain = [c for c in conditions if not _edits(c)]
+        runs.append((prompts, [c for c in conditions if _edits(c) or c is plain[0]]))
+        copies += [(c.name, plain[0].name) for c in plain[1:]]
     if shared_prefix:
-        starts = {c.name: _start(model, c) for c in run}
-        answers = generate_shared_prefix(model, prompts, starts, seconds=spent, decoding=dec)
+        answers = generate_prompt_sets(
+            model,
+            [(prompts, {c.name: _start(model, c) for c in run}) for prompts, run in runs],
+            seconds=spent,
+            set_seconds=set_seconds,
+            decoding=dec,
+        )
     else:
-        per_row = [c.name for c in run if hasattr(c.method, "row_steering")]
+        per_row = [c.name for _, run in runs for c in run if hasattr(c.method, "row_steering")]
         if per_row:
             raise ValueError(f"conditions {per_row} edit per row and need the shared prefix")
         answers = {}
-        for cond in run:
-            start_steering = _start(model, cond)
-            start = time.perf_counter()
-            with start_steering([]) if start_steering is not None else nullcontext():
-                answers[cond.name] = greedy_generate(
-                    model, prompts, decoding=dec.labelled(f"{dec.desc}: {cond.name}")
-                )
-            spent[cond.name] = time.perf_counter() - start
-    for cond in plain[1:]:
-        answers[cond.name] = list(answers[plain[0].name])
-        spent[cond.name] = spent[plain[0].name]  # what it would cost alone
+        for prompts, run in runs:
+            for cond in run:
+                start_steering = _start(model, cond)
+                start = time.perf_counter()
+                with start_steering([]) if start_steering is not None else nullcontext():
+                    answers[cond.name] = greedy_generate(
+                        model, prompts, decoding=dec.labelled(f"{dec.desc}: {cond.name}")
+                    )
+                spent[cond.name] = time.perf_counter() - start
+    for name, source in copies:
+        answers[name] = list(answers[source])
+        spent[name] = spent[source]  # what it would cost alone
     for name, value in spent.items():
         timer[name] = timer.get(name, 0.0) + value
-    return {c.name: answers[c.name] for c in conditions}
+    return answers
 
 
 def answer_conditions(
@@ -169,25 +191,13 @@ def answer_conditions(
             model, questions, cond.direction, dec.labelled(f"{dec.desc}: {cond.name}")
         )
         timer[cond.name] = timer.get(cond.name, 0.0) + time.perf_counter() - start
-    for prompts, group in groups.items():
-        spent: dict[str, float] = {}
-        answers.update(
-            answer_prompts(
-                model,
-                list(prompts),
-                group,
-                shared_prefix=shared_prefix,
-                seconds=spent,
-                decoding=dec,
-            )
-        )
-        for name, value in spent.items():
-            timer[name] = timer.get(name, 0.0) + value
-        if prefix_seconds is not None:
+    sets = [(list(prompts), group) for prompts, group in groups.items()]
+    set_seconds = [0.0] * len(sets)
+    answers |= _answer_sets(model, sets, shared_prefix, dec, timer, set_seconds)
+    if prefix_seconds is not None:
+        for (_, group), spent in zip(sets, set_seconds):
             for cond in group:
-                prefix_seconds[cond.name] = prefix_seconds.get(cond.name, 0.0) + spent.get(
-                    "prefix", 0.0
-                )
+                prefix_seconds[cond.name] = prefix_seconds.get(cond.name, 0.0) + spent
     return {c.name: answers[c.name] for c in conditions}
 
 
