@@ -214,6 +214,9 @@ def main() -> None:
                 f"with the last-position methods: {round(st.fmean(steered), 2) if steered else '-'}",
                 "ratio": measured["cad_ratio"],
                 "machine": measured.get("machine"),
+                # the least the ratio can be at one FLOP rate: CAD's forward tokens over no
+                # steering's (its context-free version and a second row per answer token)
+                "flop_limit_ratio": measured.get("flop_ratio"),
             }
         elif steered:
             out["studies"]["cad_ratio"] = {

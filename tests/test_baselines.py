@@ -295,6 +295,12 @@ def test_cad_batch_equals_single_and_uncached_reference(tiny_model, alpha):
     ]
     assert batched == singles
     assert batched != greedy_generate(tiny_model, PROMPTS, **GEN)
+    # batches of 2 whose answers decode together (up to 128 rows) or each batch alone
+    for rows in (128, 6, 2):
+        pooled = cad_generate(
+            tiny_model, PROMPTS, CONTEXT_FREE, alpha, batch_size=2, decode_rows=rows, **GEN
+        )
+        assert pooled == singles, rows
     # full re-runs without a KV cache, one prompt at a time, the paper's formula
     for prompt, free, out in zip(PROMPTS[:2], CONTEXT_FREE[:2], batched):
         rows = _tokenize(tiny_model, [prompt, free])

@@ -55,7 +55,7 @@ def _study_section(data: Mapping[str, Any]) -> list[str]:
     for name, study in data.get("studies", {}).items():
         seconds = study.get("ratio", study.get("seconds"))
         met = {True: "yes", False: "**no**", None: "–"}[study.get("target_met")]
-        limit = study.get("flop_limit_seconds")
+        limit = study.get("flop_limit_seconds") or study.get("flop_limit_ratio")
         times = study.get("times_flop_limit")
         estimated = study.get("decode_tokens_estimated")
         estimate = {True: " (decode estimated)", None: "", False: ""}.get(
@@ -79,7 +79,10 @@ def _study_section(data: Mapping[str, Any]) -> list[str]:
         f"FLOP limit: forward FLOPs the study cannot avoid ({data.get('flops_per_token'):,} "
         f"per token computed) at this CPU's measured fp32 matmul rate "
         f"({data.get('matmul_gflops')} GFLOP/s). cad_ratio is a ratio (target ≤ "
-        f"{data.get('targets_seconds', {}).get('cad_ratio')}), not seconds. The studies ran on: "
+        f"{data.get('targets_seconds', {}).get('cad_ratio')}), not seconds; its FLOP limit is "
+        "the ratio of the forward tokens CAD computes to no steering's (its context-free "
+        "prompt version and a second row per answer token), the least it can be when both "
+        "run at the same FLOP rate. The studies ran on: "
         + ("; ".join(sorted(machines)) or "not recorded")
         + ".",
     ]

@@ -268,8 +268,9 @@ def cad_generate(
     (:class:`~spare_tl.generation.PromptPrefix`); each batch then runs each version's own
     tokens, and the two KV caches are stacked so that every decoding step is one forward of
     both versions (the chosen token fed to both). Rows stop at their first newline and are
-    dropped from the batch as they finish. ``seconds`` (optional) accumulates ``"prompt"``
-    and ``"decode"`` wall time.
+    dropped from the batch as they finish; the answers of several batches decode together,
+    up to ``decoding.decode_rows`` rows (both versions) per forward. ``seconds`` (optional)
+    accumulates ``"prompt"`` and ``"decode"`` wall time.
     """
     if len(prompts) != len(prompts_without_context):
         raise ValueError("give one context-free prompt per prompt")
@@ -287,10 +288,36 @@ def cad_generate(
     timer = seconds if seconds is not None else {}
     outputs = [""] * len(prompts)
     bar = tqdm(total=len(prompts), desc=dec.desc, disable=not dec.progress, leave=False)
-    for batch in _batches(order, dec.batch_size):
+    # answers waiting to be decoded: their rows, and per version their logits and caches
+    rows: list[int] = []
+    waiting: tuple[list[Tensor], list[Tensor]] = ([], [])
+    caches: tuple[list[Any], list[Any]] = ([], [])
+
+    def decode_waiting() -> None:
         start = time.perf_counter()
-        logits, caches = [], []
-        for token_lists in versions:
+        new = _greedy_steps(
+            model,
+            torch.cat([*waiting[0], *waiting[1]]),
+            stack_caches(model, [*caches[0], *caches[1]]),
+            stop_ids,
+            dec.max_new_tokens,
+            compact=True,
+            copies=2,
+            pick=lambda both: contrastive_scores(*both.chunk(2), alpha).argmax(-1),
+        )
+        timer["decode"] = timer.get("decode", 0.0) + time.perf_counter() - start
+        for r, i in enumerate(rows):
+            outputs[i] = _decode_text(model, new[r], stop_ids, dec.stop_at_newline)
+        bar.update(len(rows))
+        rows.clear()
+        for part in (*waiting, *caches):
+            part.clear()
+
+    for batch in _batches(order, dec.batch_size):
+        if rows and 2 * (len(rows) + len(batch)) > dec.decode_rows:
+            decode_waiting()
+        start = time.perf_counter()
+        for v, token_lists in enumerate(versions):
             tokens, mask = left_pad(
                 model,
                 [token_lists[i] for i in batch],
@@ -300,24 +327,12 @@ def cad_generate(
             resid = model(
                 tokens, attention_mask=mask, past_kv_cache=kv, stop_at_layer=model.cfg.n_layers
             )
-            logits.append(_last_logits(model, resid[:, -1]))
-            caches.append(kv)
-        middle = time.perf_counter()
-        new = _greedy_steps(
-            model,
-            torch.cat(logits),
-            stack_caches(model, caches),
-            stop_ids,
-            dec.max_new_tokens,
-            compact=True,
-            copies=2,
-            pick=lambda both: contrastive_scores(*both.chunk(2), alpha).argmax(-1),
-        )
-        timer["prompt"] = timer.get("prompt", 0.0) + middle - start
-        timer["decode"] = timer.get("decode", 0.0) + time.perf_counter() - middle
-        for r, i in enumerate(batch):
-            outputs[i] = _decode_text(model, new[r], stop_ids, dec.stop_at_newline)
-        bar.update(len(batch))
+            waiting[v].append(_last_logits(model, resid[:, -1]))
+            caches[v].append(kv)
+        rows.extend(batch)
+        timer["prompt"] = timer.get("prompt", 0.0) + time.perf_counter() - start
+    if rows:
+        decode_waiting()
     bar.close()
     return outputs
 
