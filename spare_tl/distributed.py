@@ -10,9 +10,10 @@ The shard protocol, on top of :mod:`spare_tl.cache`'s completion protocol:
 1. every rank takes the units :func:`shard` assigns it (round robin over the stage's
    ordered units: the same split for the same world size, whatever the timing);
 2. a rank's shard is a sub-stage ``<stage>/shards-<fingerprint>/rank-<r>-of-<w>/``: each
-   unit is one file written atomically (so a restarted rank keeps the units it finished
-   and computes only the rest), and the shard's ``config.json`` (with the files' hashes)
-   is written last;
+   unit is one JSON file written atomically (a unit with tensors, :class:`TensorUnit`, also
+   a safetensors file, written before its JSON), so a restarted rank keeps the units it
+   finished and computes only the rest; the shard's ``config.json`` (with the files'
+   hashes) is written last;
 3. rank 0 waits for every rank (a barrier), verifies every shard against its manifest,
    merges the units in their global order, writes the stage's own files and seals the
    stage (:func:`spare_tl.cache.mark_complete`); then the shard folders are removed, so the
@@ -25,7 +26,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -142,11 +143,52 @@ def shard_dir(directory: Path, config: Mapping[str, Any], r: Ranks) -> Path:
     )
 
 
-def unit_file(key: str) -> str:
-    """The file name of one work unit's result."""
+def unit_file(key: str, suffix: str = "json") -> str:
+    """The file name of one work unit's result (``suffix``: ``safetensors`` for its tensors)."""
     if not key or "/" in key or key.startswith("."):
         raise ValueError(f"bad work-unit key {key!r}")
-    return f"unit-{key}.json"
+    return f"unit-{key}.{suffix}"
+
+
+@dataclass(frozen=True)
+class TensorUnit:
+    """A work unit's result that holds tensors: ``tensors`` go to the unit's safetensors
+    file, ``data`` (small, JSON-serialisable) to its JSON file."""
+
+    tensors: Mapping[str, torch.Tensor]
+    data: Any = None
+
+
+@dataclass(frozen=True)
+class Merged:
+    """What ``merge`` returns when the stage's ``config.json`` holds more than the config
+    and the manifest: ``files`` as ``{name: writer}`` and ``manifest``, the extra fields
+    (``counts``, ``layers``) the one-process stage writes there."""
+
+    files: Mapping[str, Callable[[Path], None]]
+    manifest: Mapping[str, Any] = field(default_factory=dict)
+
+
+def main_first(compute: Callable[[], T], r: Ranks | None = None) -> T:
+    """Rank 0 runs ``compute`` first (a cached stage, written once); the other ranks wait,
+    then run it too and read what rank 0 cached. One process just runs it."""
+    r = r or ranks()
+    if r.is_main:
+        out = compute()
+    barrier()
+    if not r.is_main:
+        out = compute()
+    return out
+
+
+def _write_unit(folder: Path, key: str, result: Any) -> list[str]:
+    """Write one unit's files (tensors first, the JSON that marks it done last)."""
+    if isinstance(result, TensorUnit):
+        cache.write_tensors(folder / unit_file(key, "safetensors"), result.tensors)
+        cache.write_json(folder / unit_file(key), result.data)
+        return [unit_file(key, "safetensors"), unit_file(key)]
+    cache.write_json(folder / unit_file(key), result)
+    return [unit_file(key)]
 
 
 def run_sharded(
@@ -161,11 +203,13 @@ def run_sharded(
     """Compute a stage's work units across ranks and seal it on rank 0.
 
     ``keys`` names the units in their global order; ``compute(key)`` returns one unit's
-    JSON-serialisable result; ``merge(results)`` takes every unit's result in ``keys`` order
-    and returns the stage's files as ``{name: writer}``: each writer is given the file's path
-    and writes it atomically (``lambda path: cache.write_json(path, data)``). Every rank calls this; rank 0 seals
-    the stage with ``config`` and returns True, the others return False once it is sealed.
-    A stage already sealed with ``config`` is left as it is.
+    JSON-serialisable result, or a :class:`TensorUnit`; ``merge(results)`` takes every
+    unit's result in ``keys`` order (a tensor unit's as a :class:`TensorUnit`) and returns
+    the stage's files as ``{name: writer}`` (or a :class:`Merged` with extra manifest
+    fields): each writer is given the file's path and writes it atomically
+    (``lambda path: cache.write_json(path, data)``). Every rank calls this; rank 0 seals the
+    stage with ``config`` and returns True, the others return False once it is sealed. A
+    stage already sealed with ``config`` is left as it is.
     """
     r = r or ranks()
     directory = Path(directory)
@@ -183,18 +227,22 @@ def run_sharded(
         cache.begin_stage(mine)  # unit files already there are whole (written atomically)
         names = []
         for key in shard(keys, r):
-            name = unit_file(key)
-            if not (mine / name).is_file():
-                cache.write_json(mine / name, compute(key))
-            names.append(name)
+            if (mine / unit_file(key)).is_file():  # finished before a restart
+                if (mine / unit_file(key, "safetensors")).is_file():
+                    names.append(unit_file(key, "safetensors"))
+                names.append(unit_file(key))
+            else:
+                names += _write_unit(mine, key, compute(key))
         cache.mark_complete(mine, shard_config, files=names)
     barrier()
     if r.is_main:
         results = _gather(directory, config, keys, r.world_size)
-        files = merge(results)
-        for name, write in files.items():
+        merged = merge(results)
+        if not isinstance(merged, Merged):
+            merged = Merged(merged)
+        for name, write in merged.files.items():
             write(directory / name)
-        cache.mark_complete(directory, config, files=list(files))
+        cache.mark_complete(directory, config, files=list(merged.files), **merged.manifest)
         cache.verify_stage(directory)
         shutil.rmtree(directory / f"shards-{cache.fingerprint(config)}", ignore_errors=True)
     barrier()
@@ -212,5 +260,9 @@ def _gather(directory: Path, config: Mapping[str, Any], keys: Sequence[str], wor
         if stored["config"] != expected:
             raise CacheError(f"{folder} belongs to another run ({stored['config']})")
         for key in shard(keys, r):
-            by_key[key] = cache.read_json(folder / unit_file(key))
+            data = cache.read_json(folder / unit_file(key))
+            tensors = unit_file(key, "safetensors")
+            if tensors in stored["files"]:
+                data = TensorUnit(cache.read_tensors(folder / tensors), data)
+            by_key[key] = data
     return [by_key[key] for key in keys]

@@ -41,6 +41,67 @@ def _scan_config():
 SCAN = _scan_config()
 
 
+def _behaviours_config():
+    from spare_tl.stages.behaviours import BehaviourConfig
+
+    return BehaviourConfig(shots=(2,), seeds=(0, 1), demo_types=("doo", "dss"),
+                           max_new_tokens=4, batch_size=4)  # fmt: skip
+
+
+BEHAVIOURS = _behaviours_config()
+
+
+def relabelled(grouped):
+    """The grouped prompts labelled context / memory in turn (a random tiny model answers
+    neither), so that the activations stage has both groups."""
+    from spare_tl.stages.behaviours import GroupedPrompts
+
+    records = [{**r, "label": ("context", "memory")[i % 2]} for i, r in enumerate(grouped.records)]
+    return GroupedPrompts(grouped.model_name, records, grouped.config)
+
+
+def sweep_grid():
+    from spare_tl.stages.sweep import grid
+
+    return grid({"resid_post": [[1], [1, 2]]}, [0.2], [1.0, 4.0])
+
+
+def own_answers(model, items, pool):
+    """``items``, every other one with the tiny model's own unsteered answer as its memory
+    answer, so that the sweep's shares move with steering."""
+    from dataclasses import replace
+
+    from spare_tl.stages.evaluation import evaluation_questions
+    from spare_tl.stages.harness import Condition, NoSteering, answer_conditions
+
+    questions = evaluation_questions(items, pool, 2, 0, "doo")
+    none = [Condition("none", NoSteering())]
+    answers = answer_conditions(model, questions, none, batch_size=4, progress=False)["none"]
+    return [
+        replace(it, org_answer=(a.strip() or "?",)) if i % 2 == 0 else it
+        for i, (it, a) in enumerate(zip(items, answers))
+    ]
+
+
+def split_stages(model, saes, items, pool, root: Path) -> None:
+    """Grouping, activations and the sweep split across ranks, under ``root``."""
+    from spare_tl.stages.sharded_pipeline import (
+        collect_activations_sharded,
+        group_prompts_sharded,
+        sweep_sharded,
+    )
+    from spare_tl.stages.statistics import feature_statistics
+
+    grouped = group_prompts_sharded(model, pool, BEHAVIOURS, cache_root=root, batches_per_unit=1)
+    acts = collect_activations_sharded(
+        model, relabelled(grouped), [1, 2], batch_size=4, cache_root=root, batches_per_unit=2
+    )
+    stats = feature_statistics(model, acts, saes, use_cache=False, progress=False)
+    dev = own_answers(model, items, pool)
+    sweep_sharded(model, stats, saes, dev, pool, sweep_grid(), root / "sweep_records",
+                  n_shots=2, batch_size=4, settings_per_unit=3)  # fmt: skip
+
+
 def MEMORISED_ITEMS():  # noqa: N802 - a constant, built on demand
     from spare_tl.testing import conflict_items
 
@@ -105,6 +166,8 @@ def main() -> None:
         from spare_tl.stages.sharded import scan_sharded
 
         scan_sharded(model, items, pool, SCAN, root=Path(args.out + "-scan"), progress=False)
+        # grouping, activations and the sweep, under OUT-pipe/
+        split_stages(model, saes, items, pool, Path(args.out + "-pipe"))
     if r.is_main:
         print(json.dumps({"rank": r.rank, "world": r.world_size, "n": len(result.predictions)}))
     if args.direct and r.is_main:

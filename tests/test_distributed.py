@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from spare_tl import cache
-from spare_tl.distributed import Ranks, run_sharded, shard, shard_dir, unit_file
+from spare_tl.distributed import Merged, Ranks, TensorUnit, run_sharded, shard, shard_dir, unit_file
 from spare_tl.errors import CacheError
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -87,6 +88,83 @@ def test_a_damaged_shard_is_refused(tmp_path):
     with pytest.raises(CacheError, match="does not match the SHA-256"):
         _run(stage, 0, 2, calls)
     assert cache.read_stage_config(stage) is None
+
+
+def test_tensor_units_resume_and_merge_with_manifest_fields(tmp_path):
+    """A unit with tensors is a safetensors file beside its JSON; a restarted rank keeps the
+    units it finished; ``Merged`` adds fields to the stage's config.json."""
+    stage, calls = tmp_path / "stage", []
+
+    def compute(key):
+        if key == "c" and len(calls) == 1:
+            raise RuntimeError("killed")
+        calls.append(key)
+        return TensorUnit({"x": torch.full((2,), float(ord(key)))}, {"key": key})
+
+    def merge(results):
+        x = torch.cat([u.tensors["x"] for u in results])
+        files = {"x.safetensors": lambda p: cache.write_tensors(p, {"x": x})}
+        return Merged(files, {"keys": [u.data["key"] for u in results]})
+
+    def run(rank):
+        return run_sharded(stage, {"job": "t"}, ["a", "b", "c"], compute, merge, r=Ranks(rank, 2))
+
+    with pytest.raises(RuntimeError, match="killed"):
+        run(0)  # rank 0 finishes "a", dies in "c"
+    mine = shard_dir(stage, {"job": "t"}, Ranks(0, 2))
+    assert sorted(p.name for p in mine.iterdir()) == ["unit-a.json", "unit-a.safetensors"]
+    assert run(1) is False and run(0) is True
+    assert calls == ["a", "b", "c"]  # "a" was kept, not recomputed
+    meta = cache.verify_stage(stage)
+    assert meta["keys"] == ["a", "b", "c"] and list(meta["files"]) == ["x.safetensors"]
+    x = cache.read_tensors(stage / "x.safetensors")["x"]
+    assert x.tolist() == [97.0, 97.0, 98.0, 98.0, 99.0, 99.0]
+
+
+def test_a_split_stage_resumes_from_a_ranks_finished_units(tmp_path, tiny_model, monkeypatch):
+    """The activations stage, rank 0 of 2 killed after its first unit: the restart runs only
+    the rest, and the sealed folder is the one-process stage's."""
+    import distributed_worker as worker
+
+    from spare_tl import distributed
+    from spare_tl.stages import activations, sharded_pipeline
+    from spare_tl.stages.behaviours import BehaviourConfig, group_prompts
+
+    config = BehaviourConfig(shots=(2,), seeds=(0,), demo_types=("doo",), max_new_tokens=2)
+    pool = worker.tiny_setup(1)[4]
+    grouped = worker.relabelled(group_prompts(tiny_model, pool, config, use_cache=False,
+                                              progress=False))  # fmt: skip
+    one = activations.collect_activations(
+        tiny_model, grouped, [1], batch_size=2, cache_root=tmp_path / "one", progress=False
+    )
+    run, runs = activations.ActivationPass.run, []
+
+    def counted(self, model, batches, progress=False):
+        if len(runs) == 1 and distributed.ranks().rank == 0:
+            raise RuntimeError("killed")
+        runs.append([list(b) for b in batches])
+        return run(self, model, batches, progress)
+
+    monkeypatch.setattr(activations.ActivationPass, "run", counted)
+
+    def split(rank):
+        monkeypatch.setattr(distributed, "ranks", lambda: Ranks(rank, 2))
+        return sharded_pipeline.collect_activations_sharded(
+            tiny_model, grouped, [1], batch_size=2, cache_root=tmp_path / "two",
+            batches_per_unit=2,
+        )  # fmt: skip
+
+    with pytest.raises(RuntimeError, match="killed"):
+        split(0)
+    with pytest.raises(CacheError, match="not a completed stage"):
+        split(1)  # its shard is written; without a process group nothing waits for the seal
+    two = split(0)
+    assert len(runs) == 3  # 12 prompts, 3 units: rank 0's first kept, its second redone
+    assert sorted(i for r in runs for b in r for i in b) == list(range(len(pool)))
+    assert torch.equal(two.resid[1], one.resid[1])
+    folders = [root / "tiny-llama" / "activations" for root in (tmp_path / "one", tmp_path / "two")]
+    for name in ("activations.safetensors", "config.json"):
+        assert (folders[0] / name).read_bytes() == (folders[1] / name).read_bytes(), name
 
 
 def test_unit_keys_are_checked(tmp_path):
@@ -181,6 +259,43 @@ def test_torchrun_two_ranks_write_what_one_process_writes(tmp_path):
     assert direct.donors == scan_one.donors
     assert direct.answers == scan_one.answers and len(direct.answers) == 1 + 2 * 3 * 2
     assert len({tuple(a) for a in direct.answers.values()}) > 1  # patches moved answers
+
+    # grouping, activations and the sweep: the stage folders byte for byte, the sweep's records
+    _split_stages_equal_one_process(model, saes, items, pool, tmp_path)
+
+
+def _same_folder(one: Path, two: Path) -> None:
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in two.iterdir()) and "config.json" in names
+    for name in names:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), f"{one.name}/{name}"
+
+
+def _split_stages_equal_one_process(model, saes, items, pool, tmp_path: Path) -> None:
+    import distributed_worker as worker
+
+    from spare_tl.stages.activations import collect_activations
+    from spare_tl.stages.behaviours import group_prompts
+    from spare_tl.stages.statistics import feature_statistics
+    from spare_tl.stages.sweep import sweep
+
+    root, two = tmp_path / "one-pipe", tmp_path / "two-pipe"
+    grouped = group_prompts(model, pool, worker.BEHAVIOURS, cache_root=root, progress=False)
+    _same_folder(root / "tiny-llama" / "behaviours", two / "tiny-llama" / "behaviours")
+    assert len(grouped.records) == 2 * 2 * len(pool)
+    assert len({r["prediction"] for r in grouped.records}) > 1
+    acts = collect_activations(
+        model, worker.relabelled(grouped), [1, 2], batch_size=4, cache_root=root, progress=False
+    )
+    _same_folder(root / "tiny-llama" / "activations", two / "tiny-llama" / "activations")
+    stats = feature_statistics(model, acts, saes, use_cache=False, progress=False)
+    dev = worker.own_answers(model, items, pool)
+    records = sweep(model, stats, saes, dev, pool, worker.sweep_grid(), n_shots=2,
+                    batch_size=4, progress=False)  # fmt: skip
+    assert cache.read_json(two / "sweep_records" / "records.json") == json.loads(
+        json.dumps(records)
+    )
+    assert len(records) == 1 + 8 and len({r["EM_M"] for r in records}) > 1
 
 
 @pytest.mark.integration

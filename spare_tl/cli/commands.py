@@ -140,7 +140,15 @@ def _run(args: argparse.Namespace) -> int:
     if config.features_dir:
         checks.output_dir(config.features_dir, "features_dir")
     check_dataset(config.dataset, f"the dataset of {args.config}")
-    result = run_pipeline(config, until=args.until, model=load_model_for(config.model, args.dtype))
+    from spare_tl import distributed
+
+    ranks = distributed.init()  # under torchrun the stages' work units are split across ranks
+    options = {"device": distributed.device_for(ranks)} if ranks.distributed else {}
+    model = load_model_for(config.model, args.dtype, **options)
+    result = run_pipeline(config, until=args.until, model=model, ranks=ranks)
+    distributed.finish()
+    if not ranks.is_main:
+        return 0
     if result.features is not None:
         print(json.dumps({"counts": {str(k): v for k, v in result.features.counts().items()}}))
     if result.evaluation is not None:

@@ -138,11 +138,21 @@ def run_from_args(args) -> int:
     if args.output:
         checks.output_dir(args.output)
     check_dataset(config.dataset, f"the dataset of {args.config}")
-    model = load_model_for(config.model, args.dtype)
-    result = run_pipeline(config, until="statistics", model=model)
+    from spare_tl import distributed
+
+    ranks = distributed.init()  # under torchrun the stages and the settings are split
+    options = {"device": distributed.device_for(ranks)} if ranks.distributed else {}
+    model = load_model_for(config.model, args.dtype, **options)
+    result = run_pipeline(config, until="statistics", model=model, ranks=ranks)
     directory = Path(args.output) if args.output else cache.stage_dir(model.cfg.model_name, "sweep")
     items = development_items(result.split.development, args.n_items)
-    attribution = _attribution(args, config, model, result, layer_sets)
+    attribution = distributed.main_first(
+        lambda: _attribution(args, config, model, result, layer_sets), ranks
+    )
+    if ranks.distributed and args.combine:
+        distributed.finish()
+        if not ranks.is_main:
+            return 0
     if args.combine:
         records, sweep_config = combine_sweeps([Path(p) for p in args.combine])
         sweep_config["max_neither_rise"] = cap
@@ -155,20 +165,39 @@ def run_from_args(args) -> int:
             args.selections,
             config.latent_code,
         )
-        print(f"sweep: {len(settings)} settings on {len(items)} development questions")
-        dev, test = relation_histogram(items), relation_histogram(result.split.test[:200])
-        print("relation: development / test[:200]")
-        for rel in sorted(set(dev) | set(test)):
-            print(f"  {rel:24s} {dev.get(rel, 0):4d} {test.get(rel, 0):4d}")
-        records = sweep(
-            model,
-            result.site_statistics,
-            result.saes,
-            items,
-            result.split.pool,
-            settings,
-            attribution=attribution,
-        )
+        if ranks.is_main:
+            print(f"sweep: {len(settings)} settings on {len(items)} development questions")
+            dev, test = relation_histogram(items), relation_histogram(result.split.test[:200])
+            print("relation: development / test[:200]")
+            for rel in sorted(set(dev) | set(test)):
+                print(f"  {rel:24s} {dev.get(rel, 0):4d} {test.get(rel, 0):4d}")
+        if ranks.distributed:
+            from spare_tl.stages.sharded_pipeline import SWEEP_STAGE, sweep_sharded
+
+            root = Path(config.cache_root) if config.cache_root else None
+            records = sweep_sharded(
+                model,
+                result.site_statistics,
+                result.saes,
+                items,
+                result.split.pool,
+                settings,
+                cache.stage_dir(model.cfg.model_name, SWEEP_STAGE, root),
+                attribution=attribution,
+            )
+            distributed.finish()
+            if not ranks.is_main:
+                return 0
+        else:
+            records = sweep(
+                model,
+                result.site_statistics,
+                result.saes,
+                items,
+                result.split.pool,
+                settings,
+                attribution=attribution,
+            )
         sweep_config = {
             "layer_sets": {site: sets for site, sets in layer_sets.items()},
             "proportions": args.proportions,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,11 +95,17 @@ class GroupedPrompts:
         weights = torch.tensor([confidence_weight(r) for r in kept], dtype=torch.float64)
         return [r["prompt"] for r in kept], labels, weights
 
+    def stage_files(self) -> dict[str, Callable[[Path], None]]:
+        """The stage's files as ``{name: atomic writer of that file's path}``."""
+        return {"records.jsonl": lambda p: cache.write_jsonl(p, self.records)}
+
     def save(self, directory: Path) -> None:
         directory = Path(directory)
         cache.begin_stage(directory)
-        cache.write_jsonl(directory / "records.jsonl", self.records)
-        cache.mark_complete(directory, self.config, files=["records.jsonl"], counts=self.counts())
+        files = self.stage_files()
+        for name, write in files.items():
+            write(directory / name)
+        cache.mark_complete(directory, self.config, files=list(files), counts=self.counts())
 
     @classmethod
     def load(cls, directory: Path) -> GroupedPrompts:
@@ -125,6 +131,87 @@ def confidence_weight(record: dict[str, Any]) -> float:
 
 def _unit_key(shots: int, seed: int, demo_type: str) -> str:
     return f"{shots}shot-seed{seed}-{demo_type}"
+
+
+def behaviours_config(
+    model, pool: Sequence[ConflictItem], config: BehaviourConfig
+) -> dict[str, Any]:
+    """The stage's config (its cache key); checks that the pool fits ``config``."""
+    if not pool:
+        raise ValueError("the demonstration pool is empty: find the memorised set first")
+    if max(config.shots) >= len(pool):
+        raise ValueError(f"{max(config.shots)} shots need a pool larger than {len(pool)} items")
+    return {
+        "stage": CONFIG_STAGE,
+        "model": model.cfg.model_name,
+        "pool_hash": cache.fingerprint({"q": [it.question for it in pool]}),
+        "pool_items_hash": items_hash(pool),
+        "n_pool": len(pool),
+        **asdict(config),
+    }
+
+
+def unit_prompts(
+    pool: Sequence[ConflictItem], shots: int, seed: int, demo_type: str
+) -> tuple[list[str], list[list[ConflictItem]]]:
+    """The conflict prompt of every pool question in one unit, and its demonstrations."""
+    prompts, demos_of = [], []
+    for idx, item in enumerate(pool):
+        demos = sample_demonstrations(pool, shots, seed=seed * 100_003 + idx, exclude=item)
+        prompts.append(conflict_prompt(item, demos, demo_type))
+        demos_of.append(demos)
+    return prompts, demos_of
+
+
+def answer_unit_rows(
+    model,
+    pool: Sequence[ConflictItem],
+    unit: tuple[int, int, str],
+    rows: Sequence[int],
+    config: BehaviourConfig,
+) -> list[dict[str, Any]]:
+    """The records of the pool questions ``rows`` in one unit (shots, seed, demonstration
+    type), answered in one call: ``rows`` in the length order of the unit's prompts, so
+    any run of whole batches is batched as when the unit is answered at once."""
+    shots, seed, demo_type = unit
+    prompts, demos_of = unit_prompts(pool, shots, seed, demo_type)
+    answers, nll = generate_and_score(
+        model,
+        [prompts[i] for i in rows],
+        [[pool[i].sub_answer[0], pool[i].org_answer[0]] for i in rows],
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        progress=False,
+    )
+    records = []
+    for j, (idx, answer) in enumerate(zip(rows, answers)):
+        item = pool[idx]
+        records.append(
+            {
+                "unit": _unit_key(*unit),
+                "pool_index": idx,
+                "question": item.question,
+                "relation": item.relation,
+                "shots": shots,
+                "seed": seed,
+                "demo_type": demo_type,
+                "demonstrations": [d.question for d in demos_of[idx]],
+                "prompt": prompts[idx],
+                "prediction": answer,
+                "sub_answer": list(item.sub_answer),
+                "org_answer": list(item.org_answer),
+                "label": behaviour_label(answer, item),
+                "nll_context": float(nll[j, 0]),
+                "nll_memory": float(nll[j, 1]),
+            }
+        )
+    return records
+
+
+def in_unit_order(records: list[dict[str, Any]], config: BehaviourConfig) -> list[dict[str, Any]]:
+    """``records`` sorted as an uninterrupted run writes them (unit, then pool question)."""
+    order = {_unit_key(*u): i for i, u in enumerate(config.units())}
+    return sorted(records, key=lambda r: (order[r["unit"]], r["pool_index"]))
 
 
 def complete_units(
@@ -191,18 +278,7 @@ def group_prompts(
 ) -> GroupedPrompts:
     """Run the pool's conflict prompts and label each by behaviour (cached, resumable)."""
     config = config or BehaviourConfig()
-    if not pool:
-        raise ValueError("the demonstration pool is empty: find the memorised set first")
-    if max(config.shots) >= len(pool):
-        raise ValueError(f"{max(config.shots)} shots need a pool larger than {len(pool)} items")
-    full_config = {
-        "stage": CONFIG_STAGE,
-        "model": model.cfg.model_name,
-        "pool_hash": cache.fingerprint({"q": [it.question for it in pool]}),
-        "pool_items_hash": items_hash(pool),
-        "n_pool": len(pool),
-        **asdict(config),
-    }
+    full_config = behaviours_config(model, pool, config)
     directory = behaviours_dir(model.cfg.model_name, cache_root)
     if use_cache and cache.is_fresh(directory, full_config):
         logger.info("grouped prompts: cached in %s", directory)
@@ -217,48 +293,13 @@ def group_prompts(
         records, done = _resume(partial, progress_cfg, cache.fingerprint(full_config), len(pool))
 
     units = [u for u in config.units() if _unit_key(*u) not in done]
-    for shots, seed, demo_type in tqdm(units, desc="grouping prompts", disable=not progress):
-        unit = _unit_key(shots, seed, demo_type)
-        prompts, metas = [], []
-        for idx, item in enumerate(pool):
-            demos = sample_demonstrations(pool, shots, seed=seed * 100_003 + idx, exclude=item)
-            prompts.append(conflict_prompt(item, demos, demo_type))
-            metas.append((idx, item, demos))
-        answers, nll = generate_and_score(
-            model,
-            prompts,
-            [[m[1].sub_answer[0], m[1].org_answer[0]] for m in metas],
-            max_new_tokens=config.max_new_tokens,
-            batch_size=config.batch_size,
-            progress=False,
-        )
-        unit_records = []
-        for j, ((idx, item, demos), answer) in enumerate(zip(metas, answers)):
-            unit_records.append(
-                {
-                    "unit": unit,
-                    "pool_index": idx,
-                    "question": item.question,
-                    "relation": item.relation,
-                    "shots": shots,
-                    "seed": seed,
-                    "demo_type": demo_type,
-                    "demonstrations": [d.question for d in demos],
-                    "prompt": prompts[j],
-                    "prediction": answer,
-                    "sub_answer": list(item.sub_answer),
-                    "org_answer": list(item.org_answer),
-                    "label": behaviour_label(answer, item),
-                    "nll_context": float(nll[j, 0]),
-                    "nll_memory": float(nll[j, 1]),
-                }
-            )
+    for unit in tqdm(units, desc="grouping prompts", disable=not progress):
+        unit_records = answer_unit_rows(model, pool, unit, range(len(pool)), config)
         records.extend(unit_records)
         if use_cache:
             cache.append_jsonl(partial, unit_records)
 
-    order = {_unit_key(*u): i for i, u in enumerate(config.units())}
-    records.sort(key=lambda r: (order[r["unit"]], r["pool_index"]))  # as uninterrupted
+    records = in_unit_order(records, config)  # as uninterrupted
     result = GroupedPrompts(model_name=model.cfg.model_name, records=records, config=full_config)
     if use_cache:
         result.save(directory)

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import tomllib
 
-from spare_tl import cache
+from spare_tl import cache, distributed
 from spare_tl.checks import at_least
+from spare_tl.distributed import Ranks
 from spare_tl.embedded import EMBEDDED_MODEL
 from spare_tl.features import DirectionSetting
 from spare_tl.saes import DEFAULT_SITE, check_latent_code, check_site
@@ -282,8 +283,15 @@ def run_pipeline(
     model=None,
     saes=None,
     progress: bool = True,
+    ranks: Ranks | None = None,
 ) -> PipelineResult:
-    """Run the stages up to ``until`` (one of :data:`STAGES`), reusing cached results."""
+    """Run the stages up to ``until`` (one of :data:`STAGES`), reusing cached results.
+
+    Under ``torchrun`` (``ranks``, default this process's, in a world of more than one) the
+    memorised set, grouping and activations are split across ranks
+    (:mod:`spare_tl.stages.sharded`, :mod:`spare_tl.stages.sharded_pipeline`); the
+    statistics, attribution and features are computed by rank 0 first and read from its
+    cache by the others; the evaluation is not split here (use ``spare-tl evaluate``)."""
     from spare_tl.data.datasets import load_dataset
     from spare_tl.data.prompts import split_pool
     from spare_tl.models import load_model
@@ -297,6 +305,18 @@ def run_pipeline(
     if until not in STAGES:
         raise ValueError(f"unknown stage {until!r}: one of {STAGES}")
     stop = STAGES.index(until)
+    ranks = ranks or distributed.ranks()
+    if ranks.distributed and until == "evaluate":
+        raise ValueError(
+            "the pipeline's evaluation is not split across ranks: run the stages up to "
+            "`features` under torchrun, then `torchrun ... -m spare_tl.cli evaluate`"
+        )
+    if ranks.distributed:
+        from spare_tl.stages.sharded import find_memorised_sharded
+        from spare_tl.stages.sharded_pipeline import (
+            collect_activations_sharded,
+            group_prompts_sharded,
+        )
     root = Path(config.cache_root) if config.cache_root else None
     out = PipelineResult()
     model = model if model is not None else load_model(config.model)
@@ -321,29 +341,55 @@ def run_pipeline(
             for layer, sae in by_layer.items()
         }
     items = load_dataset(config.dataset)
-    out.memorised = find_memorised(
-        model,
-        items,
-        dataset_name=config.dataset.replace("/", "_"),
-        n_shots=config.memorised_shots,
-        seed=config.memorised_seed,
-        batch_size=max(config.batch_size, 16),
-        cache_root=root,
-        progress=progress,
-    )
+    dataset_name = config.dataset.replace("/", "_")
+    if ranks.distributed:
+        out.memorised = find_memorised_sharded(
+            model,
+            items,
+            dataset_name=dataset_name,
+            n_shots=config.memorised_shots,
+            seed=config.memorised_seed,
+            batch_size=max(config.batch_size, 16),
+            cache_root=root,
+        )
+    else:
+        out.memorised = find_memorised(
+            model,
+            items,
+            dataset_name=dataset_name,
+            n_shots=config.memorised_shots,
+            seed=config.memorised_seed,
+            batch_size=max(config.batch_size, 16),
+            cache_root=root,
+            progress=progress,
+        )
     known = out.memorised.filter(items)
     logger.info("memorised: %d of %d items", len(known), len(items))
     if stop == 0:
         return out
     out.memorised.require(config.pool_size)
     out.split = split_pool(known, config.pool_size, config.pool_seed)
-    out.grouped = group_prompts(
-        model, out.split.pool, config.behaviours, cache_root=root, progress=progress
-    )
+    if ranks.distributed:
+        out.grouped = group_prompts_sharded(
+            model, out.split.pool, config.behaviours, cache_root=root
+        )
+    else:
+        out.grouped = group_prompts(
+            model, out.split.pool, config.behaviours, cache_root=root, progress=progress
+        )
     if stop == 1:
         return out
 
     def activations_at(site: str, layers: Sequence[int]) -> Activations:
+        if ranks.distributed:
+            return collect_activations_sharded(
+                model,
+                out.grouped,
+                layers,
+                batch_size=config.batch_size,
+                cache_root=root,
+                site=site,
+            )
         return collect_activations(
             model,
             out.grouped,
@@ -357,14 +403,17 @@ def run_pipeline(
     def statistics_of(
         activations: Activations, layer_saes: Mapping[Any, Any]
     ) -> dict[int, LayerStatistics]:
-        return feature_statistics(
-            model,
-            activations,
-            layer_saes,
-            seed=config.mi_seed,
-            latent_code=config.latent_code,
-            cache_root=root,
-            progress=progress,
+        return distributed.main_first(  # under torchrun: rank 0 caches, the others read
+            lambda: feature_statistics(
+                model,
+                activations,
+                layer_saes,
+                seed=config.mi_seed,
+                latent_code=config.latent_code,
+                cache_root=root,
+                progress=progress,
+            ),
+            ranks,
         )
 
     out.activations = activations_at(DEFAULT_SITE, config.layers)
@@ -379,15 +428,18 @@ def run_pipeline(
     if config.attribution_layers():
         from spare_tl.stages.attribution import attribution_by_site
 
-        out.attribution = attribution_by_site(
-            model,
-            out.grouped,
-            out.site_statistics,
-            out.saes,
-            config.attribution_layers(),
-            batch_size=config.batch_size,
-            cache_root=root,
-            progress=progress,
+        out.attribution = distributed.main_first(
+            lambda: attribution_by_site(
+                model,
+                out.grouped,
+                out.site_statistics,
+                out.saes,
+                config.attribution_layers(),
+                batch_size=config.batch_size,
+                cache_root=root,
+                progress=progress,
+            ),
+            ranks,
         )
     out.features = features_from_config(
         config, out.statistics, model.cfg.model_name, out.site_statistics, out.attribution
@@ -397,7 +449,8 @@ def run_pipeline(
         if config.features_dir
         else cache.stage_dir(model.cfg.model_name, "functional_features", root)
     )
-    out.features.save(features_dir)
+    if ranks.is_main:
+        out.features.save(features_dir)
     if stop == 4:
         return out
     evaluation_items = out.split.test

@@ -161,22 +161,45 @@ def sweep(
     (:func:`spare_tl.stages.harness.answer_conditions`)."""
     if not items:
         raise ValueError("the sweep needs at least one development question")
-    feature_sets, steered = [], []
-    for point in settings:
-        site = point.setting.site
-        features = functional_features(
-            statistics_at(statistics, site),
-            point.setting,
-            model_name=model.cfg.model_name,
-            direction=point.direction,
-            attribution=(attribution or {}).get(site),
-        )
-        feature_sets.append(features)
-        steered.append((SpareMethod(features, _saes_for(saes, point.setting)), point.direction))
+    feature_sets = setting_features(model, statistics, settings, attribution)
+    steered = [
+        (SpareMethod(features, saes_for(saes, point.setting)), point.direction)
+        for point, features in zip(settings, feature_sets)
+    ]
     questions = evaluation_questions(items, pool, n_shots, seed, demo_type)
     none, *shares = answer_settings(
         model, questions, steered, batch_size=batch_size, progress=progress
     )
+    return sweep_records(settings, feature_sets, none, shares, len(items))
+
+
+def setting_features(
+    model,
+    statistics: Mapping[int, LayerStatistics] | Mapping[str, Mapping[int, LayerStatistics]],
+    settings: Sequence[SweepPoint],
+    attribution: Mapping[str, Mapping[int, Any]] | None = None,
+) -> list[FunctionalFeatures]:
+    """The feature set each sweep point steers with."""
+    return [
+        functional_features(
+            statistics_at(statistics, point.setting.site),
+            point.setting,
+            model_name=model.cfg.model_name,
+            direction=point.direction,
+            attribution=(attribution or {}).get(point.setting.site),
+        )
+        for point in settings
+    ]
+
+
+def sweep_records(
+    settings: Sequence[SweepPoint],
+    feature_sets: Sequence[FunctionalFeatures],
+    none: Mapping[str, float],
+    shares: Sequence[Mapping[str, float]],
+    n: int,
+) -> list[dict[str, Any]]:
+    """The sweep's records: no steering first, then each point with its answer shares."""
     records: list[dict[str, Any]] = [
         {
             "direction": "none",
@@ -184,14 +207,14 @@ def sweep(
             "layers": [],
             "proportion": 0.0,
             "edit_strength": 0.0,
-            "n": len(items),
+            "n": n,
             **none,
         }
     ]
     for point, features, share in zip(settings, feature_sets, shares):
         rec = {
             **point.record(),
-            "n": len(items),
+            "n": n,
             "n_features": sum(c + m for c, m in features.counts().values()),
             **share,
         }
@@ -200,7 +223,7 @@ def sweep(
     return records
 
 
-def _saes_for(saes: Mapping[Any, Any], setting: DirectionSetting) -> dict[str, Any]:
+def saes_for(saes: Mapping[Any, Any], setting: DirectionSetting) -> dict[str, Any]:
     out = {}
     for layer in setting.layers:
         hook = site_hook_name(layer, setting.site)
