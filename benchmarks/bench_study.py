@@ -197,9 +197,10 @@ def main() -> None:
             ratios[name] = data["method"]["time_relative_to_no_steering"]
         cad = ratios.get("cad", {})
         steered = [v for k, v in cad.items() if k != "no_steering"]
+        closed = any(r.get("memory_is_closed_book") for r in table["rows"])
         out["studies"]["baselines_table"] = {
             "what": f"spare-tl baselines table: {', '.join(methods)}",
-            # the table's own wall time (vectors included) when it recorded one
+            # the table's own wall time (steering vectors included unless cached) when recorded
             "seconds": table.get("seconds") or (round(total, 1) if total else None),
             "machine": table.get("machine") or machine,
             **tokens_all,
@@ -210,8 +211,17 @@ def main() -> None:
             measured = cache.read_json(cad_bench)
             out["studies"]["cad_ratio"] = {
                 "what": f"CAD / no steering, each alone on {measured['items']} test questions "
-                "(benchmarks/bench_cad.py); in the table, where no steering decodes jointly "
-                f"with the last-position methods: {round(st.fmean(steered), 2) if steered else '-'}",
+                "(benchmarks/bench_cad.py); in the table, where no steering decodes "
+                "jointly with the last-position methods: "
+                + (
+                    ", ".join(
+                        f"{k.removeprefix('steer_')} {v:.2f}"
+                        for k, v in cad.items()
+                        if k != "no_steering"
+                    )
+                    or "-"
+                )
+                + (" (α = −1 to memory: the closed-book prompt alone)" if closed else ""),
                 "ratio": measured["cad_ratio"],
                 "machine": measured.get("machine"),
                 # the least the ratio can be at one FLOP rate: CAD's forward tokens over no

@@ -132,8 +132,9 @@ def test_a_split_stage_resumes_from_a_ranks_finished_units(tmp_path, tiny_model,
 
     config = BehaviourConfig(shots=(2,), seeds=(0,), demo_types=("doo",), max_new_tokens=2)
     pool = worker.tiny_setup(1)[4]
-    grouped = worker.relabelled(group_prompts(tiny_model, pool, config, use_cache=False,
-                                              progress=False))  # fmt: skip
+    grouped = worker.relabelled(
+        group_prompts(tiny_model, pool, config, use_cache=False, progress=False)
+    )
     one = activations.collect_activations(
         tiny_model, grouped, [1], batch_size=2, cache_root=tmp_path / "one", progress=False
     )
