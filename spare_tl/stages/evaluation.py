@@ -318,11 +318,8 @@ def _method_summary(
     and decoding) and ``"prefix"``, the shared prompt pass; relative times are against no
     steering's."""
     prefix = seconds.get("prefix", 0.0)
-
-    def alone(cond: str) -> float:
-        return seconds.get(cond, 0.0)
-
-    base = max(alone("no_steering"), 1e-9)
+    alone = {c: seconds.get(c, 0.0) for c in conditions}
+    base = max(alone["no_steering"], 1e-9)
     return {
         "name": method.name,
         "hyperparameters": {
@@ -330,9 +327,9 @@ def _method_summary(
         },
         "inference_time": method.inference_time,
         "extra_forward_passes_per_token": method.extra_forward_passes_per_token,
-        "seconds_per_item": {c: alone(c) / n_answers for c in conditions},
+        "seconds_per_item": {c: alone[c] / n_answers for c in conditions},
         "shared_prefix_seconds_per_item": prefix / n_answers,
-        "time_relative_to_no_steering": {c: alone(c) / base for c in conditions},
+        "time_relative_to_no_steering": {c: alone[c] / base for c in conditions},
     }
 
 
