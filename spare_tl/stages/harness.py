@@ -11,7 +11,10 @@ that adds hooks. Methods that change **only the last prompt position** and decod
 prompt pass per batch (:func:`spare_tl.generation.generate_shared_prefix`); methods that
 change earlier positions or decode differently (CAD's second context-free pass) keep their
 own :meth:`SteeringMethod.answer`. Conditions with the same prompts share the prefix; a
-method with other prompts (ICL's demonstrations) gets its own shared pass.
+method with other prompts (ICL's demonstrations) gets its own shared pass, and the rows of
+every prompt set decode in the same forwards (:func:`spare_tl.generation.generate_prompt_sets`).
+Conditions that only decode their prompts greedily (``edits`` False: no steering, the
+closed-book row, ICL, CAD at α = −1) and have the same prompts are answered once.
 """
 
 from __future__ import annotations
