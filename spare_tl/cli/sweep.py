@@ -171,33 +171,18 @@ def run_from_args(args) -> int:
             print("relation: development / test[:200]")
             for rel in sorted(set(dev) | set(test)):
                 print(f"  {rel:24s} {dev.get(rel, 0):4d} {test.get(rel, 0):4d}")
+        common = (model, result.site_statistics, result.saes, items, result.split.pool, settings)
         if ranks.distributed:
             from spare_tl.stages.sharded_pipeline import SWEEP_STAGE, sweep_sharded
 
             root = Path(config.cache_root) if config.cache_root else None
-            records = sweep_sharded(
-                model,
-                result.site_statistics,
-                result.saes,
-                items,
-                result.split.pool,
-                settings,
-                cache.stage_dir(model.cfg.model_name, SWEEP_STAGE, root),
-                attribution=attribution,
-            )
+            records_dir = cache.stage_dir(model.cfg.model_name, SWEEP_STAGE, root)
+            records = sweep_sharded(*common, records_dir, attribution=attribution)
             distributed.finish()
             if not ranks.is_main:
                 return 0
         else:
-            records = sweep(
-                model,
-                result.site_statistics,
-                result.saes,
-                items,
-                result.split.pool,
-                settings,
-                attribution=attribution,
-            )
+            records = sweep(*common, attribution=attribution)
         sweep_config = {
             "layer_sets": {site: sets for site, sets in layer_sets.items()},
             "proportions": args.proportions,

@@ -49,7 +49,6 @@ from spare_tl.generation import (
     _greedy_steps,
     _last_logits,
     _tokenize,
-    greedy_generate,
     left_pad,
     stop_token_ids,
 )
@@ -380,7 +379,7 @@ class CAD(PromptMethod):
         """Context-aware decoding of the questions with α signed by ``direction`` (greedy
         decoding of :meth:`prompts` where CAD reduces to it: α = 0 or −1)."""
         if not self.edits(direction):
-            return greedy_generate(model, self.prompts(questions, direction), decoding=decoding)
+            return super().decode(model, questions, direction, decoding)
         return cad_generate(
             model,
             questions.prompts(),

@@ -311,12 +311,23 @@ def run_pipeline(
             "the pipeline's evaluation is not split across ranks: run the stages up to "
             "`features` under torchrun, then `torchrun ... -m spare_tl.cli evaluate`"
         )
+    # the memorised set, grouping and activations: split across ranks under torchrun (the
+    # split versions take the same arguments, less the progress bar)
+    find, group, collect = find_memorised, group_prompts, collect_activations
+    local: dict[str, Any] = {"progress": progress}
     if ranks.distributed:
         from spare_tl.stages.sharded import find_memorised_sharded
         from spare_tl.stages.sharded_pipeline import (
             collect_activations_sharded,
             group_prompts_sharded,
         )
+
+        find, group, collect = (  # type: ignore[assignment]
+            find_memorised_sharded,
+            group_prompts_sharded,
+            collect_activations_sharded,
+        )
+        local = {}
     root = Path(config.cache_root) if config.cache_root else None
     out = PipelineResult()
     model = model if model is not None else load_model(config.model)
@@ -342,62 +353,35 @@ def run_pipeline(
         }
     items = load_dataset(config.dataset)
     dataset_name = config.dataset.replace("/", "_")
-    if ranks.distributed:
-        out.memorised = find_memorised_sharded(
-            model,
-            items,
-            dataset_name=dataset_name,
-            n_shots=config.memorised_shots,
-            seed=config.memorised_seed,
-            batch_size=max(config.batch_size, 16),
-            cache_root=root,
-        )
-    else:
-        out.memorised = find_memorised(
-            model,
-            items,
-            dataset_name=dataset_name,
-            n_shots=config.memorised_shots,
-            seed=config.memorised_seed,
-            batch_size=max(config.batch_size, 16),
-            cache_root=root,
-            progress=progress,
-        )
+    out.memorised = find(
+        model,
+        items,
+        dataset_name=dataset_name,
+        n_shots=config.memorised_shots,
+        seed=config.memorised_seed,
+        batch_size=max(config.batch_size, 16),
+        cache_root=root,
+        **local,
+    )
     known = out.memorised.filter(items)
     logger.info("memorised: %d of %d items", len(known), len(items))
     if stop == 0:
         return out
     out.memorised.require(config.pool_size)
     out.split = split_pool(known, config.pool_size, config.pool_seed)
-    if ranks.distributed:
-        out.grouped = group_prompts_sharded(
-            model, out.split.pool, config.behaviours, cache_root=root
-        )
-    else:
-        out.grouped = group_prompts(
-            model, out.split.pool, config.behaviours, cache_root=root, progress=progress
-        )
+    out.grouped = group(model, out.split.pool, config.behaviours, cache_root=root, **local)
     if stop == 1:
         return out
 
     def activations_at(site: str, layers: Sequence[int]) -> Activations:
-        if ranks.distributed:
-            return collect_activations_sharded(
-                model,
-                out.grouped,
-                layers,
-                batch_size=config.batch_size,
-                cache_root=root,
-                site=site,
-            )
-        return collect_activations(
+        return collect(
             model,
             out.grouped,
             layers,
             batch_size=config.batch_size,
             cache_root=root,
-            progress=progress,
             site=site,
+            **local,
         )
 
     def statistics_of(

@@ -14,8 +14,6 @@ ranks finished.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -23,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from spare_tl import cache, distributed
-from spare_tl.data.schema import ConflictItem
+from spare_tl.data.schema import ConflictItem, items_hash
 from spare_tl.features import FunctionalFeatures
 from spare_tl.generation import Decoding
 from spare_tl.methods.base import NoSteering, SteeringMethod
@@ -52,11 +50,6 @@ RUN = ("seconds", "machine")
 HEAD = ("model", "dataset", "n_items", "seeds", "demo_type")
 
 
-def _items_digest(items: Sequence[ConflictItem]) -> str:
-    text = json.dumps([asdict(it) for it in items], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def evaluation_stage_config(
     model,
     items: Sequence[ConflictItem],
@@ -73,9 +66,9 @@ def evaluation_stage_config(
         "stage": "evaluation",
         "model": model.cfg.model_name,
         "dataset": dataset_name,
-        "items": _items_digest(items),
+        "items": items_hash(items),
         "n_items": len(items),
-        "pool": _items_digest(pool),
+        "pool": items_hash(pool),
         "evaluation": asdict(config),
         "method": method.name,
         "hyperparameters": (

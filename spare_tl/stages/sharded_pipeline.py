@@ -164,11 +164,15 @@ def _features_digest(feature_sets: Sequence[FunctionalFeatures]) -> str:
         for layer in sorted(features.layers):
             found = features.layers[layer]
             digest.update(f"{layer}:{found.hook_name}:{found.latent_code};".encode())
-            for t in (found.context_features, found.memory_features,
-                      found.context_activations, found.memory_activations):  # fmt: skip
+            for t in (
+                found.context_features,
+                found.memory_features,
+                found.context_activations,
+                found.memory_activations,
+            ):
                 digest.update(t.detach().cpu().double().numpy().tobytes())
-        digest.update(f"{features.proportion}:{features.edit_strength}:"
-                      f"{features.edit_strength_to_memory}|".encode())  # fmt: skip
+        strengths = (features.proportion, features.edit_strength, features.edit_strength_to_memory)
+        digest.update(("{}:{}:{}|".format(*strengths)).encode())
         if features.to_memory is not None:
             pending.insert(0, features.to_memory)
     return digest.hexdigest()[:16]
